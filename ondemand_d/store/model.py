@@ -1,0 +1,215 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Store records (chunks, blobs, images) and their JSON form. No I/O here.
+
+A blob is what the kernel sees as one cache file: `size` bytes, covered without
+gaps or overlap by chunks. Every chunk but the last starts and ends on a 4 KiB
+boundary, so any chunk can be written to the anon fd on its own with direct I/O.
+A chunk is named by the sha256 of its (uncompressed) bytes; where those bytes
+live - the local chunk directory or a range of a registry blob - is the
+chunk's source.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ondemand_d.errors import BadKey, StoreError
+
+PAGE = 4096
+#: cachefiles BUG()s on keys over 252 bytes; EROFS device tags are at most 64.
+MAX_KEY_BYTES = 240
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# Names a person gives images: printable, no path separators, no leading dot.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+=-]{0,127}")
+
+
+def check_digest(digest: str) -> str:
+    """Return `digest` if it is 64 lowercase hex characters, else raise StoreError."""
+    if not _HEX64.fullmatch(digest):
+        msg = f"not a sha256 hex digest: {digest!r}"
+        raise StoreError(msg)
+    return digest
+
+
+def check_key(key: bytes) -> str:
+    """Validate a cookie key from the kernel; return it as text.
+
+    A key is only ever a lookup key. Anything that could be mistaken for a
+    path or that the kernel itself would choke on is refused.
+
+    Raises:
+        BadKey: empty, too long, not UTF-8, NUL or control bytes, a slash,
+            or a leading dot.
+    """
+    if not key or len(key) > MAX_KEY_BYTES:
+        msg = f"cookie key of {len(key)} bytes (allowed 1..{MAX_KEY_BYTES})"
+        raise BadKey(msg)
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        msg = "cookie key is not UTF-8"
+        raise BadKey(msg) from None
+    if any(c < 0x21 or c == 0x7F for c in key) or "/" in text or "\\" in text:
+        msg = f"cookie key {text!r} has a slash, NUL, space or control byte"
+        raise BadKey(msg)
+    if text.startswith("."):
+        msg = f"cookie key {text!r} starts with a dot"
+        raise BadKey(msg)
+    return text
+
+
+def check_name(name: str) -> str:
+    """Validate an image name a person chose (it doubles as the fsid)."""
+    if not _NAME.fullmatch(name) or len(name.encode()) > MAX_KEY_BYTES:
+        msg = (
+            f"bad image name {name!r}: use 1-128 of A-Z a-z 0-9 _ . : @ + = -, "
+            "not starting with '.' or '-'"
+        )
+        raise StoreError(msg)
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRange:
+    """Where a chunk's bytes sit in a registry blob (possibly compressed)."""
+
+    blob: str  # registry blob digest, "sha256:<hex>"
+    offset: int
+    length: int
+    compression: str = "none"  # "none" | "zstd"
+
+    def to_json(self) -> list[Any]:
+        return [self.blob, self.offset, self.length, self.compression]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> RemoteRange:
+        return cls(str(raw[0]), int(raw[1]), int(raw[2]), str(raw[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """`length` bytes at `offset` of a blob whose sha256 is `digest`."""
+
+    offset: int
+    length: int
+    digest: str
+    remote: RemoteRange | None = None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def to_json(self) -> list[Any]:
+        row: list[Any] = [self.offset, self.length, self.digest]
+        if self.remote is not None:
+            row.append(self.remote.to_json())
+        return row
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> Chunk:
+        remote = RemoteRange.from_json(raw[3]) if len(raw) > 3 else None  # noqa: PLR2004
+        return cls(int(raw[0]), int(raw[1]), check_digest(str(raw[2])), remote)
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """One cache file's worth of bytes, described by its chunk table.
+
+    `blob_id` is 64 hex characters (the sha256 of the blob's bytes), so it fits
+    an EROFS device tag and is a valid cookie key. `extra` carries fields other
+    parts of the project keep with the blob (e.g. the builder's dedup extents),
+    round-tripped untouched.
+    """
+
+    blob_id: str
+    size: int
+    chunks: tuple[Chunk, ...]
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    _starts: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_digest(self.blob_id)
+        pos = 0
+        for i, c in enumerate(self.chunks):
+            last = i == len(self.chunks) - 1
+            if c.offset != pos or c.length <= 0:
+                msg = f"blob {self.blob_id}: chunk {i} at {c.offset} leaves a gap or overlap"
+                raise StoreError(msg)
+            if c.offset % PAGE or (not last and c.length % PAGE):
+                msg = f"blob {self.blob_id}: chunk {i} is not 4 KiB aligned"
+                raise StoreError(msg)
+            pos = c.end
+        if pos != self.size:
+            msg = f"blob {self.blob_id}: chunks cover {pos} bytes, size says {self.size}"
+            raise StoreError(msg)
+        object.__setattr__(self, "_starts", tuple(c.offset for c in self.chunks))
+
+    def chunks_for(self, offset: int, length: int) -> tuple[Chunk, ...]:
+        """The chunks that hold any byte of [offset, offset+length), clipped to the blob."""
+        end = min(offset + length, self.size)
+        if length <= 0 or offset >= end:
+            return ()
+        first = bisect.bisect_right(self._starts, offset) - 1
+        last = bisect.bisect_left(self._starts, end)
+        return self.chunks[max(first, 0) : last]
+
+    @property
+    def is_remote(self) -> bool:
+        return any(c.remote is not None for c in self.chunks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "blob_id": self.blob_id,
+            "size": self.size,
+            "chunks": [c.to_json() for c in self.chunks],
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Blob:
+        extra = {k: v for k, v in raw.items() if k not in {"blob_id", "size", "chunks"}}
+        return cls(
+            str(raw["blob_id"]),
+            int(raw["size"]),
+            tuple(Chunk.from_json(c) for c in raw["chunks"]),
+            extra,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A mountable image: its bootstrap (named by `fsid`) and its data blobs.
+
+    `devices` lists, in device-slot order, the cookie key the kernel will use
+    for each extra device (the slot tag, or the `device=` string) and the blob
+    it names.
+    """
+
+    name: str
+    bootstrap: str
+    devices: tuple[tuple[str, str], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def blob_ids(self) -> tuple[str, ...]:
+        return (self.bootstrap, *(b for _, b in self.devices))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "bootstrap": self.bootstrap,
+            "devices": [list(d) for d in self.devices],
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Image:
+        extra = {k: v for k, v in raw.items() if k not in {"name", "bootstrap", "devices"}}
+        return cls(
+            check_name(str(raw["name"])),
+            check_digest(str(raw["bootstrap"])),
+            tuple((str(k), check_digest(str(b))) for k, b in raw["devices"]),
+            extra,
+        )
