@@ -191,6 +191,14 @@ class LocalStore:
         except FileNotFoundError:
             raise UnknownName(f"no image named {name!r} in {self.root}") from None
 
+    def has_image(self, name: str) -> bool:
+        """Whether `name` is an image's name (so its blob is a bootstrap)."""
+        try:
+            check_name(name)
+        except StoreError:
+            return False
+        return (self.root / "images" / f"{name}.json").exists()
+
     def images(self) -> Iterator[Image]:
         for path in sorted((self.root / "images").glob("*.json")):
             yield Image.from_json(_load(path))
