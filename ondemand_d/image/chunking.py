@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-file chunk placement: choose each file's chunk size, dedup, write new data.
+
+Policy (issue 4, after the EROFS page-cache-sharing design): a mapping must
+not span two blobs if a file is to share page cache, so
+
+* a file the dictionary already holds whole is one chunk pointing there;
+* a file up to the base chunk size is one chunk;
+* a larger file whose pieces (base-size slices) are partly known elsewhere,
+  or that has holes, is split at the base chunk size, each piece reused,
+  left unmapped or written;
+* any other larger file cannot be deduplicated now, so it is one chunk (one
+  blob) of the next power of two >= its size, capped at the format maximum.
+
+Whatever the chunk size, every base-size piece of new data is recorded in the
+dictionary, so a later image can still reuse slices of a big single chunk.
+An all-zero piece or chunk is a hole: no blob bytes, an unmapped index.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ondemand_d.image.blobwriter import BlobWriter
+from ondemand_d.image.dedup import NEW_BLOB, ChunkDictionary, Extent
+from ondemand_d.image.format import BLKSZBITS, BLOCK, MAX_CHUNKBITS
+from ondemand_d.image.tree import Content
+
+DEFAULT_BASE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """Where one EROFS chunk's bytes are: a blob (NEW_BLOB = this build's) and offset."""
+
+    blob_id: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileChunks:
+    """A regular file's chunk map. `refs[k]` is None for a hole."""
+
+    chunkbits: int
+    refs: tuple[ChunkRef | None, ...]
+    sha256: bytes  # of the whole file, for fingerprints
+
+
+@dataclass(slots=True)
+class ChunkStats:
+    total: int = 0
+    new: int = 0
+    reused: int = 0
+    holes: int = 0
+    bytes_new: int = 0
+    bytes_saved: int = 0
+
+
+def chunkbits_for(size: int) -> int:
+    """The smallest allowed chunk size (as bits) holding `size` bytes in one chunk."""
+    return min(max(BLKSZBITS, (size - 1).bit_length()), MAX_CHUNKBITS)
+
+
+def check_base_chunk(size: int) -> int:
+    if size < BLOCK or size & (size - 1) or size > 1 << MAX_CHUNKBITS:
+        msg = f"chunk size {size} must be a power of two from {BLOCK} to 2^{MAX_CHUNKBITS}"
+        raise ValueError(msg)
+    return size
+
+
+class ChunkPlanner:
+    """Places the files of one build; owns the dictionary and the new blob's writer."""
+
+    def __init__(
+        self,
+        dictionary: ChunkDictionary,
+        writer: BlobWriter,
+        base_chunk: int = DEFAULT_BASE_CHUNK,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dictionary = dictionary
+        self.writer = writer
+        self.base = check_base_chunk(base_chunk)
+        self.stats = ChunkStats()
+        self._on_bytes = on_bytes or (lambda _n: None)
+
+    def place(self, content: Content) -> FileChunks:
+        """Decide and write the chunks of one non-empty file."""
+        size = content.size
+        if size <= self.base:
+            data = content.read(0, size) if content.has_data(0, size) else bytes(size)
+            digest = hashlib.sha256(data).digest()
+            ref = self._place_piece(data, digest.hex())
+            self._on_bytes(size)
+            return FileChunks(chunkbits_for(size), (ref,), digest)
+        pieces, whole, any_known, any_hole = self._survey(content)
+        whole_hex = whole.hex()
+        known = self.dictionary.lookup(whole_hex, size)
+        if known is not None:
+            self._count_reused(size)
+            return FileChunks(chunkbits_for(size), (ChunkRef(known.blob_id, known.offset),), whole)
+        if any_known or any_hole or chunkbits_for(size) == MAX_CHUNKBITS:
+            refs = tuple(self._place_split(content, i, d) for i, d in enumerate(pieces))
+            return FileChunks(self.base.bit_length() - 1, refs, whole)
+        return FileChunks(chunkbits_for(size), (self._write_whole(content, pieces, whole_hex),), whole)
+
+    # -- the three shapes ---------------------------------------------------
+
+    def _place_piece(self, data: bytes, digest: str) -> ChunkRef | None:
+        """One chunk with its bytes in hand: hole, reuse or write."""
+        self.stats.total += 1
+        if not any(data):
+            self.stats.holes += 1
+            return None
+        known = self.dictionary.lookup(digest, len(data))
+        if known is not None:
+            self._count_reused(len(data), counted=True)
+            return ChunkRef(known.blob_id, known.offset)
+        offset = self.writer.append(data)
+        self._record(digest, offset, len(data))
+        self.stats.new += 1
+        self.stats.bytes_new += len(data)
+        return ChunkRef(NEW_BLOB, offset)
+
+    def _place_split(self, content: Content, index: int, digest: str | None) -> ChunkRef | None:
+        start = index * self.base
+        length = min(self.base, content.size - start)
+        if digest is None:  # a hole found by the survey
+            self.stats.total += 1
+            self.stats.holes += 1
+            return None
+        known = self.dictionary.lookup(digest, length)
+        if known is not None:
+            self._count_reused(length)
+            return ChunkRef(known.blob_id, known.offset)
+        return self._place_piece(content.read(start, length), digest)
+
+    def _write_whole(self, content: Content, pieces: list[str | None], whole: str) -> ChunkRef:
+        """One chunk for the whole file; its pieces stay findable in the dictionary."""
+        self.stats.total += 1
+        self.stats.new += 1
+        self.stats.bytes_new += content.size
+        start = self.writer.size
+        for i, digest in enumerate(pieces):
+            length = min(self.base, content.size - i * self.base)
+            last = i == len(pieces) - 1
+            offset = self.writer.append(content.read(i * self.base, length), pad=last)
+            if digest is not None:
+                self._record(digest, offset, length)
+        self._record(whole, start, content.size)
+        return ChunkRef(NEW_BLOB, start)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _survey(self, content: Content) -> tuple[list[str | None], bytes, bool, bool]:
+        """Hash every base-size piece (None = all zero) and the whole file."""
+        whole = hashlib.sha256()
+        pieces: list[str | None] = []
+        any_known = any_hole = False
+        for start in range(0, content.size, self.base):
+            length = min(self.base, content.size - start)
+            data = content.read(start, length) if content.has_data(start, length) else b""
+            if not data or not any(data):
+                whole.update(data or bytes(length))
+                pieces.append(None)
+                any_hole = True
+            else:
+                whole.update(data)
+                digest = hashlib.sha256(data).hexdigest()
+                pieces.append(digest)
+                any_known = any_known or self.dictionary.lookup(digest, length) is not None
+            self._on_bytes(length)
+        return pieces, whole.digest(), any_known, any_hole
+
+    def _record(self, digest: str, offset: int, length: int) -> None:
+        self.writer.record(digest, offset, length)
+        self.dictionary.add(digest, Extent(NEW_BLOB, offset, length))
+
+    def _count_reused(self, length: int, *, counted: bool = False) -> None:
+        if not counted:
+            self.stats.total += 1
+        self.stats.reused += 1
+        self.stats.bytes_saved += length
