@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: Apache-2.0
+"""push -> add round trips against a real registry; add downloads only metadata."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ondemand_d.errors import ImageError, StoreError
+from ondemand_d.registry import media, reference
+from ondemand_d.registry.add import add, default_name
+from ondemand_d.registry.client import RegistryClient
+from ondemand_d.registry.config import RegistryConfig
+from ondemand_d.registry.push import push
+from ondemand_d.registry.source import RegistrySource
+from ondemand_d.store.local import LocalStore
+
+from .conftest import Registry, blob_bytes, make_image
+
+
+async def test_round_trip_serves_identical_bytes(registry: Registry, tmp_path: Path) -> None:
+    """An image pushed and added elsewhere reads back byte for byte through the source."""
+    src = LocalStore(tmp_path / "src")
+    image = make_image(src, tmp_path, "rt", (40_000, 700_000, 300_000))
+    ref = reference.parse(f"{registry.host}/test/roundtrip:v1")
+    async with RegistryClient(RegistryConfig()) as client:
+        pushed = await push(src, "rt", ref, client)
+        dst = LocalStore(tmp_path / "dst")
+        added = await add(dst, ref, client, name="rt-remote")
+    assert pushed.uploaded == pushed.layers == 7
+    assert added.manifest_digest == pushed.manifest_digest
+    got = dst.get_image("rt-remote")
+    assert got.bootstrap == image.bootstrap and got.devices == image.devices
+    # The bootstrap is local and complete; data blobs are remote only.
+    assert blob_bytes(dst, image.bootstrap) == blob_bytes(src, image.bootstrap)
+    source = RegistrySource(RegistryConfig())
+    try:
+        for _, blob_id in image.devices:
+            blob = dst.get_blob(blob_id)
+            assert blob.is_remote and not any(dst.has_chunk(c.digest) for c in blob.chunks)
+            data = await source.fetch(blob, blob.chunks)
+            assert b"".join(data) == blob_bytes(src, blob_id)
+    finally:
+        await source.aclose()
+
+
+async def test_add_downloads_metadata_only(registry: Registry, tmp_path: Path) -> None:
+    """add fetches the manifest, config, chunk tables and bootstrap, not the data."""
+    src = LocalStore(tmp_path / "src")
+    image = make_image(src, tmp_path, "meta", (8192, 2_000_000))
+    ref = reference.parse(f"{registry.host}/test/meta:v1")
+    async with RegistryClient(RegistryConfig()) as client:
+        await push(src, "meta", ref, client)
+    async with RegistryClient(RegistryConfig()) as client:
+        result = await add(LocalStore(tmp_path / "dst"), ref, client)
+    assert result.name == "test_meta:v1"
+    assert result.bytes_remote == src.get_blob(image.devices[0][1]).size
+    assert result.bytes_downloaded < 20_000  # bootstrap (8 KiB, compressed) + small JSON
+
+
+async def test_second_push_uploads_nothing(registry: Registry, tmp_path: Path) -> None:
+    """Layers already in the repository are found by HEAD and not sent again."""
+    src = LocalStore(tmp_path / "src")
+    make_image(src, tmp_path, "again", (4096, 100_000))
+    ref = reference.parse(f"{registry.host}/test/again:v1")
+    async with RegistryClient(RegistryConfig()) as client:
+        first = await push(src, "again", ref, client)
+        second = await push(src, "again", reference.parse(f"{registry.host}/test/again:v2"), client)
+    assert first.uploaded == 5
+    assert second.uploaded == 0 and len(second.skipped) == 5
+    assert second.manifest_digest == first.manifest_digest
+
+
+async def test_uncompressed_layer_is_the_blob(registry: Registry, tmp_path: Path) -> None:
+    """With --no-compress the data layer digest is sha256:<blob id>."""
+    src = LocalStore(tmp_path / "src")
+    image = make_image(src, tmp_path, "raw", (4096, 50_000))
+    ref = reference.parse(f"{registry.host}/test/raw:v1")
+    async with RegistryClient(RegistryConfig()) as client:
+        await push(src, "raw", ref, client, compress=False)
+        dst = LocalStore(tmp_path / "dst")
+        await add(dst, ref, client)
+        manifest, _ = await client.get_manifest(ref, media.MANIFEST)
+    blob = dst.get_blob(image.devices[0][1])
+    assert all(c.remote is not None and c.remote.blob == f"sha256:{blob.blob_id}" for c in blob.chunks)
+    assert f'"sha256:{blob.blob_id}"'.encode() in manifest
+
+
+async def test_add_by_digest_and_name_clash(registry: Registry, tmp_path: Path) -> None:
+    """A digest reference works; adding under a taken name fails unless replace=True."""
+    src = LocalStore(tmp_path / "src")
+    make_image(src, tmp_path, "dig", (4096, 20_000))
+    ref = reference.parse(f"{registry.host}/test/dig:v1")
+    dst = LocalStore(tmp_path / "dst")
+    async with RegistryClient(RegistryConfig()) as client:
+        pushed = await push(src, "dig", ref, client)
+        pinned = reference.parse(f"{registry.host}/test/dig@{pushed.manifest_digest}")
+        await add(dst, pinned, client, name="dig")
+        with pytest.raises(StoreError, match="exists"):
+            await add(dst, pinned, client, name="dig")
+        await add(dst, pinned, client, name="dig", replace=True)
+    assert default_name(pinned) == f"test_dig@{pushed.manifest_digest[7:19]}"
+
+
+async def test_add_refuses_foreign_manifest(registry: Registry, tmp_path: Path) -> None:
+    """A manifest whose config is not ondemand-d's is refused with a clear error."""
+    ref = reference.parse(f"{registry.host}/test/foreign:v1")
+    config = b"{}"
+    digest = "sha256:" + __import__("hashlib").sha256(config).hexdigest()
+    raw = media.dumps({
+        "schemaVersion": 2, "mediaType": media.MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest, "size": 2},
+        "layers": [],
+    })
+    async with RegistryClient(RegistryConfig()) as client:
+        await client.upload_blob(ref.registry, ref.repository, digest, 2, lambda o, n: config[o : o + n])
+        await client.put_manifest(ref, raw, media.MANIFEST)
+        with pytest.raises(ImageError, match="not an ondemand-d image"):
+            await add(LocalStore(tmp_path / "dst"), ref, client)
