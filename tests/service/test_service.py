@@ -1,0 +1,319 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The daemon against the fake kernel: real store, real cache files, real writes."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fakekernel import FakeKernel
+from ondemand_d import wire
+from ondemand_d.importer import import_image
+from ondemand_d.store.model import Blob, Chunk
+
+PAGE = 4096
+
+
+def _blob_file(tmp: Path, size: int, name: str = "blob", seed: int = 1) -> Path:
+    path = tmp / name
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+def _ingest(env, size: int, name: str = "data", chunk: int = 1 << 20) -> tuple[Blob, bytes]:
+    path = _blob_file(env.tmp, size, name)
+    blob = env.store.ingest_file(path, chunk)
+    env.store.bind_name(name, blob.blob_id)
+    return blob, path.read_bytes()
+
+
+def _all_complete_once(kernel: FakeKernel) -> None:
+    assert kernel.bad_completions == []
+    assert all(r.completions == 1 for r in kernel.reads.values()), {
+        m: r.completions for m, r in kernel.reads.items() if r.completions != 1
+    }
+
+
+def _events(env, name: str) -> list[dict]:
+    return [e for e in env.logs if e["event"] == name]
+
+
+async def test_image_open_read_sequence(env):
+    """A mkfs.erofs image: bootstrap prefilled at OPEN, data READs fill the blob exactly."""
+    src = env.tmp / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "big").write_bytes(random.Random(2).randbytes(3_000_001))
+    (src / "d" / "small").write_text("hello\n")
+    meta, blobdev = env.tmp / "meta.img", env.tmp / "blob.img"
+    subprocess.run(["mkfs.erofs", "--chunksize=1048576", f"--blobdev={blobdev}", str(meta), str(src)],
+                   check=True, capture_output=True)
+    import_image(env.store, "img1", meta, [(blobdev, "blob1")])
+
+    boot = await env.kernel.open(b"img1", b"erofs,img1")
+    assert boot.copen_result == meta.stat().st_size
+    for _ in range(200):  # the prefill runs in the background after the copen
+        if _events(env, "prefilled"):
+            break
+        await asyncio.sleep(0.01)
+    assert env.kernel.range_present(boot, 0, meta.stat().st_size)
+    assert env.kernel.cache_bytes(boot)[: meta.stat().st_size] == meta.read_bytes()
+
+    data = await env.kernel.open(b"blob1", b"erofs,img1")
+    size = blobdev.stat().st_size
+    assert data.copen_result == size
+    for off in range(0, size, 128 << 10):
+        assert await env.kernel.read(data, off, min(128 << 10, -(-(size - off) // PAGE) * PAGE))
+    assert env.kernel.cache_bytes(data)[:size] == blobdev.read_bytes()
+    _all_complete_once(env.kernel)
+    reads = _events(env, "read_completed")
+    assert reads and all(r["outcome"] == "ok" and r["op"] == "READ" for r in reads)
+    assert {"msg_id", "object_id", "blob", "off", "len", "chunks", "bytes", "source",
+            "duration_ms"} <= set(reads[0])
+
+
+async def test_concurrent_overlapping_reads_fetch_each_chunk_once(env):
+    """Hundreds of overlapping READs in flight at once: right bytes, one fetch per chunk."""
+    blob, source = _ingest(env, 8 * (1 << 20) + 12345, chunk=256 << 10)
+    obj = await env.kernel.open(b"data")
+    rng = random.Random(3)
+    outcomes = []
+    for _ in range(300):
+        off = rng.randrange(0, blob.size) // PAGE * PAGE
+        outcomes.append(env.kernel.send_read(obj, off, rng.choice([PAGE, 64 << 10, 1 << 20])))
+    await asyncio.wait_for(asyncio.gather(*(o.done.wait() for o in outcomes)), 30)
+    assert all(o.present for o in outcomes)
+    _all_complete_once(env.kernel)
+    touched = {c.digest for o in outcomes for c in blob.chunks_for(*env.kernel._ranges[o.msg_id])}
+    assert env.fetcher.fetches == len(touched)
+    cache = env.kernel.cache_bytes(obj)
+    for o in outcomes:
+        off, n = env.kernel._ranges[o.msg_id]
+        assert cache[off : off + n][: len(source) - off] == source[off : off + n]
+
+
+async def test_read_past_blob_end_is_zero_padded(env):
+    """The tail block and a range past the end read as zeros, never as a hole."""
+    blob, source = _ingest(env, 3 * PAGE + 100, chunk=2 * PAGE)
+    obj = await env.kernel.open(b"data")
+    assert obj.copen_result == blob.size
+    assert await env.kernel.read(obj, 3 * PAGE, PAGE)
+    assert await env.kernel.read(obj, 4 * PAGE, 2 * PAGE)
+    cache = env.kernel.cache_bytes(obj)
+    assert cache[3 * PAGE : 3 * PAGE + 100] == source[3 * PAGE :]
+    assert cache[3 * PAGE + 100 : 6 * PAGE] == bytes(3 * PAGE - 100)
+    _all_complete_once(env.kernel)
+
+
+async def test_unknown_blob_gets_enoent_and_fd_closed(env):
+    obj = await env.kernel.open(b"no-such-image")
+    assert obj.copen_result == -errno.ENOENT
+    assert not env.kernel.fd_open(obj)
+    (line,) = _events(env, "opened")
+    assert line["outcome"] == "unknown" and line["key"] == "no-such-image"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [b"../x", b"/etc/passwd", b"a/../../b", b"a\0b", b".hidden", b"x" * 300, b"\xff\xfe", b"a b"],
+)
+async def test_hostile_keys_are_refused(env, key):
+    """A cookie key is a lookup key, never a path: traversal, NUL, long keys get -ENOENT."""
+    (env.tmp / "store" / "x").write_text("not a blob")
+    obj = await env.kernel.open(key)
+    assert obj.copen_result == -errno.ENOENT
+    assert not env.kernel.fd_open(obj)
+    assert _events(env, "opened")[0]["outcome"] == "bad_key"
+
+
+async def test_malformed_messages_are_survived(env):
+    """Garbage is logged; a broken OPEN is still answered; the daemon keeps serving."""
+    blob, source = _ingest(env, 5 * PAGE)
+    env.kernel.send_raw(b"\x01\x02")  # shorter than a header
+    env.kernel.send_raw(wire.build(wire.CloseRequest(900, 5))[:12] + b"\x00" * 4 + b"xx")
+    bad_opcode = bytearray(wire.build(wire.CloseRequest(901, 5)))
+    bad_opcode[4] = 7
+    env.kernel.send_raw(bytes(bad_opcode))
+    # An OPEN whose key sizes run past the message: copen -EINVAL, fd closed.
+    fd = os.open(env.tmp / "victim", os.O_WRONLY | os.O_CREAT)
+    raw = bytearray(wire.build(wire.OpenRequest(902, 77, b"erofs,x", b"key", fd, 0)))
+    raw[20] = 200
+    fut = asyncio.get_running_loop().create_future()
+    env.kernel._open_waiters[902] = fut
+    env.kernel._open_objects[902] = 77
+    env.kernel.send_raw(bytes(raw))
+    obj = await env.kernel.open(b"data")
+    assert obj.copen_result == blob.size
+    assert await env.kernel.read(obj, 0, 5 * PAGE)
+    assert env.kernel.cache_bytes(obj)[: 5 * PAGE] == source
+    assert env.kernel.copens[902] == -errno.EINVAL
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert env.service.counters.malformed == 4
+    assert len(_events(env, "malformed_message")) == 4
+
+
+async def test_missing_chunk_fails_that_read_only(env):
+    blob, source = _ingest(env, 4 << 20)
+    env.store.chunk_path(blob.chunks[1].digest).unlink()
+    obj = await env.kernel.open(b"data")
+    assert not await env.kernel.read(obj, 1 << 20, PAGE)
+    assert await env.kernel.read(obj, 0, PAGE)
+    assert await env.kernel.read(obj, 2 << 20, 1 << 20)
+    assert not env.kernel.range_present(obj, 1 << 20, 1 << 20)
+    _all_complete_once(env.kernel)
+    failed = [e for e in _events(env, "read_completed") if e["outcome"] == "eio"]
+    assert len(failed) == 1 and failed[0]["error_type"] == "ChunkNotFound"
+
+
+async def test_corrupt_chunk_is_never_written(env):
+    """A chunk whose bytes do not match its digest: EIO, and not one byte reaches the cache."""
+    blob, _ = _ingest(env, 3 << 20)
+    path = env.store.chunk_path(blob.chunks[2].digest)
+    data = bytearray(path.read_bytes())
+    data[777] ^= 0x40
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    obj = await env.kernel.open(b"data")
+    assert not await env.kernel.read(obj, 2 << 20, 8 * PAGE)
+    with open(obj.path, "rb") as f:
+        with pytest.raises(OSError):  # ENXIO: no data from there on
+            os.lseek(f.fileno(), 2 << 20, os.SEEK_DATA)
+    failed = _events(env, "read_completed")
+    assert failed[0]["error_type"] == "DigestMismatch"
+    # The next attempt fetches again (nothing wrong was remembered) and still fails.
+    assert not await env.kernel.read(obj, 2 << 20, PAGE)
+    _all_complete_once(env.kernel)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "directory"])
+async def test_store_file_failing_mid_read(env, damage):
+    blob, source = _ingest(env, 2 << 20)
+    path = env.store.chunk_path(blob.chunks[0].digest)
+    path.chmod(0o644)
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(300_000)
+    else:
+        path.unlink()
+        path.mkdir()
+    obj = await env.kernel.open(b"data")
+    assert not await env.kernel.read(obj, 0, PAGE)
+    assert await env.kernel.read(obj, 1 << 20, PAGE)
+    assert env.kernel.cache_bytes(obj)[1 << 20 : 2 << 20] == source[1 << 20 :]
+    _all_complete_once(env.kernel)
+
+
+async def test_anon_fd_write_error_completes_without_data(env):
+    blob, _ = _ingest(env, 1 << 20)
+    obj = await env.kernel.open(b"data")
+    # Make the daemon's anon fd unwritable: writes fail with EBADF.
+    ro = os.open(obj.path, os.O_RDONLY)
+    os.dup2(ro, obj.fd)
+    os.close(ro)
+    assert not await env.kernel.read(obj, 0, PAGE)
+    _all_complete_once(env.kernel)
+    assert _events(env, "read_completed")[0]["outcome"] == "eio"
+
+
+class SlowRemote:
+    """A remote source that holds every fetch until released (for CLOSE/drain ordering)."""
+
+    def __init__(self, data: dict[str, bytes]) -> None:
+        self.data = data
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def fetch(self, blob, chunks):
+        self.started.set()
+        await self.release.wait()
+        return [self.data[c.digest] for c in chunks]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _remote_blob(env, size: int) -> tuple[Blob, bytes, SlowRemote]:
+    """A blob whose chunks are not local but remote, served by SlowRemote."""
+    blob, source = _ingest(env, size)
+    data = {}
+    chunks = []
+    for c in blob.chunks:
+        data[c.digest] = source[c.offset : c.end]
+        env.store.chunk_path(c.digest).unlink()
+        chunks.append(Chunk(c.offset, c.length, c.digest, remote=_fake_range(c)))
+    blob = Blob(blob.blob_id, blob.size, tuple(chunks))
+    env.store.put_blob(blob)
+    return blob, source, SlowRemote(data)
+
+
+def _fake_range(c: Chunk):
+    from ondemand_d.store.model import RemoteRange
+
+    return RemoteRange("sha256:" + "0" * 64, c.offset, c.length)
+
+
+async def test_close_waits_for_inflight_reads(make_env):
+    """CLOSE while a READ is being filled: the fd is closed only after its completion."""
+    env = await make_env()
+    blob, source, remote = _remote_blob(env, 1 << 20)
+    env.fetcher.remote = remote
+    obj = await env.kernel.open(b"data")
+    outcome = env.kernel.send_read(obj, 0, PAGE)
+    await asyncio.wait_for(remote.started.wait(), 5)
+    env.kernel.close(obj)
+    await asyncio.sleep(0.05)
+    assert env.kernel.fd_open(obj), "fd closed while a READ was in flight"
+    remote.release.set()
+    await asyncio.wait_for(outcome.done.wait(), 5)
+    assert outcome.present
+    for _ in range(100):
+        if not env.kernel.fd_open(obj):
+            break
+        await asyncio.sleep(0.01)
+    assert not env.kernel.fd_open(obj)
+    _all_complete_once(env.kernel)
+
+
+async def test_drain_completes_inflight_reads(make_env):
+    """Shutdown: stop reading, finish in-flight READs; a timeout completes the rest without data."""
+    env = await make_env()
+    blob, source, remote = _remote_blob(env, 2 << 20)
+    env.fetcher.remote = remote
+    obj = await env.kernel.open(b"data")
+    first = env.kernel.send_read(obj, 0, PAGE)
+    await asyncio.wait_for(remote.started.wait(), 5)
+    asyncio.get_running_loop().call_later(0.05, remote.release.set)
+    await env.service.drain(5)
+    assert first.completions == 1 and first.present
+    # A drain that times out still completes every READ it had read, without data.
+    env2 = await make_env()
+    blob2, _, remote2 = _remote_blob(env2, 1 << 20)
+    env2.fetcher.remote = remote2
+    obj2 = await env2.kernel.open(b"data")
+    stuck = env2.kernel.send_read(obj2, 0, PAGE)
+    await asyncio.wait_for(remote2.started.wait(), 5)
+    await env2.service.drain(0.1)
+    assert stuck.completions == 1 and stuck.present is False
+    assert not env2.kernel.fd_open(obj2)
+
+
+async def test_concurrency_bound_pauses_reading(make_env):
+    """No more READs are taken from the kernel than the bound allows."""
+    env = await make_env(concurrency=2)
+    blob, source, remote = _remote_blob(env, 8 << 20)
+    env.fetcher.remote = remote
+    obj = await env.kernel.open(b"data")
+    outs = [env.kernel.send_read(obj, i << 20, PAGE) for i in range(6)]
+    await asyncio.wait_for(remote.started.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert env.service.objects.reads_in_flight == 2
+    remote.release.set()
+    await asyncio.wait_for(asyncio.gather(*(o.done.wait() for o in outs)), 10)
+    assert all(o.present for o in outs)
+    _all_complete_once(env.kernel)

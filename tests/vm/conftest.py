@@ -1,0 +1,178 @@
+# SPDX-License-Identifier: Apache-2.0
+"""pytest integration of the real-kernel guest (ondemand_d.guest).
+
+* Collecting any test under tests/vm builds or reuses the guest kernel *before* the tests
+  run (outside pytest-timeout, with its progress shown live). Nothing is skipped: if the
+  kernel or QEMU cannot be had, every vm test fails with the reason.
+* ``guest`` (session fixture) runs commands in a fresh guest boot: ``guest.run(argv)``,
+  ``guest.shell(script)``, ``guest.python(code_or_path, *args)``.
+* ``guest.checks(__file__)`` boots once and runs every ``check_*`` function of a test module
+  in the guest (tests/vm/harness.py); host tests then assert ``checks.passed("check_x")``.
+  Pattern::
+
+      @pytest.fixture(scope="module")
+      def checks(guest):
+          return guest.checks(__file__)
+
+      def test_bind(checks):
+          checks.passed("check_bind")
+
+      @guard(30)
+      def check_bind(ctx):       # runs in the guest as root
+          ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ondemand_d
+from ondemand_d.guest import kernel as guest_kernel
+from ondemand_d.guest.runner import GuestResult, guest_python, run_in_guest
+
+VM_DIR = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(ondemand_d.__file__).resolve().parent.parent
+#: pytest-timeout limit for one vm test (its module's guest boot runs in its setup).
+VM_TEST_TIMEOUT = 1200
+
+_kernel_key = pytest.StashKey[Any]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark vm tests, give them a longer timeout, and build the kernel once up front."""
+    vm_items = [item for item in items if VM_DIR in Path(str(item.path)).resolve().parents]
+    for item in vm_items:
+        item.add_marker(pytest.mark.vm)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(VM_TEST_TIMEOUT))
+    if not vm_items or _kernel_key in config.stash:
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:
+        print(f"\nkernel: {line}", file=sys.stderr, flush=True)
+
+    try:
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                config.stash[_kernel_key] = guest_kernel.ensure_kernel(progress=progress)
+        else:
+            config.stash[_kernel_key] = guest_kernel.ensure_kernel(progress=progress)
+    except Exception as exc:  # noqa: BLE001 - reported by every vm test instead
+        config.stash[_kernel_key] = exc
+
+
+@pytest.fixture(scope="session")
+def guest_kernel_image(pytestconfig: pytest.Config) -> Path:
+    """The bzImage of the guest kernel (built before the tests ran)."""
+    found = pytestconfig.stash.get(_kernel_key, None)
+    if found is None:  # collected without the hook (should not happen); build now
+        found = guest_kernel.ensure_kernel()
+    if isinstance(found, BaseException):
+        pytest.fail(f"the guest kernel could not be built or found: {found}", pytrace=False)
+    return Path(found.bzimage)
+
+
+@dataclasses.dataclass
+class Checks:
+    """Outcome of one guest boot that ran a module's check_* functions."""
+
+    result: GuestResult
+    records: dict[str, dict[str, Any]]
+
+    def record(self, name: str) -> dict[str, Any]:
+        return self.records.get(name, {"status": "missing"})
+
+    def data(self, name: str) -> dict[str, Any]:
+        return dict(self.record(name).get("data") or {})
+
+    def passed(self, name: str) -> dict[str, Any]:
+        """Fail the calling test unless the guest check passed; return its data."""
+        rec = self.record(name)
+        if rec.get("status") != "passed":
+            detail = rec.get("error") or "(no error recorded: the guest ended before the check "\
+                "finished; see below)"
+            pytest.fail(f"guest check {name}: {rec.get('status')}\n{detail}\n"
+                        f"data: {json.dumps(rec.get('data'), default=str)[:4000]}\n"
+                        f"{self.result.summary(tail=30)}", pytrace=False)
+        return dict(rec.get("data") or {})
+
+
+@dataclasses.dataclass
+class Guest:
+    """Runs commands in fresh guest boots; results dirs live under pytest's tmp dir."""
+
+    kernel: Path
+    tmp_factory: pytest.TempPathFactory
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = {"PYTHONPATH": str(PACKAGE_ROOT)}
+        env.update(extra or {})
+        return env
+
+    def run(self, argv: Sequence[str], *, timeout: float = 120,
+            env: Mapping[str, str] | None = None, results_dir: Path | None = None,
+            name: str = "guest") -> GuestResult:
+        """Boot, run argv as root, return the GuestResult (not checked)."""
+        results = results_dir or self.tmp_factory.mktemp(name)
+        return run_in_guest(list(argv), env=self.env(env), timeout=timeout, results_dir=results,
+                            kernel=self.kernel, cwd=str(PACKAGE_ROOT))
+
+    def shell(self, script: str, **kwargs: Any) -> GuestResult:
+        """Run a /bin/sh script (``set -e`` is not implied)."""
+        return self.run(["/bin/sh", "-c", script], **kwargs)
+
+    def python(self, code_or_path: str | Path, *args: str, **kwargs: Any) -> GuestResult:
+        """Run Python code (a string) or a script (a Path) with the host's real interpreter."""
+        if isinstance(code_or_path, Path):
+            return self.run([guest_python(), str(code_or_path), *args], **kwargs)
+        return self.run([guest_python(), "-c", code_or_path, *args], **kwargs)
+
+    def checks(self, test_file: str, names: Sequence[str] = (), *, timeout: float | None = None,
+               env: Mapping[str, str] | None = None) -> Checks:
+        """Boot once and run the module's check_* functions (all, or ``names``) in the guest."""
+        stem = Path(test_file).stem
+        results = self.tmp_factory.mktemp(stem)
+        out = results / "checks.json"
+        if timeout is None:
+            timeout = 60 + sum(_guard_of(test_file, n) + 15 for n in names or _check_names(
+                test_file))
+        result = self.python(VM_DIR / "harness.py", str(Path(test_file).resolve()), str(out),
+                             *names, timeout=timeout, env=env, results_dir=results)
+        try:
+            records = json.loads(out.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            records = {}
+        if not records:
+            pytest.fail(f"the guest harness did not start for {stem}:\n{result.summary()}",
+                        pytrace=False)
+        return Checks(result, records)
+
+
+def _module(test_file: str) -> Any:
+    return sys.modules.get(Path(test_file).stem) or next(
+        (m for m in sys.modules.values()
+         if getattr(m, "__file__", None) and os.path.samefile(m.__file__, test_file)), None)
+
+
+def _check_names(test_file: str) -> list[str]:
+    module = _module(test_file)
+    return sorted(n for n in vars(module) if n.startswith("check_")) if module else []
+
+
+def _guard_of(test_file: str, name: str) -> float:
+    module = _module(test_file)
+    return float(getattr(getattr(module, name, None), "timeout", 60))
+
+
+@pytest.fixture(scope="session")
+def guest(guest_kernel_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """Run commands in the real-kernel guest (see the module docstring)."""
+    return Guest(guest_kernel_image, tmp_path_factory)
