@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`ondemand-d build SOURCE... --name NAME`: the CLI edge of the image builder."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TextIO
+
+from ondemand_d.image.build import BuildOptions, build_image
+from ondemand_d.image.chunking import DEFAULT_BASE_CHUNK, check_base_chunk
+from ondemand_d.image.report import human_bytes
+from ondemand_d.image.sources import open_source
+from ondemand_d.image.xattrs import DEFAULT_FINGERPRINT_NAME, FingerprintPrefix
+from ondemand_d.store import LocalStore
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """`1048576`, `64K`, `1M`, `1MiB` -> bytes; must be a power of two >= 4 KiB."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        size = int(t[:-1]) * _UNITS[t[-1]] if t[-1:] in _UNITS else int(t)
+        return check_base_chunk(size)
+    except (ValueError, IndexError) as exc:
+        msg = f"bad chunk size {text!r}: {exc}" if str(exc) else f"not a size: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Build an EROFS image into the store: a bootstrap with all metadata and at most one "
+        "new data blob holding only the chunks the store does not have yet."
+    )
+    parser.add_argument(
+        "source", nargs="+", metavar="SOURCE",
+        help="a directory, an OCI image layout directory, or layer tarballs "
+        "(tar, tar.gz, tar.zst) applied in the order given",
+    )
+    parser.add_argument("--name", required=True, help="image name; mount with -o fsid=NAME")
+    parser.add_argument(
+        "--chunk-size", type=parse_size, default=DEFAULT_BASE_CHUNK, metavar="SIZE",
+        help="base chunk size large shareable files are split at (power of two, default 1M)",
+    )
+    parser.add_argument(
+        "--fingerprint", action="store_true",
+        help="add per-file sha256 fingerprint xattrs for page-cache sharing "
+        "(Linux 7.0 -o inode_share,domain_id=; needs erofs-utils >= 1.7 to fsck)",
+    )
+    parser.add_argument(
+        "--fingerprint-name", default=DEFAULT_FINGERPRINT_NAME.decode(), metavar="XATTR",
+        help=f"fingerprint xattr name (default {DEFAULT_FINGERPRINT_NAME.decode()}, hidden "
+        "from userspace; e.g. trusted.erofs.fingerprint to make it visible)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--replace", action="store_true", help="replace an image of the same name")
+
+
+def run(args: argparse.Namespace, store: LocalStore) -> int:
+    """Build; print the report (stdout) and progress (stderr). Errors propagate as ImageError."""
+    options = BuildOptions(
+        base_chunk=args.chunk_size,
+        fingerprint=FingerprintPrefix(args.fingerprint_name.encode()) if args.fingerprint else None,
+        replace=args.replace,
+    )
+    progress = _Progress(args.name, sys.stderr)
+    with open_source(args.source, spool_dir=store.root / "tmp") as root:
+        report = build_image(root, store, args.name, options, progress)
+    progress.done()
+    if args.json:
+        print(json.dumps(report.to_json(), sort_keys=True))
+    else:
+        print(report.summary())
+        # The device tags are the blob ids, which the daemon resolves: no device= needed.
+        print(f"mount it with: mount -t erofs none -o fsid={args.name} /mnt")
+    return 0
+
+
+class _Progress:
+    """A line on stderr every couple of seconds, only for builds that take that long."""
+
+    INTERVAL = 2.0
+
+    def __init__(self, name: str, out: TextIO) -> None:
+        self._name = name
+        self._out = out
+        self._start = self._last = time.monotonic()
+        self._shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last < self.INTERVAL:
+            return
+        self._last = now
+        self._shown = True
+        pct = 100 * done // total if total else 100
+        rate = done / max(now - self._start, 1e-9)
+        print(f"building {self._name}: {human_bytes(done)} of {human_bytes(total)} ({pct}%), "
+              f"{human_bytes(int(rate))}/s", file=self._out, flush=True)
+
+    def done(self) -> None:
+        if self._shown:
+            print(f"building {self._name}: done", file=self._out, flush=True)
