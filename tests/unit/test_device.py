@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: Apache-2.0
+"""device.py: each set-up failure becomes one actionable sentence."""
+from __future__ import annotations
+
+import errno
+import os
+import resource
+from pathlib import Path
+
+import pytest
+
+from ondemand_d import device as dev
+from ondemand_d.errors import DeviceError
+
+
+def test_missing_devnode(tmp_path):
+    with pytest.raises(DeviceError, match="CONFIG_CACHEFILES_ONDEMAND=y"):
+        dev.Device.open(tmp_path / "cachefiles")
+
+
+def test_tmpfs_cache_dir_refused():
+    if dev._fs_type(Path("/dev/shm")) != dev.TMPFS_MAGIC:
+        pytest.fail("/dev/shm is expected to be tmpfs on the test machines")
+    with pytest.raises(DeviceError, match="tmpfs"):
+        dev.check_cache_dir(Path("/dev/shm/ondemand-d-test"))
+
+
+@pytest.mark.parametrize(
+    ("err", "match"),
+    [
+        (errno.EINVAL, "CONFIG_CACHEFILES_ONDEMAND"),
+        (errno.EOPNOTSUPP, "ext4, xfs or btrfs"),
+        (errno.EBUSY, "bound already"),
+        (errno.EROFS, "read-only"),
+    ],
+)
+def test_bind_errors(err, match, tmp_path):
+    assert match in dev._bind_error(OSError(err, os.strerror(err)), tmp_path, "t")
+
+
+def test_bind_sends_commands_in_order(tmp_path):
+    """dir, tag, bind ondemand: one command per write, in order."""
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    d = dev.Device(a.fileno(), Path("fake"))
+    d.bind(tmp_path / "cache", "mytag")
+    assert [b.recv(100) for _ in range(3)] == [
+        f"dir {tmp_path / 'cache'}".encode(), b"tag mytag", b"bind ondemand"
+    ]
+    assert (tmp_path / "cache").is_dir()
+    a.setblocking(False)
+    assert d.read_message() is None
+    a.close()
+    b.close()
+
+
+def test_nofile_warning(monkeypatch):
+    from structlog.testing import capture_logs
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 512))
+    monkeypatch.setattr(resource, "setrlimit", lambda *_: None)
+    with capture_logs() as logs:
+        assert dev.raise_nofile_limit() == 512
+    assert logs[0]["event"] == "nofile_limit_low"
