@@ -8,6 +8,7 @@ missing shim fatal; unset picks the shim when it imports.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -64,7 +65,9 @@ class PythonBackend:
                         _pwrite_all(fd, b[:padded], off + done)
                     done += piece
             finally:
-                bounce.close()
+                # A failed write's traceback may still hold a view; then GC frees it.
+                with contextlib.suppress(BufferError):
+                    bounce.close()
         if complete:
             self.complete(fd, msg_id)
 
