@@ -13,6 +13,7 @@ storage URLs put secrets there).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import random
 import ssl
@@ -403,6 +404,8 @@ def _describe(exc: BaseException) -> str:
         return "server disconnected"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"connection error ({errno.errorcode.get(exc.errno, exc.errno)})"
     return type(exc).__name__
 
 

@@ -28,7 +28,7 @@ import zstandard
 from ondemand_d.errors import ChunkNotFound, DigestMismatch, FetchError, StoreError
 from ondemand_d.registry._limiter import Priority, TokenBucket
 from ondemand_d.registry.client import RegistryClient
-from ondemand_d.registry.config import RegistryConfig
+from ondemand_d.registry.config import RegistryConfig, default_docker_config
 from ondemand_d.store.model import Blob, Chunk
 
 log = structlog.get_logger()
@@ -253,10 +253,23 @@ async def _all_or_nothing(coros: list[Awaitable[None]]) -> None:
             raise exc
 
 
-def make_source(config: RegistryConfig | dict[str, Any] | None = None) -> RegistrySource:
-    """The factory the daemon calls: a RegistrySource from a RegistryConfig or a TOML table."""
+def make_source(config: RegistryConfig | dict[str, Any] | object | None = None) -> RegistrySource:
+    """The factory the daemon calls.
+
+    Accepts a RegistryConfig, a ``[registry]`` TOML table, or the daemon's own
+    Config (its ``registry_config``, ``ca_file`` and ``insecure_registries``
+    are mapped; other registry settings keep their defaults). Creating the
+    source does no I/O; the HTTP session starts with the first fetch.
+    """
     if config is None:
         config = RegistryConfig()
     elif isinstance(config, dict):
         config = RegistryConfig.from_mapping(config)
+    elif not isinstance(config, RegistryConfig):
+        docker = getattr(config, "registry_config", None)
+        config = RegistryConfig(
+            docker_config=docker if docker is not None else default_docker_config(),
+            ca_file=getattr(config, "ca_file", None),
+            insecure=frozenset(getattr(config, "insecure_registries", ()) or ()),
+        )
     return RegistrySource(config)
