@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Per-registry request slots with demand-before-prefetch priority, and a byte-rate cap."""
+
 from __future__ import annotations
 
 import asyncio

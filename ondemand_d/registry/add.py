@@ -9,6 +9,7 @@ the RegistrySource where to send the Range GETs. Everything goes into the
 store in one transaction, the Image record last, so a running daemon sees the
 image whole on its next OPEN or not at all.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,15 +46,27 @@ def default_name(ref: Reference) -> str:
     return check_name(ref.repository.replace("/", "_")[: 128 - len(suffix)] + suffix)
 
 
-async def _table(client: RegistryClient, ref: Reference, entry: media.BlobEntry) -> media.ChunkTable:
-    table = media.ChunkTable.from_json(await client.get_blob(ref.registry, ref.repository, entry.table, MAX_TABLE))
+async def _table(
+    client: RegistryClient, ref: Reference, entry: media.BlobEntry
+) -> media.ChunkTable:
+    table = media.ChunkTable.from_json(
+        await client.get_blob(ref.registry, ref.repository, entry.table, MAX_TABLE)
+    )
     if table.blob_id != entry.blob_id or table.size != entry.size:
-        raise ImageError(f"chunk table {entry.table} describes blob {table.blob_id}, config says {entry.blob_id}")
+        msg = (
+            f"chunk table {entry.table} describes blob {table.blob_id}, config says {entry.blob_id}"
+        )
+        raise ImageError(msg)
     return table
 
 
 async def add(
-    store: LocalStore, ref: Reference, client: RegistryClient, *, name: str | None = None, replace: bool = False
+    store: LocalStore,
+    ref: Reference,
+    client: RegistryClient,
+    *,
+    name: str | None = None,
+    replace: bool = False,
 ) -> AddResult:
     """Register `ref` in `store` as image `name` (default: from the reference).
 
@@ -66,27 +79,45 @@ async def add(
     before = client.bytes_received
     raw_manifest, manifest_digest = await client.get_manifest(ref, media.MANIFEST)
     config_digest, _ = media.config_descriptor(raw_manifest)
-    config = media.ImageConfig.from_json(await client.get_blob(ref.registry, ref.repository, config_digest, MAX_CONFIG))
+    config = media.ImageConfig.from_json(
+        await client.get_blob(ref.registry, ref.repository, config_digest, MAX_CONFIG)
+    )
     where = {"remote": {"registry": ref.registry, "repository": ref.repository}}
 
     boot_table = await _table(client, ref, config.bootstrap)
     boot_remote = boot_table.to_blob(config.bootstrap.data, where)
-    boot_layer = await client.get_blob(ref.registry, ref.repository, config.bootstrap.data, MAX_BOOTSTRAP)
+    boot_layer = await client.get_blob(
+        ref.registry, ref.repository, config.bootstrap.data, MAX_BOOTSTRAP
+    )
     boot_chunks: list[tuple[Chunk, bytes]] = []
     whole = hashlib.sha256()
     for chunk in boot_remote.chunks:
         assert chunk.remote is not None  # noqa: S101 - to_blob sets it on every chunk
-        data = decode(boot_remote, chunk, boot_layer[chunk.remote.offset : chunk.remote.offset + chunk.remote.length])
+        data = decode(
+            boot_remote,
+            chunk,
+            boot_layer[chunk.remote.offset : chunk.remote.offset + chunk.remote.length],
+        )
         whole.update(data)
         boot_chunks.append((Chunk(chunk.offset, chunk.length, chunk.digest), data))
     if whole.hexdigest() != boot_table.blob_id:
-        raise ImageError(f"bootstrap layer {config.bootstrap.data} does not rebuild blob {boot_table.blob_id}")
+        msg = f"bootstrap layer {config.bootstrap.data} does not rebuild blob {boot_table.blob_id}"
+        raise ImageError(msg)
     # The bootstrap becomes an ordinary local blob: the kernel reads it whole at mount.
-    bootstrap = Blob(boot_table.blob_id, boot_table.size, tuple(c for c, _ in boot_chunks), dict(boot_table.extra))
+    bootstrap = Blob(
+        boot_table.blob_id,
+        boot_table.size,
+        tuple(c for c, _ in boot_chunks),
+        dict(boot_table.extra),
+    )
 
-    devices = [((await _table(client, ref, e)).to_blob(e.data, where), e.key) for e in config.devices]
+    devices = [
+        ((await _table(client, ref, e)).to_blob(e.data, where), e.key) for e in config.devices
+    ]
     image = Image(
-        name, bootstrap.blob_id, tuple((key or blob.blob_id, blob.blob_id) for blob, key in devices),
+        name,
+        bootstrap.blob_id,
+        tuple((key or blob.blob_id, blob.blob_id) for blob, key in devices),
         {"remote": {"reference": str(ref), "manifest": manifest_digest}},
     )
     with store.transaction():
@@ -98,9 +129,19 @@ async def add(
             store.put_blob(blob)
         store.put_image(image, replace=replace)
     result = AddResult(
-        name, manifest_digest, 1 + len(devices), client.bytes_received - before,
+        name,
+        manifest_digest,
+        1 + len(devices),
+        client.bytes_received - before,
         sum(b.size for b, _ in devices),
     )
-    log.info("image_added", name=name, reference=str(ref), digest=manifest_digest,
-             blobs=result.blobs, downloaded=result.bytes_downloaded, remote=result.bytes_remote)
+    log.info(
+        "image_added",
+        name=name,
+        reference=str(ref),
+        digest=manifest_digest,
+        blobs=result.blobs,
+        downloaded=result.bytes_downloaded,
+        remote=result.bytes_remote,
+    )
     return result

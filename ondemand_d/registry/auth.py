@@ -9,6 +9,7 @@ is answered with the basic credentials directly. Secrets live only in
 `Credentials` (whose repr is redacted) and in headers we build; neither is ever
 logged or put in an exception message.
 """
+
 from __future__ import annotations
 
 import base64
@@ -69,20 +70,26 @@ def load_docker_config(path: Path | None) -> dict[str, Credentials]:
         raw = json.loads(path.read_bytes())
         auths = raw.get("auths", {}) if isinstance(raw, dict) else None
         if not isinstance(auths, dict):
-            raise ConfigError(f"{path}: 'auths' is not an object")
+            msg = f"{path}: 'auths' is not an object"
+            raise ConfigError(msg)
     except ValueError:
-        raise ConfigError(f"{path} is not valid JSON") from None
+        msg = f"{path} is not valid JSON"
+        raise ConfigError(msg) from None
     creds: dict[str, Credentials] = {}
     for host, entry in auths.items():
         if not isinstance(entry, dict):
             continue
         if entry.get("auth"):
             try:
-                user, sep, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
+                user, sep, password = (
+                    base64.b64decode(entry["auth"], validate=True).decode().partition(":")
+                )
             except (binascii.Error, UnicodeDecodeError, ValueError):
-                raise ConfigError(f"{path}: auths[{host!r}].auth is not base64 user:password") from None
+                msg = f"{path}: auths[{host!r}].auth is not base64 user:password"
+                raise ConfigError(msg) from None
             if not sep:
-                raise ConfigError(f"{path}: auths[{host!r}].auth has no ':'")
+                msg = f"{path}: auths[{host!r}].auth has no ':'"
+                raise ConfigError(msg)
             creds[_host_key(host)] = Credentials(user, password)
         elif entry.get("username") and entry.get("password"):
             creds[_host_key(host)] = Credentials(str(entry["username"]), str(entry["password"]))
@@ -132,7 +139,11 @@ class Authenticator:
         return None
 
     async def answer(
-        self, session: aiohttp.ClientSession, registry: str, scope: str, challenge: str,
+        self,
+        session: aiohttp.ClientSession,
+        registry: str,
+        scope: str,
+        challenge: str,
         timeout: aiohttp.ClientTimeout,
     ) -> str:
         """Turn a WWW-Authenticate challenge into an Authorization header value.
@@ -144,11 +155,13 @@ class Authenticator:
         creds = self.credentials_for(registry)
         if scheme == "basic":
             if creds is None:
-                raise FetchError(f"{registry} wants basic credentials and none are configured", retryable=False)
+                msg = f"{registry} wants basic credentials and none are configured"
+                raise FetchError(msg, retryable=False)
             self._basic_hosts.add(registry)
             return creds.basic()
         if scheme != "bearer" or "realm" not in params:
-            raise FetchError(f"{registry}: unsupported auth challenge scheme {scheme!r}", retryable=False)
+            msg = f"{registry}: unsupported auth challenge scheme {scheme!r}"
+            raise FetchError(msg, retryable=False)
         query = [("service", params["service"])] if "service" in params else []
         scopes = [scope] if scope else []
         if params.get("scope") and params["scope"] not in scopes:
@@ -157,15 +170,23 @@ class Authenticator:
         headers = {"Authorization": creds.basic()} if creds is not None else {}
         realm = params["realm"]
         try:
-            async with session.get(realm, params=query, headers=headers, timeout=timeout, allow_redirects=True) as resp:
+            async with session.get(
+                realm, params=query, headers=headers, timeout=timeout, allow_redirects=True
+            ) as resp:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise FetchError(f"token server for {registry}: {type(exc).__name__}", retryable=True) from None
+            msg = f"token server for {registry}: {type(exc).__name__}"
+            raise FetchError(msg, retryable=True) from None
         if status in (401, 403):
-            raise FetchError(f"token server for {registry} refused the credentials (HTTP {status})", retryable=False)
+            msg = f"token server for {registry} refused the credentials (HTTP {status})"
+            raise FetchError(
+                msg,
+                retryable=False,
+            )
         if status != 200:  # noqa: PLR2004
-            raise FetchError(f"token server for {registry} answered HTTP {status}", retryable=status >= 500)
+            msg = f"token server for {registry} answered HTTP {status}"
+            raise FetchError(msg, retryable=status >= 500)
         try:
             raw: Any = json.loads(body)
             value = raw.get("token") or raw.get("access_token")
@@ -173,7 +194,8 @@ class Authenticator:
         except (ValueError, AttributeError, TypeError):
             value = None
         if not isinstance(value, str) or not value:
-            raise FetchError(f"token server for {registry} sent no token", retryable=False)
+            msg = f"token server for {registry} sent no token"
+            raise FetchError(msg, retryable=False)
         header = f"Bearer {value}"
         # Renew a little early so a token never expires in flight.
         self._tokens[(registry, scope)] = _Token(header, time.monotonic() + max(ttl - 10, ttl / 2))

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""An OCI distribution client over aiohttp: range GETs, retries, redirects, auth, uploads.
+"""An OCI distribution client over aiohttp: range GETs, retries, redirects, auth.
 
 One `RegistryClient` keeps one connection pool for all registries and a
-`PriorityLimiter` per registry host. Every request goes through `_request`,
+`PriorityLimiter` per registry host. Every request goes through `request`,
 which owns the policy: authorization (answering 401 once per attempt),
 redirects (followed by hand so Authorization never leaves the registry host),
 retries with exponential backoff and jitter on connection errors, timeouts,
@@ -10,16 +10,14 @@ retries with exponential backoff and jitter on connection errors, timeouts,
 method, registry, path and status; never headers, never query strings (signed
 storage URLs put secrets there).
 """
+
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 import aiohttp
@@ -27,6 +25,18 @@ import structlog
 from yarl import URL
 
 from ondemand_d.errors import DigestMismatch, FetchError
+from ondemand_d.registry._http import (
+    Body,
+    Handler,
+    RetryableError,
+    content_range_start,
+    describe,
+    expect,
+    iter_body,
+    read_bounded,
+    retry_after,
+    scope,
+)
 from ondemand_d.registry._limiter import Priority, PriorityLimiter
 from ondemand_d.registry.auth import Authenticator, load_docker_config
 from ondemand_d.registry.config import RegistryConfig
@@ -36,20 +46,6 @@ log = structlog.get_logger()
 T = TypeVar("T")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 5
-_RETRY_AFTER_CAP = 30.0
-#: Blobs put in one request; bigger ones go up in PATCH parts of this size.
-MONOLITHIC_MAX = 32 << 20
-Body = Callable[[], bytes] | None
-Handler = Callable[[aiohttp.ClientResponse], Awaitable[T]]
-
-
-class _Retry(Exception):
-    """Internal: this attempt failed in a way worth another try."""
-
-    def __init__(self, reason: str, delay: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.delay = delay
 
 
 class RegistryClient:
@@ -82,7 +78,10 @@ class RegistryClient:
             if self.config.ca_file is not None:
                 ctx.load_verify_locations(cafile=str(self.config.ca_file))
             connector = aiohttp.TCPConnector(
-                ssl=ctx, limit=0, limit_per_host=self.config.concurrency + 2, enable_cleanup_closed=True
+                ssl=ctx,
+                limit=0,
+                limit_per_host=self.config.concurrency + 2,
+                enable_cleanup_closed=True,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, headers={"User-Agent": "ondemand-d"}
@@ -91,12 +90,16 @@ class RegistryClient:
 
     def _timeout(self) -> aiohttp.ClientTimeout:
         c = self.config
-        return aiohttp.ClientTimeout(total=c.request_timeout, sock_connect=c.connect_timeout, sock_read=c.read_timeout)
+        return aiohttp.ClientTimeout(
+            total=c.request_timeout, sock_connect=c.connect_timeout, sock_read=c.read_timeout
+        )
 
     def base_url(self, registry: str) -> URL:
         """http:// only for loopback and hosts listed as insecure; https otherwise."""
         host = Reference(registry, "x").host
-        plain = is_loopback(host) or registry in self.config.insecure or host in self.config.insecure
+        plain = (
+            is_loopback(host) or registry in self.config.insecure or host in self.config.insecure
+        )
         return URL(f"{'http' if plain else 'https'}://{registry}")
 
     def limiter(self, registry: str) -> PriorityLimiter:
@@ -108,10 +111,18 @@ class RegistryClient:
 
     # -- the one request loop -----------------------------------------------------
 
-    async def _request(  # noqa: PLR0913 - one loop, many knobs
-        self, method: str, registry: str, url: URL, handle: Handler[T], *,
-        scope: str, headers: dict[str, str] | None = None, body: Body = None,
-        priority: Priority = "demand", retries: int | None = None,
+    async def request(  # noqa: PLR0913 - one loop, many knobs
+        self,
+        method: str,
+        registry: str,
+        url: URL,
+        handle: Handler[T],
+        *,
+        scope: str,
+        headers: dict[str, str] | None = None,
+        body: Body = None,
+        priority: Priority = "demand",
+        retries: int | None = None,
     ) -> T:
         """Send until `handle` returns, a non-retryable error, or retries run out.
 
@@ -125,31 +136,45 @@ class RegistryClient:
             try:
                 async with self.limiter(registry).slot(priority):
                     async with asyncio.timeout(self.config.request_timeout):
-                        return await self._attempt(method, registry, url, handle, scope, headers or {}, body)
-            except _Retry as exc:
+                        return await self._attempt(
+                            method, registry, url, handle, scope, headers or {}, body
+                        )
+            except RetryableError as exc:
                 last, delay = exc.reason, exc.delay
             except FetchError as exc:
                 if not exc.retryable:
                     raise
                 last, delay = str(exc), None
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-                last, delay = _describe(exc), None
+                last, delay = describe(exc), None
             if attempt + 1 == attempts:
                 break
             if delay is None:
                 delay = min(self.config.backoff_max, self.config.backoff_base * 2**attempt)
                 delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
             log.info(
-                "registry_retry", method=method, registry=registry, path=url.path, reason=last,
-                attempt=attempt + 1, delay_s=round(delay, 3),
+                "registry_retry",
+                method=method,
+                registry=registry,
+                path=url.path,
+                reason=last,
+                attempt=attempt + 1,
+                delay_s=round(delay, 3),
                 duration_ms=round((time.monotonic() - start) * 1000),
             )
             await asyncio.sleep(delay)
-        raise FetchError(f"{method} {registry}{url.path}: {last} (after {attempts} attempts)", retryable=True)
+        msg = f"{method} {registry}{url.path}: {last} (after {attempts} attempts)"
+        raise FetchError(msg, retryable=True)
 
     async def _attempt(  # noqa: PLR0913
-        self, method: str, registry: str, url: URL, handle: Handler[T], scope: str,
-        headers: dict[str, str], body: Body,
+        self,
+        method: str,
+        registry: str,
+        url: URL,
+        handle: Handler[T],
+        scope: str,
+        headers: dict[str, str],
+        body: Body,
     ) -> T:
         session = self._get_session()
         authorization = self._auth.header(registry, scope)
@@ -157,16 +182,29 @@ class RegistryClient:
         hops = 0
         while True:
             send = dict(headers)
-            same_host = url.host == self.base_url(registry).host and url.port == self.base_url(registry).port
+            same_host = (
+                url.host == self.base_url(registry).host
+                and url.port == self.base_url(registry).port
+            )
             if authorization and same_host:
                 send["Authorization"] = authorization  # never to storage on another host
             self.requests += 1
             async with session.request(
-                method, url, headers=send, data=body() if body else None,
-                allow_redirects=False, timeout=self._timeout(),
+                method,
+                url,
+                headers=send,
+                data=body() if body else None,
+                allow_redirects=False,
+                timeout=self._timeout(),
             ) as resp:
                 status = resp.status
-                log.debug("registry_request", method=method, registry=registry, path=url.path, status=status)
+                log.debug(
+                    "registry_request",
+                    method=method,
+                    registry=registry,
+                    path=url.path,
+                    status=status,
+                )
                 if status in _REDIRECTS and "Location" in resp.headers and hops < _MAX_REDIRECTS:
                     hops += 1
                     url = url.join(URL(resp.headers["Location"], encoded=True))
@@ -176,15 +214,23 @@ class RegistryClient:
                 if status == 401 and same_host and not answered:  # noqa: PLR2004
                     challenge = resp.headers.get("WWW-Authenticate")
                     if not challenge:
-                        raise FetchError(f"{registry}: 401 without a challenge", retryable=False)
+                        msg = f"{registry}: 401 without a challenge"
+                        raise FetchError(msg, retryable=False)
                     self._auth.forget(registry, scope)
-                    authorization = await self._auth.answer(session, registry, scope, challenge, self._timeout())
+                    authorization = await self._auth.answer(
+                        session, registry, scope, challenge, self._timeout()
+                    )
                     answered = True
                     continue
                 if status == 429 or status == 408 or status >= 500:  # noqa: PLR2004
-                    raise _Retry(f"HTTP {status}", _retry_after(resp.headers.get("Retry-After")))
+                    msg = f"HTTP {status}"
+                    raise RetryableError(msg, retry_after(resp.headers.get("Retry-After")))
                 if status in (401, 403):
-                    raise FetchError(f"{method} {registry}{url.path}: access denied (HTTP {status})", retryable=False)
+                    msg = f"{method} {registry}{url.path}: access denied (HTTP {status})"
+                    raise FetchError(
+                        msg,
+                        retryable=False,
+                    )
                 return await handle(resp)
 
     # -- reads ------------------------------------------------------------------
@@ -194,15 +240,21 @@ class RegistryClient:
         url = self.base_url(ref.registry) / "v2" / ref.repository / "manifests" / ref.ref
 
         async def handle(resp: aiohttp.ClientResponse) -> bytes:
-            _expect(resp, (200,), f"manifest {ref}")
-            return await _read_bounded(resp, 4 << 20, f"manifest {ref}")
+            expect(resp, (200,), f"manifest {ref}")
+            return await read_bounded(resp, 4 << 20, f"manifest {ref}")
 
-        data = await self._request(
-            "GET", ref.registry, url, handle, scope=_scope(ref.repository), headers={"Accept": accept}
+        data = await self.request(
+            "GET",
+            ref.registry,
+            url,
+            handle,
+            scope=scope(ref.repository),
+            headers={"Accept": accept},
         )
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if ref.digest and ref.digest != digest:
-            raise DigestMismatch(f"manifest {ref}: content hashes to {digest}")
+            msg = f"manifest {ref}: content hashes to {digest}"
+            raise DigestMismatch(msg)
         return data, digest
 
     async def get_blob(self, registry: str, repository: str, digest: str, max_size: int) -> bytes:
@@ -210,18 +262,24 @@ class RegistryClient:
         url = self.base_url(registry) / "v2" / repository / "blobs" / digest
 
         async def handle(resp: aiohttp.ClientResponse) -> bytes:
-            _expect(resp, (200,), f"blob {digest}")
-            return await _read_bounded(resp, max_size, f"blob {digest}")
+            expect(resp, (200,), f"blob {digest}")
+            return await read_bounded(resp, max_size, f"blob {digest}")
 
-        data = await self._request("GET", registry, url, handle, scope=_scope(repository))
+        data = await self.request("GET", registry, url, handle, scope=scope(repository))
         self.bytes_received += len(data)
         got = "sha256:" + hashlib.sha256(data).hexdigest()
         if got != digest:
-            raise DigestMismatch(f"blob {digest} from {registry}/{repository}: content hashes to {got}")
+            msg = f"blob {digest} from {registry}/{repository}: content hashes to {got}"
+            raise DigestMismatch(msg)
         return data
 
     async def get_range(  # noqa: PLR0913
-        self, registry: str, repository: str, digest: str, offset: int, length: int,
+        self,
+        registry: str,
+        repository: str,
+        digest: str,
+        offset: int,
+        length: int,
         priority: Priority = "demand",
     ) -> bytes:
         """Exactly `length` bytes at `offset` of a registry blob (not verified here)."""
@@ -230,22 +288,30 @@ class RegistryClient:
 
         async def handle(resp: aiohttp.ClientResponse) -> bytes:
             if resp.status == 206:  # noqa: PLR2004
-                first = _content_range_start(resp.headers.get("Content-Range", ""))
+                first = content_range_start(resp.headers.get("Content-Range", ""))
                 if first != offset:
-                    raise _Retry(f"{where}: server sent range starting at {first}")
-                data = await _read_bounded(resp, length, where)
+                    msg = f"{where}: server sent range starting at {first}"
+                    raise RetryableError(msg)
+                data = await read_bounded(resp, length, where)
             elif resp.status == 200:  # noqa: PLR2004
                 data = await self._skip_to_range(resp, registry, offset, length, where)
             else:
-                _expect(resp, (206,), where)
+                expect(resp, (206,), where)
                 data = b""
             if len(data) != length:
-                raise _Retry(f"{where}: got {len(data)} bytes")
+                msg = f"{where}: got {len(data)} bytes"
+                raise RetryableError(msg)
             return data
 
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        data = await self._request(
-            "GET", registry, url, handle, scope=_scope(repository), headers=headers, priority=priority
+        data = await self.request(
+            "GET",
+            registry,
+            url,
+            handle,
+            scope=scope(repository),
+            headers=headers,
+            priority=priority,
         )
         self.bytes_received += len(data)
         return data
@@ -260,7 +326,7 @@ class RegistryClient:
             log.warning("registry_range_ignored", registry=registry)
         out = bytearray()
         pos = 0
-        async for piece in _iter(resp):
+        async for piece in iter_body(resp):
             lo, hi = max(offset - pos, 0), min(offset + length - pos, len(piece))
             if lo < hi:
                 out += piece[lo:hi]
@@ -271,141 +337,15 @@ class RegistryClient:
         self.bytes_received += pos - len(out)
         return bytes(out)
 
-    async def has_blob(self, registry: str, repository: str, digest: str, *, actions: str = "pull") -> bool:
+    async def has_blob(
+        self, registry: str, repository: str, digest: str, *, actions: str = "pull"
+    ) -> bool:
         url = self.base_url(registry) / "v2" / repository / "blobs" / digest
 
         async def handle(resp: aiohttp.ClientResponse) -> bool:
-            _expect(resp, (200, 404), f"blob {digest}")
+            expect(resp, (200, 404), f"blob {digest}")
             return resp.status == 200  # noqa: PLR2004
 
-        return await self._request("HEAD", registry, url, handle, scope=_scope(repository, actions))
+        return await self.request("HEAD", registry, url, handle, scope=scope(repository, actions))
 
     # -- writes -----------------------------------------------------------------
-
-    async def upload_blob(
-        self, registry: str, repository: str, digest: str, size: int, read: Callable[[int, int], bytes]
-    ) -> None:
-        """Upload a blob: POST, then one PUT (small) or PATCH parts and a closing PUT.
-
-        `read(offset, n)` returns the blob's bytes; a failed upload starts over
-        from POST (a half-written upload session cannot be trusted).
-        """
-        scope = _scope(repository, "pull,push")
-        start_url = self.base_url(registry) / "v2" / repository / "blobs" / "uploads" / ""
-        for attempt in range(1 + self.config.retries):
-            try:
-                location = await self._request("POST", registry, start_url, _location(202), scope=scope, retries=0)
-                if size <= MONOLITHIC_MAX:
-                    put_url = location.update_query({"digest": digest})
-                    headers = {"Content-Type": "application/octet-stream"}
-                    await self._request(
-                        "PUT", registry, put_url, _location(201), scope=scope,
-                        headers=headers, body=lambda: read(0, size), retries=0,
-                    )
-                    return
-                pos = 0
-                while pos < size:
-                    n = min(MONOLITHIC_MAX, size - pos)
-                    headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{pos}-{pos + n - 1}"}
-                    location = await self._request(
-                        "PATCH", registry, location, _location(202), scope=scope,
-                        headers=headers, body=lambda p=pos, k=n: read(p, k), retries=0,  # type: ignore[misc]
-                    )
-                    pos += n
-                await self._request(
-                    "PUT", registry, location.update_query({"digest": digest}), _location(201), scope=scope, retries=0
-                )
-                return
-            except FetchError as exc:
-                if not exc.retryable or attempt == self.config.retries:
-                    raise
-                log.info("registry_upload_retry", registry=registry, digest=digest, attempt=attempt + 1)
-                await asyncio.sleep(min(self.config.backoff_max, self.config.backoff_base * 2**attempt))
-
-    async def put_manifest(self, ref: Reference, data: bytes, media_type: str) -> str:
-        url = self.base_url(ref.registry) / "v2" / ref.repository / "manifests" / ref.ref
-
-        async def handle(resp: aiohttp.ClientResponse) -> str:
-            _expect(resp, (201,), f"manifest {ref}")
-            return resp.headers.get("Docker-Content-Digest", "sha256:" + hashlib.sha256(data).hexdigest())
-
-        return await self._request(
-            "PUT", ref.registry, url, handle, scope=_scope(ref.repository, "pull,push"),
-            headers={"Content-Type": media_type}, body=lambda: data,
-        )
-
-
-def _scope(repository: str, actions: str = "pull") -> str:
-    return f"repository:{repository}:{actions}"
-
-
-def _location(status: int) -> Handler[URL]:
-    async def handle(resp: aiohttp.ClientResponse) -> URL:
-        _expect(resp, (status,), "upload")
-        await resp.read()
-        loc = resp.headers.get("Location")
-        return resp.url.join(URL(loc, encoded=True)) if loc else resp.url
-
-    return handle
-
-
-def _expect(resp: aiohttp.ClientResponse, ok: tuple[int, ...], what: str) -> None:
-    if resp.status in ok:
-        return
-    if resp.status == 404:  # noqa: PLR2004
-        raise FetchError(f"{what}: not found in the registry (HTTP 404)", retryable=False)
-    raise FetchError(f"{what}: unexpected HTTP {resp.status} from {resp.url.host}{resp.url.path}", retryable=False)
-
-
-async def _iter(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    async for piece in resp.content.iter_chunked(1 << 16):
-        yield piece
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    """Read a body of at most `limit` bytes; more is a protocol error, not a memory bomb."""
-    out = bytearray()
-    async for piece in _iter(resp):
-        out += piece
-        if len(out) > limit:
-            raise FetchError(f"{what}: response is larger than {limit} bytes", retryable=False)
-    return bytes(out)
-
-
-def _content_range_start(value: str) -> int | None:
-    # "bytes 100-199/1000"
-    try:
-        unit, _, spec = value.partition(" ")
-        return int(spec.split("-", 1)[0]) if unit == "bytes" else None
-    except ValueError:
-        return None
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), _RETRY_AFTER_CAP)
-
-
-def _describe(exc: BaseException) -> str:
-    """A short reason without URLs or headers (aiohttp's str() can carry both)."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "truncated or malformed body"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
-    if isinstance(exc, OSError) and exc.errno:
-        return f"connection error ({errno.errorcode.get(exc.errno, exc.errno)})"
-    return type(exc).__name__
-
-

@@ -4,6 +4,7 @@
 Both print progress to stderr and one summary line to stdout, and return an
 exit status: 0 done, 1 failed (the message says why; never a credential).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,27 +23,44 @@ from ondemand_d.store.local import LocalStore
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--docker-config", type=Path, default=None, metavar="FILE",
+        "--docker-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="Docker-style config.json with registry credentials "
         "(default: $DOCKER_CONFIG/config.json or ~/.docker/config.json)",
     )
-    parser.add_argument("--ca-file", type=Path, default=None, metavar="PEM",
-                        help="extra CA certificates to trust for the registry's TLS")
-    parser.add_argument("--insecure", action="store_true",
-                        help="speak plain HTTP to this registry (always so for loopback)")
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="extra CA certificates to trust for the registry's TLS",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="speak plain HTTP to this registry (always so for loopback)",
+    )
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="image name in the local store")
     parser.add_argument("reference", help="REGISTRY/REPO:TAG to push to")
-    parser.add_argument("--no-compress", dest="compress", action="store_false",
-                        help="upload chunks uncompressed (default: zstd per chunk)")
+    parser.add_argument(
+        "--no-compress",
+        dest="compress",
+        action="store_false",
+        help="upload chunks uncompressed (default: zstd per chunk)",
+    )
     _connection_arguments(parser)
 
 
 def add_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("reference", help="REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:... to add")
-    parser.add_argument("--name", default=None, help="local image name / fsid (default: from REPO:TAG)")
+    parser.add_argument(
+        "--name", default=None, help="local image name / fsid (default: from REPO:TAG)"
+    )
     parser.add_argument("--replace", action="store_true", help="replace an image of the same name")
     _connection_arguments(parser)
 
@@ -75,7 +93,9 @@ def run_push(args: argparse.Namespace, store: LocalStore) -> int:
     return 0
 
 
-async def _push(args: argparse.Namespace, store: LocalStore, ref: reference.Reference) -> PushResult:
+async def _push(
+    args: argparse.Namespace, store: LocalStore, ref: reference.Reference
+) -> PushResult:
     async with RegistryClient(_config(args, ref)) as client:
         return await push(store, args.name, ref, client, compress=args.compress, progress=_progress)
 

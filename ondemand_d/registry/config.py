@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """RegistryConfig: how to talk to registries. A frozen value; building it does no I/O."""
+
 from __future__ import annotations
 
 import os
@@ -53,11 +54,14 @@ class RegistryConfig:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
-            raise ConfigError(f"registry.concurrency must be >= 1, not {self.concurrency}")
+            msg = f"registry.concurrency must be >= 1, not {self.concurrency}"
+            raise ConfigError(msg)
         if not 0 < self.prefetch_concurrency <= self.concurrency:
-            raise ConfigError("registry.prefetch_concurrency must be in 1..concurrency")
+            msg = "registry.prefetch_concurrency must be in 1..concurrency"
+            raise ConfigError(msg)
         if self.retries < 0 or self.prefetch_bandwidth < 0 or self.max_range < 4096:  # noqa: PLR2004
-            raise ConfigError("registry.retries/prefetch_bandwidth/max_range out of range")
+            msg = "registry.retries/prefetch_bandwidth/max_range out of range"
+            raise ConfigError(msg)
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any]) -> RegistryConfig:
@@ -65,7 +69,8 @@ class RegistryConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(raw) - known
         if unknown:
-            raise ConfigError(f"unknown registry key(s): {', '.join(sorted(unknown))}")
+            msg = f"unknown registry key(s): {', '.join(sorted(unknown))}"
+            raise ConfigError(msg)
         values: dict[str, Any] = dict(raw)
         for key in ("docker_config", "ca_file"):
             if values.get(key) is not None:
@@ -75,4 +80,5 @@ class RegistryConfig:
         try:
             return cls(**values)
         except TypeError as exc:
-            raise ConfigError(f"registry config: {exc}") from None
+            msg = f"registry config: {exc}"
+            raise ConfigError(msg) from None

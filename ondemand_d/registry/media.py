@@ -24,6 +24,7 @@ its blob id, size, device key, and the digests of its data and table layers.
 A registry that does not know these media types stores them like any other;
 clients that do not know them leave them alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,13 +54,17 @@ def loads(data: bytes, what: str) -> dict[str, Any]:
     try:
         raw = json.loads(data)
     except ValueError as exc:
-        raise ImageError(f"{what} is not JSON: {exc}") from None
+        msg = f"{what} is not JSON: {exc}"
+        raise ImageError(msg) from None
     if not isinstance(raw, dict):
-        raise ImageError(f"{what} is not a JSON object")
+        msg = f"{what} is not a JSON object"
+        raise ImageError(msg)
     return raw
 
 
-def descriptor(media_type: str, digest: str, size: int, blob_id: str | None = None) -> dict[str, Any]:
+def descriptor(
+    media_type: str, digest: str, size: int, blob_id: str | None = None
+) -> dict[str, Any]:
     desc: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": size}
     if blob_id is not None:
         desc["annotations"] = {BLOB_ID_ANNOTATION: blob_id}
@@ -100,18 +105,23 @@ class ChunkTable:
         raw = loads(data, "chunk table")
         try:
             if raw.get("schema") != SCHEMA:
-                raise ImageError(f"chunk table schema {raw.get('schema')!r} is not {SCHEMA}")
+                msg = f"chunk table schema {raw.get('schema')!r} is not {SCHEMA}"
+                raise ImageError(msg)
             compression = str(raw["compression"])
             if compression not in ("zstd", "none"):
-                raise ImageError(f"chunk table compression {compression!r} is unknown")
+                msg = f"chunk table compression {compression!r} is unknown"
+                raise ImageError(msg)
             rows = tuple(
                 (Chunk(int(r[0]), int(r[1]), check_digest(str(r[2]))), int(r[3]), int(r[4]))
                 for r in raw["chunks"]
             )
             extra = raw.get("extra") or {}
-            return cls(check_digest(str(raw["blob_id"])), int(raw["size"]), compression, rows, dict(extra))
+            return cls(
+                check_digest(str(raw["blob_id"])), int(raw["size"]), compression, rows, dict(extra)
+            )
         except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise ImageError(f"chunk table is malformed: {exc!r}") from None
+            msg = f"chunk table is malformed: {exc!r}"
+            raise ImageError(msg) from None
 
     def to_blob(self, layer_digest: str, extra: dict[str, Any]) -> Blob:
         """The Blob record whose chunks point into the registry layer `layer_digest`.
@@ -150,7 +160,13 @@ class ImageConfig:
 
     def to_json(self) -> bytes:
         def entry(e: BlobEntry) -> dict[str, Any]:
-            return {"key": e.key, "blob_id": e.blob_id, "size": e.size, "data": e.data, "table": e.table}
+            return {
+                "key": e.key,
+                "blob_id": e.blob_id,
+                "size": e.size,
+                "data": e.data,
+                "table": e.table,
+            }
 
         return dumps(
             {
@@ -167,26 +183,32 @@ class ImageConfig:
 
         def entry(e: dict[str, Any]) -> BlobEntry:
             return BlobEntry(
-                str(e["key"]), check_digest(str(e["blob_id"])), int(e["size"]),
-                _layer_digest(e["data"]), _layer_digest(e["table"]),
+                str(e["key"]),
+                check_digest(str(e["blob_id"])),
+                int(e["size"]),
+                _layer_digest(e["data"]),
+                _layer_digest(e["table"]),
             )
 
         try:
             if raw.get("schema") != SCHEMA:
-                raise ImageError(f"image config schema {raw.get('schema')!r} is not {SCHEMA}")
+                msg = f"image config schema {raw.get('schema')!r} is not {SCHEMA}"
+                raise ImageError(msg)
             return cls(
                 str(raw["name"]),
                 entry(raw["bootstrap"]),
                 tuple(entry(d) for d in raw["devices"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ImageError(f"image config is malformed: {exc!r}") from None
+            msg = f"image config is malformed: {exc!r}"
+            raise ImageError(msg) from None
 
 
 def _layer_digest(value: Any) -> str:
     text = str(value)
     if not text.startswith("sha256:"):
-        raise ValueError(f"layer digest {text!r} is not sha256:<hex>")
+        msg = f"layer digest {text!r} is not sha256:<hex>"
+        raise ValueError(msg)
     check_digest(text[7:])
     return text
 
@@ -211,10 +233,13 @@ def config_descriptor(raw_manifest: bytes) -> tuple[str, int]:
     raw = loads(raw_manifest, "manifest")
     try:
         if raw.get("schemaVersion") != 2 or raw.get("mediaType", MANIFEST) != MANIFEST:  # noqa: PLR2004
-            raise ImageError(f"not an OCI image manifest (mediaType {raw.get('mediaType')!r})")
+            msg = f"not an OCI image manifest (mediaType {raw.get('mediaType')!r})"
+            raise ImageError(msg)
         config = raw["config"]
         if config.get("mediaType") != CONFIG:
-            raise ImageError(f"not an ondemand-d image: config media type is {config.get('mediaType')!r}")
+            msg = f"not an ondemand-d image: config media type is {config.get('mediaType')!r}"
+            raise ImageError(msg)
         return _layer_digest(config["digest"]), int(config["size"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ImageError(f"manifest is malformed: {exc!r}") from None
+        msg = f"manifest is malformed: {exc!r}"
+        raise ImageError(msg) from None

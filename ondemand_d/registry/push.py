@@ -8,6 +8,7 @@ registry already has it, and only missing layers are uploaded. Compression is
 deterministic (fixed level, no threads), so pushing the same blob twice yields
 the same layer and the second push uploads nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +25,7 @@ from ondemand_d.errors import ChunkNotFound, StoreError
 from ondemand_d.registry import media
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.reference import Reference
+from ondemand_d.registry.upload import put_manifest, upload_blob
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob
 
@@ -64,10 +66,11 @@ def _spool(
         try:
             data = store.read_chunk(chunk)
         except ChunkNotFound:
-            raise StoreError(
+            msg = (
                 f"blob {blob.blob_id}: chunk at {chunk.offset} is not in the local store "
                 "(an image added from a registry can only be pushed once fully read)"
-            ) from None
+            )
+            raise StoreError(msg) from None
         frame = cctx.compress(data) if compress else data
         out.write(frame)
         digest.update(frame)
@@ -79,16 +82,24 @@ def _spool(
     out.flush()
     extra = {k: v for k, v in blob.extra.items() if k != "remote"}
     table = media.ChunkTable(
-        blob.blob_id, blob.size, "zstd" if compress else "none",
-        tuple((c.__class__(c.offset, c.length, c.digest), o, n) for c, o, n in rows), extra,
+        blob.blob_id,
+        blob.size,
+        "zstd" if compress else "none",
+        tuple((c.__class__(c.offset, c.length, c.digest), o, n) for c, o, n in rows),
+        extra,
     )
     layer = _Layer("sha256:" + digest.hexdigest(), pos, media.BLOB_ZSTD if compress else media.BLOB)
     return layer, table
 
 
 async def _ensure(  # noqa: PLR0913
-    client: RegistryClient, ref: Reference, layer: _Layer, read: Callable[[int, int], bytes],
-    result: PushResult, what: str, progress: Progress,
+    client: RegistryClient,
+    ref: Reference,
+    layer: _Layer,
+    read: Callable[[int, int], bytes],
+    result: PushResult,
+    what: str,
+    progress: Progress,
 ) -> None:
     """Upload a layer unless the repository has it already."""
     result.layers += 1
@@ -97,18 +108,29 @@ async def _ensure(  # noqa: PLR0913
         progress(f"  {what}: already in the registry ({_mib(layer.size)})")
         return
     start = time.monotonic()
-    await client.upload_blob(ref.registry, ref.repository, layer.digest, layer.size, read)
+    await upload_blob(client, ref.registry, ref.repository, layer.digest, layer.size, read)
     result.uploaded += 1
     result.bytes_uploaded += layer.size
     seconds = time.monotonic() - start
     progress(f"  {what}: uploaded {_mib(layer.size)} in {seconds:.1f} s")
-    log.info("registry_layer_uploaded", registry=ref.registry, repository=ref.repository,
-             digest=layer.digest, len=layer.size, duration_ms=round(seconds * 1000))
+    log.info(
+        "registry_layer_uploaded",
+        registry=ref.registry,
+        repository=ref.repository,
+        digest=layer.digest,
+        len=layer.size,
+        duration_ms=round(seconds * 1000),
+    )
 
 
 async def push(  # noqa: PLR0913
-    store: LocalStore, name: str, ref: Reference, client: RegistryClient, *,
-    compress: bool = True, progress: Progress = lambda _: None,
+    store: LocalStore,
+    name: str,
+    ref: Reference,
+    client: RegistryClient,
+    *,
+    compress: bool = True,
+    progress: Progress = lambda _: None,
 ) -> PushResult:
     """Upload image `name` from `store` to `ref`; return what was done.
 
@@ -135,19 +157,34 @@ async def push(  # noqa: PLR0913
 
             await _ensure(client, ref, layer, read, result, "data", progress)
         table_bytes = table.to_json()
-        table_layer = _Layer("sha256:" + hashlib.sha256(table_bytes).hexdigest(), len(table_bytes), media.CHUNKS)
-        await _ensure(client, ref, table_layer, lambda o, s, b=table_bytes: b[o : o + s], result, "chunk table", progress)
+        table_layer = _Layer(
+            "sha256:" + hashlib.sha256(table_bytes).hexdigest(), len(table_bytes), media.CHUNKS
+        )
+        await _ensure(
+            client, ref, table_layer, _reader(table_bytes), result, "chunk table", progress
+        )
         layers.append(media.descriptor(layer.media_type, layer.digest, layer.size, blob_id))
         layers.append(media.descriptor(media.CHUNKS, table_layer.digest, table_layer.size, blob_id))
         entries.append(media.BlobEntry(key, blob_id, blob.size, layer.digest, table_layer.digest))
     config = media.ImageConfig(image.name, entries[0], tuple(entries[1:])).to_json()
     config_layer = _Layer("sha256:" + hashlib.sha256(config).hexdigest(), len(config), media.CONFIG)
-    await _ensure(client, ref, config_layer, lambda o, s: config[o : o + s], result, "config", progress)
+    await _ensure(client, ref, config_layer, _reader(config), result, "config", progress)
     manifest = media.manifest(config_layer.digest, config_layer.size, layers)
-    result.manifest_digest = await client.put_manifest(ref, manifest, media.MANIFEST)
-    log.info("image_pushed", name=name, reference=str(ref), digest=result.manifest_digest,
-             layers=result.layers, uploaded=result.uploaded, len=result.bytes_uploaded)
+    result.manifest_digest = await put_manifest(client, ref, manifest, media.MANIFEST)
+    log.info(
+        "image_pushed",
+        name=name,
+        reference=str(ref),
+        digest=result.manifest_digest,
+        layers=result.layers,
+        uploaded=result.uploaded,
+        len=result.bytes_uploaded,
+    )
     return result
+
+
+def _reader(data: bytes) -> Callable[[int, int], bytes]:
+    return lambda offset, size: data[offset : offset + size]
 
 
 def _mib(n: int) -> str:

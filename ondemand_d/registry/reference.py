@@ -4,6 +4,7 @@
 The registry is always spelled out: ondemand-d has no default registry, so a
 reference names exactly one host and nothing is guessed.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -62,17 +63,21 @@ def parse(text: str) -> Reference:
     """
     rest, _, digest = text.partition("@")
     if digest and not _DIGEST.fullmatch(digest):
-        raise ConfigError(f"reference {text!r}: digest must be sha256:<64 hex>")
+        msg = f"reference {text!r}: digest must be sha256:<64 hex>"
+        raise ConfigError(msg)
     registry, slash, path = rest.partition("/")
     if not slash or not _HOST.fullmatch(registry):
-        raise ConfigError(f"reference {text!r}: expected REGISTRY/REPO:TAG (registry first)")
+        msg = f"reference {text!r}: expected REGISTRY/REPO:TAG (registry first)"
+        raise ConfigError(msg)
     repository, tag = path, None
     if ":" in path.rsplit("/", 1)[-1]:
         repository, _, tag = path.rpartition(":")
         if not _TAG.fullmatch(tag):
-            raise ConfigError(f"reference {text!r}: bad tag {tag!r}")
+            msg = f"reference {text!r}: bad tag {tag!r}"
+            raise ConfigError(msg)
     if not _REPOSITORY.fullmatch(repository) or len(repository) > 255:  # noqa: PLR2004
-        raise ConfigError(f"reference {text!r}: bad repository {repository!r}")
+        msg = f"reference {text!r}: bad repository {repository!r}"
+        raise ConfigError(msg)
     if tag is None and not digest:
         tag = "latest"
     return Reference(registry, repository, tag, digest or None)

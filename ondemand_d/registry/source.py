@@ -13,6 +13,7 @@ of the same registry, uses at most `prefetch_concurrency` slots, and is held to
 in windows with those settings and logs progress; the service starts it as a
 task after an OPEN and cancels it on CLOSE or shutdown.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,7 +64,8 @@ def remote_location(blob: Blob) -> tuple[str, str]:
     """
     remote: Any = blob.extra.get("remote")
     if not isinstance(remote, dict) or "registry" not in remote or "repository" not in remote:
-        raise FetchError(f"blob {blob.blob_id} has no registry location", retryable=False)
+        msg = f"blob {blob.blob_id} has no registry location"
+        raise FetchError(msg, retryable=False)
     return str(remote["registry"]), str(remote["repository"])
 
 
@@ -78,7 +80,9 @@ def plan(chunks: Sequence[Chunk], max_range: int) -> list[_Run]:
             end = last.offset + last.length
             same = last.layer == r.blob
             if same and r.offset == end - r.length and chunks[last.members[-1]].remote == r:
-                runs[-1] = _Run(last.layer, last.offset, last.length, (*last.members, i))  # duplicate
+                runs[-1] = _Run(
+                    last.layer, last.offset, last.length, (*last.members, i)
+                )  # duplicate
                 continue
             if same and r.offset == end and last.length + r.length <= max_range:
                 runs[-1] = _Run(last.layer, last.offset, last.length + r.length, (*last.members, i))
@@ -89,7 +93,8 @@ def plan(chunks: Sequence[Chunk], max_range: int) -> list[_Run]:
 
 def _remote(chunk: Chunk) -> Any:
     if chunk.remote is None:
-        raise ChunkNotFound(f"chunk {chunk.digest} at {chunk.offset} has no remote source")
+        msg = f"chunk {chunk.digest} at {chunk.offset} has no remote source"
+        raise ChunkNotFound(msg)
     return chunk.remote
 
 
@@ -101,16 +106,20 @@ def decode(blob: Blob, chunk: Chunk, raw: bytes) -> bytes:
         try:
             size = zstandard.get_frame_parameters(raw).content_size
             if size != chunk.length:  # also refuses frames that claim a huge size
-                raise DigestMismatch(f"{where}: zstd frame holds {size} bytes, expected {chunk.length}")
+                msg = f"{where}: zstd frame holds {size} bytes, expected {chunk.length}"
+                raise DigestMismatch(msg)
             data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=chunk.length)
         except zstandard.ZstdError as exc:
-            raise DigestMismatch(f"{where}: not a valid zstd frame ({exc})") from None
+            msg = f"{where}: not a valid zstd frame ({exc})"
+            raise DigestMismatch(msg) from None
     elif compression == "none":
         data = raw
     else:
-        raise FetchError(f"{where}: unknown compression {compression!r}", retryable=False)
+        msg = f"{where}: unknown compression {compression!r}"
+        raise FetchError(msg, retryable=False)
     if len(data) != chunk.length or hashlib.sha256(data).hexdigest() != chunk.digest:
-        raise DigestMismatch(f"{where}: registry bytes do not match the chunk digest")
+        msg = f"{where}: registry bytes do not match the chunk digest"
+        raise DigestMismatch(msg)
     return data
 
 
@@ -130,7 +139,9 @@ class RegistrySource:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def fetch(self, blob: Blob, chunks: Sequence[Chunk], priority: Priority = "demand") -> list[bytes]:
+    async def fetch(
+        self, blob: Blob, chunks: Sequence[Chunk], priority: Priority = "demand"
+    ) -> list[bytes]:
         """Each chunk's uncompressed, verified bytes, in the order given.
 
         Raises:
@@ -147,7 +158,9 @@ class RegistrySource:
         async def one(run: _Run) -> None:
             if priority == "prefetch":
                 await self._bucket.take(run.length)
-            raw = await self.client.get_range(registry, repository, run.layer, run.offset, run.length, priority)
+            raw = await self.client.get_range(
+                registry, repository, run.layer, run.offset, run.length, priority
+            )
             for i in run.members:
                 c = chunks[i]
                 r = _remote(c)
@@ -157,16 +170,26 @@ class RegistrySource:
                 except DigestMismatch as exc:
                     self.mismatches += 1
                     log.warning(
-                        "chunk_digest_mismatch", blob=blob.blob_id, off=c.offset, digest=c.digest,
-                        registry=registry, repository=repository, layer=run.layer, reason=str(exc),
+                        "chunk_digest_mismatch",
+                        blob=blob.blob_id,
+                        off=c.offset,
+                        digest=c.digest,
+                        registry=registry,
+                        repository=repository,
+                        layer=run.layer,
+                        reason=str(exc),
                     )
                     raise
 
         start = time.monotonic()
         await _all_or_nothing([one(run) for run in runs])
         log.debug(
-            "registry_chunks_fetched", blob=blob.blob_id, chunks=len(chunks), requests=len(runs),
-            len=sum(r.length for r in runs), priority=priority,
+            "registry_chunks_fetched",
+            blob=blob.blob_id,
+            chunks=len(chunks),
+            requests=len(runs),
+            len=sum(r.length for r in runs),
+            priority=priority,
             duration_ms=round((time.monotonic() - start) * 1000, 1),
         )
         return [b for b in out if b is not None]
@@ -208,7 +231,10 @@ class RegistrySource:
                 if time.monotonic() - last_log >= PROGRESS_EVERY_S:
                     last_log = time.monotonic()
                     log.info(
-                        "prefetch_progress", blob=blob.blob_id, done=done, len=total,
+                        "prefetch_progress",
+                        blob=blob.blob_id,
+                        done=done,
+                        len=total,
                         percent=round(100 * done / max(total, 1), 1),
                     )
         except (StoreError, OSError) as exc:
@@ -216,8 +242,13 @@ class RegistrySource:
             log.warning("prefetch_failed", blob=blob.blob_id, done=done, len=total, reason=error)
         result = PrefetchResult(blob.blob_id, n, done, time.monotonic() - start, error)
         if error is None:
-            log.info("prefetch_completed", blob=blob.blob_id, chunks=n, len=done,
-                     duration_ms=round(result.duration_s * 1000))
+            log.info(
+                "prefetch_completed",
+                blob=blob.blob_id,
+                chunks=n,
+                len=done,
+                duration_ms=round(result.duration_s * 1000),
+            )
         return result
 
 

@@ -7,6 +7,7 @@ than Content-Length promised, flip bytes, ignore Range, redirect to "blob
 storage" (the same proxy under the name localhost). It counts the blob body
 bytes it sends, which is how tests see how much a lazy fetch really pulled.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -110,7 +111,9 @@ class FaultProxy:
                 headers[k.strip().lower()] = v.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0")))
         host = headers.get("host", "")
-        self.seen.append(Seen(method, host, target, "authorization" in headers, headers.get("range")))
+        self.seen.append(
+            Seen(method, host, target, "authorization" in headers, headers.get("range"))
+        )
         # Requests to "storage" (the localhost name) are served straight.
         fault = None if host.startswith("localhost") else self._take(method, target)
         kind = fault.kind if fault else ""
@@ -124,15 +127,20 @@ class FaultProxy:
         if kind == "status":
             assert fault is not None
             extra = f"Retry-After: {fault.retry_after}\r\n" if fault.retry_after else ""
-            writer.write(f"HTTP/1.1 {fault.status} Fault\r\n{extra}Content-Length: 0\r\n\r\n".encode())
+            writer.write(
+                f"HTTP/1.1 {fault.status} Fault\r\n{extra}Content-Length: 0\r\n\r\n".encode()
+            )
             await writer.drain()
             return True
         if kind == "redirect":
             location = f"http://localhost:{self.port}{target}"
-            writer.write(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode())
+            head = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
+            writer.write(f"{head}Content-Length: 0\r\n\r\n".encode())
             await writer.drain()
             return True
-        forward = {k: v for k, v in headers.items() if k not in ("host", "content-length", "connection")}
+        forward = {
+            k: v for k, v in headers.items() if k not in ("host", "content-length", "connection")
+        }
         forward["host"] = self.host
         if host.startswith("localhost") and self.storage_authorization:
             forward["authorization"] = self.storage_authorization
@@ -140,12 +148,19 @@ class FaultProxy:
             forward.pop("range", None)
         assert self._session is not None
         async with self._session.request(
-            method, f"http://{self.upstream}{target}", headers=forward, data=body or None, allow_redirects=False
+            method,
+            f"http://{self.upstream}{target}",
+            headers=forward,
+            data=body or None,
+            allow_redirects=False,
         ) as resp:
             payload = await resp.read()
             status, reason = resp.status, resp.reason or "OK"
-            out_headers = [(k, v) for k, v in resp.headers.items()
-                           if k.lower() not in ("content-length", "transfer-encoding", "connection")]
+            out_headers = [
+                (k, v)
+                for k, v in resp.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            ]
         if kind == "corrupt" and payload:
             payload = payload[:-1] + bytes([payload[-1] ^ 0x01])
         text = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in out_headers)
@@ -155,7 +170,9 @@ class FaultProxy:
             await writer.drain()
             return True
         if "/blobs/" in target and method == "GET":
-            self.blob_bytes += len(payload) if kind not in ("truncate", "stall") else len(payload) // 2
+            self.blob_bytes += (
+                len(payload) if kind not in ("truncate", "stall") else len(payload) // 2
+            )
         if kind in ("truncate", "stall"):
             writer.write(payload[: len(payload) // 2])
             await writer.drain()

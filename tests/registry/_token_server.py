@@ -7,6 +7,7 @@ ES256 JWT whose x5c header carries a self-signed certificate the registry
 trusts through its `rootcertbundle`. Wrong credentials get 401; anonymous
 requests get a token granting nothing.
 """
+
 from __future__ import annotations
 
 import base64
@@ -42,9 +43,13 @@ class TokenServer:
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ondemand-d test token signer")])
         now = dt.datetime.now(dt.UTC)
         self.cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(self.key, hashes.SHA256())
         )
@@ -80,10 +85,21 @@ class TokenServer:
             if kind == "repository":
                 access.append({"type": kind, "name": name, "actions": actions.split(",")})
         now = int(time.time())
-        header = {"typ": "JWT", "alg": "ES256",
-                  "x5c": [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()]}
-        claims = {"iss": ISSUER, "sub": self.username, "aud": SERVICE, "exp": now + 300, "nbf": now - 10,
-                  "iat": now, "jti": secrets.token_hex(8), "access": access}
+        header = {
+            "typ": "JWT",
+            "alg": "ES256",
+            "x5c": [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()],
+        }
+        claims = {
+            "iss": ISSUER,
+            "sub": self.username,
+            "aud": SERVICE,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
+        }
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         der = self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
@@ -104,8 +120,14 @@ class TokenServer:
         else:
             scopes = []  # anonymous: a token that grants nothing
         token = self.token(scopes)
-        body = json.dumps({"token": token, "access_token": token, "expires_in": 300,
-                           "issued_at": dt.datetime.now(dt.UTC).isoformat()}).encode()
+        body = json.dumps(
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": 300,
+                "issued_at": dt.datetime.now(dt.UTC).isoformat(),
+            }
+        ).encode()
         req.send_response(200)
         req.send_header("Content-Type", "application/json")
         req.send_header("Content-Length", str(len(body)))

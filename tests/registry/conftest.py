@@ -5,6 +5,7 @@ Each registry gets its own config file, storage directory and free port; the
 system's /etc/docker/registry is never read. The no-auth registry is shared by
 the module's tests (each test uses its own repository name).
 """
+
 from __future__ import annotations
 
 import base64
@@ -58,7 +59,9 @@ def _start(workdir: Path, auth: str = "") -> Registry:
     tokens = None
     if auth == "htpasswd":
         htpasswd = workdir / "htpasswd"
-        subprocess.run(["htpasswd", "-Bbc", str(htpasswd), USER, PASSWORD], check=True, capture_output=True)
+        subprocess.run(
+            ["htpasswd", "-Bbc", str(htpasswd), USER, PASSWORD], check=True, capture_output=True
+        )
         config.append(f"auth: {{htpasswd: {{realm: ondemand-d-test, path: {htpasswd}}}}}")
     elif auth == "token":
         tokens = TokenServer(workdir, USER, PASSWORD).__enter__()
@@ -70,7 +73,9 @@ def _start(workdir: Path, auth: str = "") -> Registry:
     log_path = workdir / "registry.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [REGISTRY_BIN, "serve", str(workdir / "config.yml")], stdout=log, stderr=subprocess.STDOUT
+            [REGISTRY_BIN, "serve", str(workdir / "config.yml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     reg = Registry(f"127.0.0.1:{port}", storage, proc, log_path, tokens)
     deadline = time.monotonic() + 15
@@ -130,7 +135,9 @@ def docker_config(path: Path, host: str, user: str = USER, password: str = PASSW
     return path
 
 
-def make_image(store: LocalStore, workdir: Path, name: str, sizes: tuple[int, ...], chunk: int = 64 << 10) -> Image:
+def make_image(
+    store: LocalStore, workdir: Path, name: str, sizes: tuple[int, ...], chunk: int = 64 << 10
+) -> Image:
     """An image of a random bootstrap and data blobs (not a real EROFS; the store does not care)."""
     import random  # noqa: PLC0415
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """push -> add round trips against a real registry; add downloads only metadata."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.config import RegistryConfig
 from ondemand_d.registry.push import push
 from ondemand_d.registry.source import RegistrySource
+from ondemand_d.registry.upload import put_manifest, upload_blob
 from ondemand_d.store.local import LocalStore
 
 from .conftest import Registry, blob_bytes, make_image
@@ -82,7 +84,9 @@ async def test_uncompressed_layer_is_the_blob(registry: Registry, tmp_path: Path
         await add(dst, ref, client)
         manifest, _ = await client.get_manifest(ref, media.MANIFEST)
     blob = dst.get_blob(image.devices[0][1])
-    assert all(c.remote is not None and c.remote.blob == f"sha256:{blob.blob_id}" for c in blob.chunks)
+    assert all(
+        c.remote is not None and c.remote.blob == f"sha256:{blob.blob_id}" for c in blob.chunks
+    )
     assert f'"sha256:{blob.blob_id}"'.encode() in manifest
 
 
@@ -107,13 +111,45 @@ async def test_add_refuses_foreign_manifest(registry: Registry, tmp_path: Path) 
     ref = reference.parse(f"{registry.host}/test/foreign:v1")
     config = b"{}"
     digest = "sha256:" + __import__("hashlib").sha256(config).hexdigest()
-    raw = media.dumps({
-        "schemaVersion": 2, "mediaType": media.MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest, "size": 2},
-        "layers": [],
-    })
+    raw = media.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": media.MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digest,
+                "size": 2,
+            },
+            "layers": [],
+        }
+    )
     async with RegistryClient(RegistryConfig()) as client:
-        await client.upload_blob(ref.registry, ref.repository, digest, 2, lambda o, n: config[o : o + n])
-        await client.put_manifest(ref, raw, media.MANIFEST)
+        await upload_blob(
+            client, ref.registry, ref.repository, digest, 2, lambda o, n: config[o : o + n]
+        )
+        await put_manifest(client, ref, raw, media.MANIFEST)
         with pytest.raises(ImageError, match="not an ondemand-d image"):
             await add(LocalStore(tmp_path / "dst"), ref, client)
+
+
+async def test_chunked_upload_path(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blobs above MONOLITHIC_MAX go up as PATCH parts and a closing PUT, and read back right."""
+    from ondemand_d.registry import upload  # noqa: PLC0415
+
+    monkeypatch.setattr(upload, "MONOLITHIC_MAX", 100_000)
+    src = LocalStore(tmp_path / "src")
+    image = make_image(src, tmp_path, "parts", (4096, 450_000))
+    ref = reference.parse(f"{registry.host}/test/parts:v1")
+    dst = LocalStore(tmp_path / "dst")
+    async with RegistryClient(RegistryConfig()) as client:
+        pushed = await push(src, "parts", ref, client, compress=False)
+        await add(dst, ref, client)
+    assert pushed.uploaded == 5
+    blob = dst.get_blob(image.devices[0][1])
+    source = RegistrySource(RegistryConfig())
+    try:
+        assert b"".join(await source.fetch(blob, blob.chunks)) == blob_bytes(src, blob.blob_id)
+    finally:
+        await source.aclose()

@@ -4,6 +4,7 @@
 Also: credentials never reach logs or exception messages, and Authorization is
 never sent to a host the registry redirected us to.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -73,7 +74,9 @@ async def test_wrong_password_is_a_clean_error(
 ) -> None:
     """Bad credentials end in a non-retryable FetchError that does not quote them."""
     reg = htpasswd_registry if kind == "htpasswd" else token_registry
-    cfg = RegistryConfig(docker_config=docker_config(tmp_path / "c.json", reg.host, password=PASSWORD + "x"))
+    cfg = RegistryConfig(
+        docker_config=docker_config(tmp_path / "c.json", reg.host, password=PASSWORD + "x")
+    )
     ref = reference.parse(f"{reg.host}/auth/missing:v1")
     with capture_logs() as logs:
         async with RegistryClient(cfg) as client:
@@ -92,9 +95,13 @@ async def test_anonymous_is_refused(token_registry: Registry, tmp_path: Path) ->
             await asyncio.wait_for(add(LocalStore(tmp_path / "dst"), ref, client), 20)
 
 
-async def test_authorization_not_sent_to_redirect_target(htpasswd_registry: Registry, tmp_path: Path) -> None:
+async def test_authorization_not_sent_to_redirect_target(
+    htpasswd_registry: Registry, tmp_path: Path
+) -> None:
     """After a 307 to another host (blob storage), the request carries no Authorization."""
-    cfg = RegistryConfig(docker_config=docker_config(tmp_path / "config.json", htpasswd_registry.host))
+    cfg = RegistryConfig(
+        docker_config=docker_config(tmp_path / "config.json", htpasswd_registry.host)
+    )
     src = LocalStore(tmp_path / "src")
     image = make_image(src, tmp_path, "redir", (4096, 100_000))
     async with RegistryClient(cfg) as client:
@@ -134,7 +141,9 @@ def test_docker_config_parsing(tmp_path: Path) -> None:
     assert creds["other.example"] == Credentials("u", "p")
     assert "helper.example" not in creds
     assert "x:y" not in repr(creds)
-    path.write_text('{"auths": {"r": {"auth": "%s"}}}' % base64.b64encode(b"nocolon-secret").decode())
+    path.write_text(
+        '{"auths": {"r": {"auth": "%s"}}}' % base64.b64encode(b"nocolon-secret").decode()
+    )
     with pytest.raises(ConfigError) as info:
         load_docker_config(path)
     assert "nocolon-secret" not in str(info.value)
@@ -148,6 +157,9 @@ def test_parse_challenge() -> None:
         'scope="repository:a/b:pull,push"'
     )
     assert scheme == "bearer"
-    assert params == {"realm": "https://auth.example/token", "service": "registry.example",
-                      "scope": "repository:a/b:pull,push"}
+    assert params == {
+        "realm": "https://auth.example/token",
+        "service": "registry.example",
+        "scope": "repository:a/b:pull,push",
+    }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})

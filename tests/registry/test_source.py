@@ -4,6 +4,7 @@
 Every fault must end in the right bytes or an error within a bound (asyncio.wait_for),
 never wrong bytes and never a hang.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,9 @@ from ._proxy import Fault, FaultProxy
 from .conftest import Registry, blob_bytes, make_image
 
 BOUND_S = 10.0
-FAST = RegistryConfig(read_timeout=0.5, request_timeout=2.0, retries=2, backoff_base=0.01, backoff_max=0.05)
+FAST = RegistryConfig(
+    read_timeout=0.5, request_timeout=2.0, retries=2, backoff_base=0.01, backoff_max=0.05
+)
 
 
 @dataclass
@@ -126,7 +129,11 @@ async def test_persistent_fault_fails_within_bound(remote: Remote, fault: Fault)
         await source.aclose()
     assert info.value.retryable
     # aiohttp itself resends once when a pooled keep-alive connection turns out dead.
-    assert 1 + FAST.retries <= len([s for s in remote.proxy.seen if "/blobs/" in s.path]) <= 2 * (1 + FAST.retries)
+    assert (
+        1 + FAST.retries
+        <= len([s for s in remote.proxy.seen if "/blobs/" in s.path])
+        <= 2 * (1 + FAST.retries)
+    )
 
 
 async def test_wrong_bytes_are_an_error_and_not_remembered(remote: Remote) -> None:
@@ -135,9 +142,13 @@ async def test_wrong_bytes_are_an_error_and_not_remembered(remote: Remote) -> No
     source = RegistrySource(FAST)
     chunk = remote.blob.chunks[5]
     try:
-        with pytest.raises(DigestMismatch, match=f"blob {remote.blob.blob_id} offset {chunk.offset}"):
+        with pytest.raises(
+            DigestMismatch, match=f"blob {remote.blob.blob_id} offset {chunk.offset}"
+        ):
             await asyncio.wait_for(source.fetch(remote.blob, (chunk,)), BOUND_S)
-        assert await asyncio.wait_for(source.fetch(remote.blob, (chunk,)), BOUND_S) == _expected(remote, (chunk,))
+        assert await asyncio.wait_for(source.fetch(remote.blob, (chunk,)), BOUND_S) == _expected(
+            remote, (chunk,)
+        )
     finally:
         await source.aclose()
     assert source.mismatches == 1
@@ -195,12 +206,20 @@ async def test_prefetch_reads_whole_blob_under_bandwidth_cap(remote: Remote) -> 
 
 def test_plan_merges_only_adjacent_ranges() -> None:
     """plan() merges neighbours in one layer, splits at gaps, layers and max_range."""
+
     def chunk(off: int, layer: str, roff: int) -> Chunk:
         return Chunk(off, 4096, "0" * 64, RemoteRange(layer, roff, 100, "zstd"))
 
-    chunks = [chunk(0, "a", 0), chunk(4096, "a", 100), chunk(8192, "a", 300), chunk(12288, "b", 200),
-              chunk(16384, "a", 200)]
+    chunks = [
+        chunk(0, "a", 0),
+        chunk(4096, "a", 100),
+        chunk(8192, "a", 300),
+        chunk(12288, "b", 200),
+        chunk(16384, "a", 200),
+    ]
     runs = plan(chunks, max_range=250)
     assert [(r.layer, r.offset, r.length, r.members) for r in runs] == [
-        ("a", 0, 200, (0, 1)), ("a", 200, 200, (4, 2)), ("b", 200, 100, (3,))
+        ("a", 0, 200, (0, 1)),
+        ("a", 200, 200, (4, 2)),
+        ("b", 200, 100, (3,)),
     ]
