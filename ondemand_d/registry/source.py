@@ -7,16 +7,25 @@ runs concurrently under the per-registry limit, and returns each chunk's bytes
 only after decompressing it and checking its sha256. Nothing is cached here:
 the caller (the lead's ChunkFetcher) does single-flight and write-through.
 
-Prefetch: `fetch(..., priority="prefetch")` queues behind every demand request
-of the same registry, uses at most `prefetch_concurrency` slots, and is held to
-`prefetch_bandwidth` bytes/s. `prefetch(blob, fetch=...)` walks a whole blob
-in windows with those settings and logs progress; the service starts it as a
-task after an OPEN and cancels it on CLOSE or shutdown.
+Prefetch priority: a fetch at priority "prefetch" queues behind every demand
+request of the same registry, uses at most `prefetch_concurrency` slots, and is
+held to `prefetch_bandwidth` bytes/s. Ask for it in one of two ways:
+
+* ``fetch(blob, chunks, priority="prefetch")``, or
+* ``with source.prefetching(): ...`` around code that reaches `fetch` through
+  layers that do not pass a priority (the ChunkFetcher): it sets a context
+  variable, so it applies to the current task only.
+
+`prefetch(blob, fetch=...)` walks a whole blob in windows at that priority and
+logs progress; the service starts it as a task after an OPEN and cancels it on
+CLOSE or shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -33,6 +42,10 @@ from ondemand_d.registry.config import RegistryConfig, default_docker_config
 from ondemand_d.store.model import Blob, Chunk
 
 log = structlog.get_logger()
+#: The priority of fetches that do not name one; see RegistrySource.prefetching.
+current_priority: contextvars.ContextVar[Priority] = contextvars.ContextVar(
+    "ondemand_d_registry_priority", default="demand"
+)
 #: Log a prefetch progress line at most this often.
 PROGRESS_EVERY_S = 5.0
 
@@ -140,7 +153,7 @@ class RegistrySource:
         await self.client.aclose()
 
     async def fetch(
-        self, blob: Blob, chunks: Sequence[Chunk], priority: Priority = "demand"
+        self, blob: Blob, chunks: Sequence[Chunk], priority: Priority | None = None
     ) -> list[bytes]:
         """Each chunk's uncompressed, verified bytes, in the order given.
 
@@ -151,6 +164,7 @@ class RegistrySource:
         """
         if not chunks:
             return []
+        priority = priority or current_priority.get()
         registry, repository = remote_location(blob)
         runs = plan(chunks, self.config.max_range)
         out: list[bytes | None] = [None] * len(chunks)
@@ -193,6 +207,16 @@ class RegistrySource:
             duration_ms=round((time.monotonic() - start) * 1000, 1),
         )
         return [b for b in out if b is not None]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def prefetching() -> Iterator[None]:
+        """Within this block (this task only), fetches default to prefetch priority."""
+        token = current_priority.set("prefetch")
+        try:
+            yield
+        finally:
+            current_priority.reset(token)
 
     async def prefetch(
         self,

@@ -223,3 +223,23 @@ def test_plan_merges_only_adjacent_ranges() -> None:
         ("a", 200, 200, (4, 2)),
         ("b", 200, 100, (3,)),
     ]
+
+
+async def test_prefetching_context_sets_priority_for_this_task_only(remote: Remote) -> None:
+    """Inside prefetching(), fetch() without a priority runs at prefetch priority (capped)."""
+    source = RegistrySource(RegistryConfig(prefetch_bandwidth=1 << 20))
+    seen: list[str] = []
+    real = source.client.get_range
+
+    async def spy(*args: object) -> bytes:
+        seen.append(str(args[-1]))
+        return await real(*args)  # type: ignore[arg-type]
+
+    source.client.get_range = spy  # type: ignore[method-assign]
+    try:
+        with source.prefetching():
+            await asyncio.wait_for(source.fetch(remote.blob, remote.blob.chunks[:1]), BOUND_S)
+        await asyncio.wait_for(source.fetch(remote.blob, remote.blob.chunks[1:2]), BOUND_S)
+    finally:
+        await source.aclose()
+    assert seen == ["prefetch", "demand"]
