@@ -111,14 +111,18 @@ def _build(
             placements[id(node)] = planner.place(node.content)
     new_blob = writer.finish({"kind": "erofs-data", EXTENTS_KEY: writer.extents})
 
-    new_id = new_blob.blob_id if new_blob is not None else NEW_BLOB
-    order: list[str] = []  # data blobs by first use, so slots are reproducible
+    # Device slots: blobs already in the store by first use, then the new one, so
+    # slot numbers are reproducible and a base layer keeps its slot as images grow.
+    order: list[str] = []
     for placed in placements.values():
         if isinstance(placed, FileChunks):
             for ref in placed.refs:
-                blob_id = None if ref is None else new_id if ref.blob_id == NEW_BLOB else ref.blob_id
-                if blob_id is not None and blob_id not in order:
-                    order.append(blob_id)
+                if ref is not None and ref.blob_id not in order:
+                    order.append(ref.blob_id)
+    if NEW_BLOB in order:
+        assert new_blob is not None
+        order.remove(NEW_BLOB)
+        order.append(new_blob.blob_id)
     device_of = {blob_id: i + 1 for i, blob_id in enumerate(order)}
     if new_blob is not None:
         device_of[NEW_BLOB] = device_of[new_blob.blob_id]

@@ -195,8 +195,13 @@ def _describe(
             digest = placed.sha256
             layout, i_u = f.LAYOUT_CHUNK_BASED, f.chunk_format(placed.chunkbits)
     value = fingerprint.value(digest) if fingerprint and digest is not None else None
-    ino.xattrs, dropped = inline_body(node.xattrs, value)
-    stats.xattrs_dropped += dropped
+    xattrs = node.xattrs
+    if node.fmt not in (stat.S_IFREG, stat.S_IFDIR):
+        # The VFS never returns user.* xattrs of other inode types (ENODATA), and
+        # no Linux filesystem can hold them there, so drop them like other strays.
+        xattrs = {k: v for k, v in xattrs.items() if not k.startswith(b"user.")}
+    ino.xattrs, dropped = inline_body(xattrs, value)
+    stats.xattrs_dropped += dropped + len(node.xattrs) - len(xattrs)
     icount = f.xattr_icount(len(ino.xattrs))
     if icount > 0xFFFF:  # noqa: PLR2004 - i_xattr_icount is a u16
         msg = f"{len(ino.xattrs)} bytes of xattrs on one inode; EROFS keeps at most 256 KiB inline"

@@ -1,0 +1,351 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Built images mount on this kernel (loop devices, -o device=) and match their source."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ondemand_d.errors import ImageError
+from ondemand_d.image.build import BuildOptions, build_image
+from ondemand_d.image.materialize import materialize
+from ondemand_d.image.source_dir import read_directory
+from ondemand_d.image.sources import open_source
+from ondemand_d.image.tree import Node, directory, regular, symlink
+from ondemand_d.image.xattrs import FingerprintPrefix
+from ondemand_d.store import LocalStore
+from tests.root.erofs_tools import diff, fsck, mounted, snapshot_dir, snapshot_tree
+
+MiB = 1 << 20
+T0 = 1_700_000_000_123_456_789
+
+
+def _file(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] = (0, 0),
+          mtime_ns: int = T0, xattrs: dict[str, bytes] | None = None) -> None:
+    path.write_bytes(data)
+    _meta(path, mode, owner, mtime_ns, xattrs)
+
+
+def _meta(path: Path, mode: int, owner: tuple[int, int], mtime_ns: int,
+          xattrs: dict[str, bytes] | None = None) -> None:
+    os.chown(path, *owner, follow_symlinks=False)
+    if not path.is_symlink():
+        os.chmod(path, mode)
+    for k, v in (xattrs or {}).items():
+        os.setxattr(path, k, v, follow_symlinks=False)
+    os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+
+def make_rich_tree(top: Path) -> Path:
+    """Every file type and metadata kind the issue lists, on a real filesystem."""
+    src = top / "src"
+    src.mkdir()
+    rnd = hashlib.sha256(b"seed").digest() * (6 * MiB // 32)
+    _file(src / "empty", b"")
+    _file(src / "tiny.txt", b"hello, erofs\n", xattrs={"user.foo": b"bar"})
+    _file(src / "odd.bin", rnd[:3000], 0o600, (1000, 2000), T0 - 5)
+    _file(src / "block.bin", rnd[:4096], 0o4755)
+    _file(src / "big.bin", rnd[: 5 * MiB + 123], 0o640, (100000, 70000))  # extended inode
+    sparse = src / "sparse.bin"
+    with sparse.open("wb") as f:
+        f.write(b"head")
+        f.seek(40 * MiB)
+        f.write(b"middle" * 1000)
+        f.truncate(64 * MiB)
+    _meta(sparse, 0o644, (0, 0), T0)
+    _file(src / "zeros.bin", bytes(2 * MiB + 5))
+    _file(src / ("L" * 255), b"long name", xattrs={"trusted.overlay.opaque": b"y"})
+    _file(src / "sec", b"x" * 700, xattrs={"security.test": b"label", "user.big": b"v" * 3000})
+    big_dir = src / "bigdir"
+    big_dir.mkdir()
+    for i in range(700):
+        (big_dir / f"entry-{i:04d}-{'n' * 40}").write_bytes(b"%d" % i)
+        os.utime(big_dir / f"entry-{i:04d}-{'n' * 40}", ns=(T0, T0))
+    _meta(big_dir, 0o1777, (0, 0), T0 - 10**9, {"user.dir": b"1"})
+    deep = src
+    for i in range(40):
+        deep = deep / f"d{i}"
+        deep.mkdir()
+    _file(deep / "bottom", b"deep")
+    for p in [src / "d0", *(src / "d0").rglob("d*")]:
+        if p.is_dir():
+            os.utime(p, ns=(T0 - 7, T0 - 7))
+    os.symlink("tiny.txt", src / "link")
+    os.symlink("t" * 4000, src / "longlink")
+    _meta(src / "link", 0, (5, 6), T0 - 3)
+    _meta(src / "longlink", 0, (0, 0), T0)
+    sub = src / "sub"
+    sub.mkdir()
+    _file(src / "hard1", rnd[100:9000], 0o644, (7, 8), T0, {"user.h": b"x"})
+    os.link(src / "hard1", sub / "hard2")
+    os.link(src / "hard1", src / "hard3")
+    os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(src / "blk", 0o660 | stat.S_IFBLK, os.makedev(259, 70000))
+    os.mknod(src / "fifo", 0o644 | stat.S_IFIFO)
+    os.mknod(src / "sock", 0o755 | stat.S_IFSOCK)
+    for p in ("null", "blk", "fifo", "sock"):
+        os.utime(src / p, ns=(T0 - 1, T0 - 1))
+    os.utime(sub, ns=(T0, T0))
+    os.utime(src, ns=(T0 + 1, T0 + 1))
+    return src
+
+
+def _build_and_compare(store: LocalStore, src: Path, name: str, tmp: Path, **kw: object) -> dict:
+    report = build_image(read_directory(src), store, name, BuildOptions(**kw))  # type: ignore[arg-type]
+    files = materialize(store, name, tmp / "blobs")
+    if "fingerprint" not in kw:
+        checked = fsck(files)
+        assert checked.returncode == 0, checked.stderr
+    with mounted(store, name, tmp) as mnt:
+        got = snapshot_dir(mnt)
+    want = snapshot_dir(src)
+    if "fingerprint" in kw:
+        # The visible fingerprint is extra; compare it separately.
+        got = _strip(got, b"trusted.erofs.fingerprint")
+    assert diff(want, got) == []
+    return report.to_json()
+
+
+def _strip(snap, name: bytes):  # type: ignore[no-untyped-def]
+    entries = {p: (*e[:7], tuple(x for x in e[7] if x[0] != name)) for p, e in snap.entries.items()}
+    return type(snap)(entries, snap.links)
+
+
+def test_rich_tree_mounts_and_matches(tmp_path: Path) -> None:
+    """Every file type, mode, owner, mtime, xattr namespace and hard link survives a mount."""
+    src = make_rich_tree(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    report = _build_and_compare(store, src, "rich", tmp_path)
+    assert report["holes"] >= 60  # the 64 MiB sparse file and the zero file stay unmapped
+    assert report["new_blob"] is not None
+
+
+def test_second_image_reuses_first_blob(tmp_path: Path) -> None:
+    """Adding one file: one new blob with only that file's chunk; the first blob is referenced."""
+    src = make_rich_tree(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    first = _build_and_compare(store, src, "v1", tmp_path)
+    (src / "added.bin").write_bytes(os.urandom(3 * MiB))
+    os.utime(src, ns=(T0 + 1, T0 + 1))
+    second = _build_and_compare(store, src, "v2", tmp_path)
+    assert second["new_blob"] is not None and second["new_blob"] != first["new_blob"]
+    assert second["blobs"] == [first["new_blob"], second["new_blob"]]
+    assert second["chunks_new"] == 1  # the added file, as one chunk
+    assert second["bytes_new"] == 3 * MiB
+    assert second["chunks_reused"] == first["chunks_new"] + first["chunks_reused"]
+    assert store.get_image("v2").devices[0] == (first["new_blob"], first["new_blob"])
+    # Both images still mount side by side.
+    with mounted(store, "v1", tmp_path) as a, mounted(store, "v2", tmp_path) as b:
+        assert (b / "added.bin").stat().st_size == 3 * MiB
+        assert not (a / "added.bin").exists()
+        assert (a / "big.bin").read_bytes() == (b / "big.bin").read_bytes()
+
+
+def test_fingerprint_image_mounts(tmp_path: Path) -> None:
+    """--fingerprint images mount on 6.18 and a visible fingerprint reads back as sha256."""
+    src = make_rich_tree(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    fp = FingerprintPrefix(b"trusted.erofs.fingerprint")
+    _build_and_compare(store, src, "fp", tmp_path, fingerprint=fp)
+    with mounted(store, "fp", tmp_path) as mnt:
+        value = os.getxattr(mnt / "big.bin", "trusted.erofs.fingerprint")
+        assert value == b"sha256:" + hashlib.sha256((src / "big.bin").read_bytes()).digest()
+        tiny = os.getxattr(mnt / "tiny.txt", "trusted.erofs.fingerprint")
+        assert tiny == b"sha256:" + hashlib.sha256(b"hello, erofs\n").digest()
+        assert "trusted.erofs.fingerprint" not in os.listxattr(mnt / "empty")
+
+
+def test_default_fingerprint_is_hidden_but_mounts(tmp_path: Path) -> None:
+    """The erofs-utils default name (no short prefix) mounts and is hidden from userspace."""
+    src = make_rich_tree(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    _build_and_compare(store, src, "fph", tmp_path, fingerprint=FingerprintPrefix())
+
+
+def test_layers_mount_like_the_merged_tree(tmp_path: Path) -> None:
+    """Two layer tarballs with a whiteout and an opaque dir mount as the merged tree."""
+    lower, upper, want = tmp_path / "lower", tmp_path / "upper", tmp_path / "want"
+    for d in (lower, upper, want):
+        (d / "etc").mkdir(parents=True)
+    (lower / "etc" / "gone").write_text("x")
+    (lower / "etc" / "kept").write_text("kept")
+    (lower / "opq").mkdir()
+    (lower / "opq" / "old").write_text("old")
+    (upper / "etc" / ".wh.gone").write_text("")
+    (upper / "opq").mkdir()
+    (upper / "opq" / ".wh..wh..opq").write_text("")
+    (upper / "opq" / "new").write_text("new")
+    (want / "etc" / "kept").write_text("kept")
+    (want / "opq").mkdir()
+    (want / "opq" / "new").write_text("new")
+    for d in (lower, upper, want):
+        for p in [d, *d.rglob("*")]:
+            os.utime(p, ns=(T0 // 10**9 * 10**9,) * 2)
+    tars = []
+    for d, mode in ((lower, "w:gz"), (upper, "w")):
+        t = tmp_path / f"{d.name}.tar"
+        with tarfile.open(t, mode, format=tarfile.PAX_FORMAT) as tar:
+            tar.add(d, arcname=".")
+        tars.append(t)
+    store = LocalStore(tmp_path / "store")
+    with open_source(tars) as root:
+        build_image(root, store, "layers", BuildOptions())
+    with mounted(store, "layers", tmp_path) as mnt:
+        assert diff(snapshot_dir(want), snapshot_dir(mnt)) == []
+
+
+def test_full_store_leaves_it_unchanged(tmp_path: Path) -> None:
+    """ENOSPC mid-build (a 2 MiB tmpfs store) fails clearly and leaves no file behind."""
+    fs = tmp_path / "tiny"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(fs)], check=True)
+    try:
+        store = LocalStore(fs / "store")
+        small = directory()
+        small.children[b"a"] = regular(b"a" * 5000)
+        build_image(small, store, "small", BuildOptions())
+        before = _files(fs / "store")
+        root = directory()
+        root.children[b"big"] = regular(os.urandom(4 * MiB))
+        with pytest.raises(ImageError, match="full"):
+            build_image(root, store, "big", BuildOptions())
+        # Files only: LocalStore may leave an empty chunks/xx fan-out directory behind.
+        assert _files(fs / "store") == before
+        assert [i.name for i in store.images()] == ["small"]
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
+
+
+@pytest.fixture
+def world_tmp() -> Iterator[Path]:
+    """A temporary directory 'nobody' can reach (pytest's own is 0700 under root)."""
+    path = Path(tempfile.mkdtemp(prefix="ondemand-d-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_unreadable_file_fails_cleanly(world_tmp: Path) -> None:
+    """A file the builder may not read gives an actionable error; the store is unchanged."""
+    tmp_path = world_tmp
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok").write_bytes(b"o" * 9000)
+    (src / "secret").write_bytes(b"s" * 9000)
+    (src / "secret").chmod(0)
+    store_dir = tmp_path / "store"
+    LocalStore(store_dir)
+    subprocess.run(["chown", "-R", "65534:65534", str(store_dir)], check=True)
+    before = _files(store_dir)
+    # Root reads anything, so build as nobody in a forked child (the interpreter's own
+    # files under /root are not readable by nobody, so no fresh python3 process).
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(read_fd)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            build_image(read_directory(src), LocalStore(store_dir), "x", BuildOptions())
+            message = "built"
+        except ImageError as exc:
+            message = f"ImageError: {exc}"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            message = f"{type(exc).__name__}: {exc}"
+        os.write(write_fd, message.encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert message.startswith("ImageError: cannot read"), message
+    assert "secret" in message and "Permission denied" in message
+    assert _files(store_dir) == before
+
+
+def _files(top: Path) -> list[Path]:
+    """Every record and chunk file; the writer's lock file is created by any write."""
+    return sorted(p for p in top.rglob("*") if not p.is_dir() and p.name != "lock")
+
+
+# -- property test -------------------------------------------------------------
+
+_names = st.binary(min_size=1, max_size=20).filter(
+    lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b"..")
+)
+_times = st.integers(min_value=0, max_value=2**33).map(lambda s: s * 10**9) | st.integers(
+    min_value=0, max_value=2**40
+)
+_xattrs = st.dictionaries(
+    st.sampled_from([b"user.a", b"user.bb", b"trusted.t", b"security.s"]),
+    st.binary(max_size=300), max_size=3,
+)
+_data = st.one_of(
+    st.binary(max_size=600),
+    st.integers(min_value=1, max_value=300_000).map(lambda n: (b"abcdefg" * n)[:n]),
+    st.integers(min_value=1, max_value=2 * MiB + 9).map(bytes),
+)
+
+
+def _leaf() -> st.SearchStrategy[Node]:
+    meta = {"mtime_ns": _times, "uid": st.integers(0, 70000), "gid": st.integers(0, 70000),
+            "xattrs": _xattrs}
+    return st.one_of(
+        st.builds(regular, _data, mode=st.integers(0, 0o7777), **meta),
+        st.builds(symlink, st.binary(min_size=1, max_size=200).filter(lambda t: b"\0" not in t),
+                  **meta),
+    )
+
+
+_trees = st.recursive(
+    _leaf(),
+    lambda kids: st.builds(
+        lambda children, mode, mtime, xattrs: _dir(children, mode, mtime, xattrs),
+        st.dictionaries(_names, kids, max_size=6), st.integers(0, 0o7777), _times, _xattrs,
+    ),
+    max_leaves=12,
+)
+
+
+def _dir(children: dict[bytes, Node], mode: int, mtime: int, xattrs: dict[bytes, bytes]) -> Node:
+    d = directory(mode, mtime_ns=mtime, xattrs=xattrs)
+    d.children.update(children)
+    return d
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(tree=_trees.filter(lambda n: n.is_dir), hard=st.booleans())
+def test_property_build_mount_compare(tmp_path_factory: pytest.TempPathFactory, tree: Node,
+                                      hard: bool) -> None:  # noqa: FBT001
+    """Generated trees build, pass fsck, mount, and read back exactly."""
+    tmp = tmp_path_factory.mktemp("prop")
+    if hard:
+        files = [c for c in tree.children.values() if not c.is_dir]
+        if files:
+            tree.children[b"hardlink-extra"] = files[0]
+    store = LocalStore(tmp / "store")
+    build_image(tree, store, "prop", BuildOptions())
+    checked = fsck(materialize(store, "prop", tmp / "blobs"))
+    assert checked.returncode == 0, checked.stderr
+    with mounted(store, "prop", tmp) as mnt:
+        assert diff(snapshot_tree(tree), snapshot_dir(mnt)) == []
+
+
+def test_report_json_is_plain(tmp_path: Path) -> None:
+    """The report serializes to JSON with the counters the issue names."""
+    root = directory()
+    root.children[b"f"] = regular(b"z" * 10000)
+    r = build_image(root, LocalStore(tmp_path / "s"), "r", BuildOptions()).to_json()
+    assert set(json.loads(json.dumps(r))) >= {"files", "bytes", "chunks_total", "chunks_new",
+                                                "chunks_reused", "bytes_saved", "blobs"}
