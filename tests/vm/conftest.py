@@ -136,10 +136,13 @@ class Guest:
         return self.run([guest_python(), "-c", code_or_path, *args], **kwargs)
 
     def checks(self, test_file: str, names: Sequence[str] = (), *, timeout: float | None = None,
-               env: Mapping[str, str] | None = None) -> Checks:
-        """Boot once and run the module's check_* functions (all, or ``names``) in the guest."""
+               env: Mapping[str, str] | None = None, results_dir: Path | None = None) -> Checks:
+        """Boot once and run the module's check_* functions (all, or ``names``) in the guest.
+
+        ``results_dir`` may already hold inputs prepared by the host (same path in the guest).
+        """
         stem = Path(test_file).stem
-        results = self.tmp_factory.mktemp(stem)
+        results = results_dir or self.tmp_factory.mktemp(stem)
         out = results / "checks.json"
         if timeout is None:
             timeout = 60 + sum(_guard_of(test_file, n) + 15 for n in names or _check_names(

@@ -247,7 +247,6 @@ class Daemon:
         self.stderr = log.with_suffix(".stderr")
 
     def start(self, timeout: float = 30) -> Daemon:
-        import json
         import subprocess
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         argv = [*ondemand_d_argv(), "--store", str(self.store), "serve",
@@ -267,7 +266,6 @@ class Daemon:
         raise AssertionError(f"ondemand-d serve not ready (rc {self.proc.returncode}): "
                              f"{' '.join(argv)}\nstderr: {self.stderr.read_text()[-3000:]}\n"
                              f"log: {self.log.read_text()[-3000:]}")
-        del json
 
     def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
         """Parsed log lines of this run (since start), optionally filtered by event and keys."""
