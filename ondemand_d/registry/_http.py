@@ -64,6 +64,10 @@ async def iter_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 
 async def read_bounded(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
     """Read a body of at most `limit` bytes; more is a protocol error, not a memory bomb."""
+    if resp.content_length is not None and resp.content_length <= limit:
+        # Announced and acceptable: one read, one join. A short body raises
+        # ClientPayloadError (retried); a longer one is cut by the parser.
+        return await resp.read()
     out = bytearray()
     async for piece in iter_body(resp):
         out += piece
