@@ -13,20 +13,21 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from ondemand_d import protocol, wire
 from ondemand_d._native import Backend
 from ondemand_d.errors import BadKey, ProtocolError, StoreError, UnknownName
-from ondemand_d.store.fetch import ChunkFetcher
+from ondemand_d.store.fetch import ChunkFetcher, Claim
 from ondemand_d.store.local import LocalStore
-from ondemand_d.store.model import PAGE, Blob
+from ondemand_d.store.model import PAGE, Blob, Chunk
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 #: Bytes written per anon-fd write while prefilling a whole blob.
 PREFILL_BATCH = 8 << 20
@@ -40,6 +41,18 @@ class DeviceLike(Protocol):
     def read_message(self) -> bytes | None: ...
 
     def copen(self, msg_id: int, size_or_errno: int) -> None: ...
+
+
+@dataclass(slots=True)
+class _Read:
+    """One READ on its way through the service."""
+
+    action: protocol.Fill
+    start: float
+    blob: Blob | None = None
+    chunks: tuple[Chunk, ...] = ()
+    claim: Claim | None = None
+    completed: bool = False  # set once the kernel was told; never tell it twice
 
 
 @dataclass
@@ -82,6 +95,10 @@ class Service:
         self._prefetch = prefetch
         self._on_status = on_status
         self._tasks: set[asyncio.Task[None]] = set()
+        self._blobs: dict[str, Blob] = {}
+        self._jobs: set[Future[Any]] = set()  # fast-path READ batches on the I/O pool
+        self._batch: list[_Read] = []
+        self._io_jobs = max(1, getattr(executor, "_max_workers", 4))
         self._reading = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,7 +181,7 @@ class Service:
             elif isinstance(action, protocol.Copen):
                 self._copen(action.msg_id, action.size)
             elif isinstance(action, protocol.Fill):
-                self._spawn(self._fill(action))
+                self._start_read(action)
             elif isinstance(action, protocol.Prefill):
                 self._spawn(self._prefill(action))
             elif isinstance(action, protocol.CloseFd):
@@ -240,72 +257,173 @@ class Service:
 
     def _resolve(self, key: bytes) -> tuple[Blob, bool]:
         blob = self.store.resolve(key)
+        self._blobs[blob.blob_id] = blob  # READs use this copy: no store access per READ
         return blob, self.store.has_image(key.decode())
 
-    async def _fill(self, action: protocol.Fill) -> None:
-        start = time.perf_counter()
+    def _start_read(self, action: protocol.Fill) -> None:
+        """Begin filling a READ.
+
+        Fast path: every chunk is local and no other READ is fetching one of
+        them. Then reading, verifying, writing and completing happen on the
+        I/O pool in a batch with the other READs of the same burst, with no
+        task on the loop. Otherwise a task gathers the chunks (single-flight,
+        remote) and writes them.
+        """
         self.counters.reads += 1
-        fields: dict[str, Any] = {
-            "op": "READ", "msg_id": action.msg_id, "object_id": action.object_id,
-            "blob": action.blob_id, "off": action.off, "len": action.len,
-        }
-        completed = [False]  # set by the writer thread once the READ is completed
+        read = _Read(action, time.perf_counter())
         try:
-            written, chunks, source = await self._write_range(action, completed)
+            read.blob = self._blob(action.blob_id)
         except (StoreError, OSError) as exc:
-            self.counters.reads_failed += 1
-            self._complete_without_data(action)
-            log.warning(
-                "read_completed", **fields, outcome="eio", error=str(exc),
-                error_type=type(exc).__name__, duration_ms=_ms(start),
+            self._finish_read(read, exc)
+            return
+        read.chunks = read.blob.chunks_for(action.off, action.len)
+        log.debug("read_chunks", msg_id=action.msg_id, chunks=[c.digest[:12] for c in read.chunks])
+        if read.chunks:
+            read.claim = self.fetcher.claim(read.chunks)
+            if read.claim.owned and not read.claim.joined:
+                self._batch.append(read)
+                if len(self._batch) == 1:
+                    asyncio.get_running_loop().call_soon(self._submit_batch)
+                return
+        self._spawn(self._slow_read(read, None))
+
+    def _submit_batch(self) -> None:
+        """Hand the fast-path READs of one burst to the I/O pool, a few jobs per burst.
+
+        One job per READ would cost a thread hand-off and a loop wake-up each;
+        a burst of READs read together shares them.
+        """
+        batch, self._batch = self._batch, []
+        loop = asyncio.get_running_loop()
+        per_job = max(1, -(-len(batch) // self._io_jobs))
+        for i in range(0, len(batch), per_job):
+            part = batch[i : i + per_job]
+            job = self._executor.submit(self._run_batch, part)
+            self._jobs.add(job)
+            job.add_done_callback(
+                lambda j, part=part: loop.call_soon_threadsafe(self._batch_done, part, j)
             )
-        except BaseException:
-            self.counters.reads_failed += 1
-            if not completed[0]:
-                self._complete_without_data(action)
+
+    def _run_batch(self, batch: list[_Read]) -> list[tuple[list[bytes | None], int] | BaseException]:
+        """I/O thread: each READ's owned chunks read and verified; all local ones written."""
+        results: list[tuple[list[bytes | None], int] | BaseException] = []
+        for read in batch:
+            try:
+                results.append(self._read_and_write(read))
+            except (StoreError, OSError) as exc:
+                results.append(exc)
+        return results
+
+    def _read_and_write(self, read: _Read) -> tuple[list[bytes | None], int]:
+        assert read.claim is not None  # noqa: S101 - set by _start_read
+        got = self.fetcher.read_local([c for _, c, _ in read.claim.owned])
+        if any(d is None for d in got):
+            return got, -1
+        it = iter(got)
+        parts = [d if d is not None else next(it) for d in read.claim.data]
+        return got, self._write_sync(read, parts)
+
+    def _batch_done(self, batch: list[_Read], job: Future[list[Any]]) -> None:
+        self._jobs.discard(job)
+        exc = job.exception()
+        results = [exc] * len(batch) if exc is not None else job.result()
+        for read, result in zip(batch, results, strict=True):
+            assert read.claim is not None  # noqa: S101 - set by _start_read
+            if isinstance(result, BaseException):
+                self.fetcher.settle(read.claim, result)
+                self._finish_read(read, result)
+                continue
+            got, written = result
+            if written < 0:  # some chunks must come from the remote source
+                self._spawn(self._slow_read(read, got))
+                continue
+            self.fetcher.settle(read.claim, got)
+            self._finish_read(read, None, written, "local")
+
+    async def _slow_read(self, read: _Read, got: list[bytes | None] | None) -> None:
+        try:
+            written, source = await self._gather_and_write(read, got)
+        except (StoreError, OSError) as exc:
+            self._finish_read(read, exc)
+        except BaseException as exc:
+            self._finish_read(read, exc)
             raise
         else:
-            self.counters.bytes_written += written
-            log.info(
-                "read_completed", **fields, chunks=chunks, bytes=written, source=source,
-                outcome="ok", duration_ms=_ms(start),
-            )
-        finally:
-            self._perform(self.objects.read_done(action.msg_id))
-            self._resume()
+            self._finish_read(read, None, written, source)
 
-    async def _write_range(
-        self, action: protocol.Fill, completed: list[bool]
-    ) -> tuple[int, int, str]:
-        """Fetch the whole chunks around the range, verify, write, complete."""
-        blob = self.store.get_blob(action.blob_id)
-        chunks = blob.chunks_for(action.off, action.len)
-        log.debug("read_chunks", msg_id=action.msg_id, chunks=[c.digest[:12] for c in chunks])
-        if chunks:
-            parts, source = await self.fetcher.get(blob, chunks)
-            start = chunks[0].offset
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-        else:
-            # Past the blob's end: the kernel still needs the range present.
-            start, data, source = action.off - action.off % PAGE, b"", "zero"
-        # Zero-pad to the end of the asked range if it lies past the blob's end.
+    async def _gather_and_write(
+        self, read: _Read, got: list[bytes | None] | None
+    ) -> tuple[int, str]:
+        claim, source, parts = read.claim, "zero", []
+        if claim is not None:
+            source = "cache"
+            if claim.owned:
+                owned = [c for _, c, _ in claim.owned]
+                try:
+                    if got is None:
+                        got = await self._in_thread(lambda: self.fetcher.read_local(owned))
+                    source = "local"
+                    if any(d is None for d in got):
+                        assert read.blob is not None  # noqa: S101 - set by _start_read
+                        got = await self.fetcher.complete_remote(read.blob, owned, got)
+                        source = "remote"
+                except BaseException as exc:
+                    self.fetcher.settle(claim, exc)
+                    raise
+                self.fetcher.settle(claim, got)
+            parts, source = await self.fetcher.gather(claim, source)
+        return await self._in_thread(lambda: self._write_sync(read, parts)), source
+
+    def _write_sync(self, read: _Read, parts: list[bytes]) -> int:
+        """Write verified chunk bytes and complete the READ (I/O thread)."""
+        action, blob = read.action, read.blob
+        assert blob is not None  # noqa: S101 - set by _start_read
+        if read.chunks:
+            start = read.chunks[0].offset
+        else:  # past the blob's end: the kernel still needs the range present
+            start = action.off - action.off % PAGE
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        # Zero-pad to the end of the asked range where it lies past the blob's end.
         want_end = _round_up(action.off + action.len)
         if start + len(data) < want_end and start + len(data) >= blob.size:
             data += bytes(want_end - start - len(data))
-        log.debug("read_writing", msg_id=action.msg_id, at=start, bytes=len(data), source=source)
+        self.backend.fill(action.fd, data, start, action.msg_id, complete=True)
+        read.completed = True
+        return _round_up(len(data))
 
-        def write_and_complete() -> None:
-            self.backend.fill(action.fd, data, start, action.msg_id, complete=True)
-            completed[0] = True
+    def _finish_read(
+        self, read: _Read, exc: BaseException | None, written: int = 0, source: str = ""
+    ) -> None:
+        """Complete without data on failure, log the READ's one line, free its slot."""
+        action = read.action
+        fields: dict[str, Any] = {
+            "op": "READ", "msg_id": action.msg_id, "object_id": action.object_id,
+            "blob": action.blob_id, "off": action.off, "len": action.len,
+            "chunks": len(read.chunks), "duration_ms": _ms(read.start),
+        }
+        if exc is None:
+            self.counters.bytes_written += written
+            log.info("read_completed", **fields, bytes=written, source=source, outcome="ok")
+        else:
+            self.counters.reads_failed += 1
+            if not read.completed:
+                self._complete_without_data(action)
+            log.warning(
+                "read_completed", **fields, bytes=0, outcome="eio", error=str(exc) or repr(exc),
+                error_type=type(exc).__name__,
+            )
+        self._perform(self.objects.read_done(action.msg_id))
+        self._resume()
 
-        await self._in_thread(write_and_complete)
-        return _round_up(len(data)), len(chunks), source
+    def _blob(self, blob_id: str) -> Blob:
+        blob = self._blobs.get(blob_id)
+        return blob if blob is not None else self.store.get_blob(blob_id)
 
-    async def _in_thread(self, job: Callable[[], None]) -> None:
+    async def _in_thread(self, job: Callable[[], T]) -> T:
         """Run `job` in the pool; if cancelled, still let it finish (the kernel waits on it)."""
         fut = asyncio.get_running_loop().run_in_executor(self._executor, job)
         try:
-            await asyncio.shield(fut)
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await fut
@@ -320,7 +438,7 @@ class Service:
     async def _prefill(self, action: protocol.Prefill) -> None:
         """Write a whole blob so the kernel never has to ask for it."""
         start = time.perf_counter()
-        blob = self.store.get_blob(action.blob_id)
+        blob = self._blob(action.blob_id)
         written = 0
         try:
             batch: list[Any] = []
@@ -362,7 +480,8 @@ class Service:
         """Stop reading, let in-flight work finish (up to `timeout`), close fds."""
         self._stopping = True
         self._pause()
-        pending = set(self._tasks)
+        pending: set[Any] = set(self._tasks)
+        pending |= {asyncio.wrap_future(j) for j in self._jobs}
         if pending:
             log.info("draining", tasks=len(pending), timeout_s=timeout)
             _, late = await asyncio.wait(pending, timeout=timeout)

@@ -42,6 +42,8 @@ class FakeObject:
     cookie: bytes
     path: Path
     fd: int  # the anon fd number handed to the daemon
+    inode: int = 0
+    reader: int = -1  # the fake kernel's own fd on the cache file, for SEEK_DATA checks
     size: int | None = None
     copen_result: int | None = None
     closed_sent: bool = False
@@ -94,6 +96,7 @@ class FakeKernel:
                 self._loop.remove_writer(self.kernel_sock.fileno())
         for obj in self.objects.values():
             _close_if_ours(obj)
+            os.close(obj.reader)
         self.daemon_sock.close()
         self.kernel_sock.close()
 
@@ -125,7 +128,7 @@ class FakeKernel:
         path = self.cache_dir / f"obj{object_id}"
         path.touch()
         fd = os.open(path, os.O_WRONLY)  # like the anon fd: write-only, not cloexec
-        obj = FakeObject(object_id, cookie, path, fd)
+        obj = FakeObject(object_id, cookie, path, fd, os.fstat(fd).st_ino, os.open(path, os.O_RDONLY))
         self.objects[object_id] = obj
         fut = asyncio.get_running_loop().create_future()
         self._open_waiters[msg_id] = fut
@@ -201,7 +204,7 @@ class FakeKernel:
                     outcome.completions += 1
                 raise oserror(-errno.EINVAL)
             obj = self.objects[object_id]
-            if os.fstat(fd).st_ino != os.stat(obj.path).st_ino:
+            if os.fstat(fd).st_ino != obj.inode:
                 self.bad_completions.append((fd, msg_id))
                 raise oserror(-errno.EINVAL)
             del self._read_objects[msg_id]
@@ -214,18 +217,15 @@ class FakeKernel:
 
     def range_present(self, obj: FakeObject, off: int, length: int) -> bool:
         """No hole in [off, off+len): what cachefiles checks after a completion."""
-        with open(obj.path, "rb") as f:
-            fd = f.fileno()
-            end = off + length
-            if end > os.fstat(fd).st_size:
-                return False
-            try:
-                data_at = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                return False
-            if data_at > off:
-                return False
-            return os.lseek(fd, off, os.SEEK_HOLE) >= end
+        fd = obj.reader
+        end = off + length
+        if end > os.fstat(fd).st_size:
+            return False
+        try:
+            data_at = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:
+            return False
+        return data_at <= off and os.lseek(fd, off, os.SEEK_HOLE) >= end
 
     def cache_bytes(self, obj: FakeObject) -> bytes:
         return obj.path.read_bytes()

@@ -11,6 +11,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -20,6 +21,19 @@ from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Chunk
 
 log = structlog.get_logger()
+
+
+@dataclass(slots=True)
+class Claim:
+    """One READ's chunks: bytes already known, futures it owns, futures it joins."""
+
+    size: int
+    data: list[bytes | None] = field(default_factory=list)
+    owned: list[tuple[int, Chunk, asyncio.Future[bytes]]] = field(default_factory=list)
+    joined: list[tuple[int, asyncio.Future[bytes]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.data = [None] * self.size
 
 
 class RemoteSource(Protocol):
@@ -63,6 +77,52 @@ class ChunkFetcher:
         self._cache_bytes = cache_bytes
         self.fetches = 0  # chunk fetches actually started (not joined or cached)
 
+    def claim(self, chunks: Sequence[Chunk]) -> Claim:
+        """Sort `chunks` into cached, ours to fetch, and already being fetched by another READ.
+
+        Call on the loop thread. The caller must `settle` what it owns.
+        """
+        claim = Claim(len(chunks))
+        loop = asyncio.get_running_loop()
+        for i, chunk in enumerate(chunks):
+            cached = self._recent.get(chunk.digest)
+            if cached is not None and len(cached) == chunk.length:
+                self._recent.move_to_end(chunk.digest)
+                claim.data[i] = cached
+                continue
+            fut = self._inflight.get(chunk.digest)
+            if fut is None:
+                fut = loop.create_future()
+                self._inflight[chunk.digest] = fut
+                claim.owned.append((i, chunk, fut))
+            else:
+                claim.joined.append((i, fut))
+        self.fetches += len(claim.owned)
+        return claim
+
+    def settle(self, claim: Claim, got: Sequence[bytes | None] | BaseException) -> None:
+        """Hand the owned chunks' bytes (or the failure) to every READ waiting on them."""
+        for k, (i, chunk, fut) in enumerate(claim.owned):
+            self._inflight.pop(chunk.digest, None)
+            if fut.done():
+                continue
+            if isinstance(got, BaseException):
+                fut.set_exception(got)
+                fut.exception()  # retrieved: joiners re-raise it themselves
+                continue
+            data = got[k]
+            assert data is not None  # noqa: S101 - callers settle only whole results
+            claim.data[i] = data
+            self._remember(chunk.digest, data)
+            fut.set_result(data)
+
+    def read_local(self, chunks: Sequence[Chunk]) -> list[bytes | None]:
+        """Read and verify chunks from the local store (blocking; any thread).
+
+        A chunk missing locally but fetchable remotely comes back as None.
+        """
+        return self._read_local(list(chunks))
+
     async def get(self, blob: Blob, chunks: Sequence[Chunk]) -> tuple[list[bytes], str]:
         """The verified bytes of `chunks` of `blob`, and where they came from.
 
@@ -73,63 +133,38 @@ class ChunkFetcher:
         Raises:
             StoreError: a chunk is missing, corrupt or could not be fetched.
         """
-        results: list[bytes | None] = [None] * len(chunks)
-        waits: list[tuple[int, asyncio.Future[bytes]]] = []
-        mine: list[tuple[int, Chunk, asyncio.Future[bytes]]] = []
-        sources: set[str] = set()
-        loop = asyncio.get_running_loop()
-        for i, chunk in enumerate(chunks):
-            cached = self._recent.get(chunk.digest)
-            if cached is not None and len(cached) == chunk.length:
-                self._recent.move_to_end(chunk.digest)
-                results[i] = cached
-                sources.add("cache")
-                continue
-            fut = self._inflight.get(chunk.digest)
-            if fut is None:
-                fut = loop.create_future()
-                self._inflight[chunk.digest] = fut
-                mine.append((i, chunk, fut))
-            else:
-                sources.add("joined")
-            waits.append((i, fut))
-        if mine:
-            sources.add(await self._fetch_mine(blob, mine))
-        for i, fut in waits:
-            results[i] = await asyncio.shield(fut)
-        order = ("remote", "local", "joined", "cache")
-        source = next(s for s in order if s in sources) if sources else "none"
-        return [r for r in results if r is not None], source
+        claim = self.claim(chunks)
+        source = "cache"
+        if claim.owned:
+            wanted = [c for _, c, _ in claim.owned]
+            try:
+                loop = asyncio.get_running_loop()
+                got = await loop.run_in_executor(self._executor, self._read_local, wanted)
+                source = "local"
+                if any(d is None for d in got):
+                    got = await self.complete_remote(blob, wanted, got)
+                    source = "remote"
+            except BaseException as exc:
+                self.settle(claim, exc)
+                raise
+            self.settle(claim, got)
+        return await self.gather(claim, source)
 
-    async def _fetch_mine(
-        self, blob: Blob, mine: list[tuple[int, Chunk, asyncio.Future[bytes]]]
-    ) -> str:
-        """Fetch the chunks this call owns and settle their futures; return the source."""
-        self.fetches += len(mine)
-        wanted = [c for _, c, _ in mine]
-        source = "local"
-        try:
-            loop = asyncio.get_running_loop()
-            got = await loop.run_in_executor(self._executor, self._read_local, wanted)
-            missing = [c for c, data in zip(wanted, got, strict=True) if data is None]
-            if missing:
-                fetched = await self._fetch_remote(blob, missing)
-                source = "remote"
-                it = iter(fetched)
-                got = [next(it) if data is None else data for data in got]
-        except BaseException as exc:
-            for _, chunk, fut in mine:
-                self._inflight.pop(chunk.digest, None)
-                if not fut.done():
-                    fut.set_exception(exc)
-                    fut.exception()  # retrieved: joiners re-raise it themselves
-            raise
-        for (_, chunk, fut), data in zip(mine, got, strict=True):
-            assert data is not None  # noqa: S101 - filled above, for the type checker
-            self._inflight.pop(chunk.digest, None)
-            self._remember(chunk.digest, data)
-            fut.set_result(data)
-        return source
+    async def gather(self, claim: Claim, source: str) -> tuple[list[bytes], str]:
+        """Wait for the chunks other READs are fetching; all of the claim's bytes, in order."""
+        for i, fut in claim.joined:
+            claim.data[i] = await asyncio.shield(fut)
+            if source == "cache":
+                source = "joined"
+        return [d for d in claim.data if d is not None], source
+
+    async def complete_remote(
+        self, blob: Blob, chunks: list[Chunk], got: list[bytes | None]
+    ) -> list[bytes | None]:
+        """Fill the gaps `read_local` left with bytes from the remote source."""
+        missing = [c for c, d in zip(chunks, got, strict=True) if d is None]
+        fetched = iter(await self._fetch_remote(blob, missing))
+        return [next(fetched) if d is None else d for d in got]
 
     def _read_local(self, chunks: list[Chunk]) -> list[bytes | None]:
         out: list[bytes | None] = []

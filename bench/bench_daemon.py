@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: Apache-2.0
+"""READ throughput and latency of the daemon against the fake kernel.
+
+    python3 bench/bench_daemon.py [--reads N] [--mb N]
+
+For each fill backend (the cffi shim and the pure-Python fallback):
+* 4 KiB READs of a blob stored in 4 KiB chunks, with 1, 8 and 64 READs
+  outstanding: READs completed per second, p50 and p99 latency (send to
+  completion, as the fake kernel sees it);
+* MB/s filled from the local store, 1 MiB chunks, every chunk verified.
+The fake kernel runs in the same process and event loop, so its own cost is
+counted against the daemon: the numbers are a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import structlog  # noqa: E402
+
+from fakekernel import FakeKernel, RecordingBackend  # noqa: E402
+from ondemand_d._native import load_backend  # noqa: E402
+from ondemand_d.device import Device  # noqa: E402
+from ondemand_d.service import Service  # noqa: E402
+from ondemand_d.store.fetch import ChunkFetcher  # noqa: E402
+from ondemand_d.store.local import LocalStore  # noqa: E402
+
+PAGE = 4096
+
+
+async def _setup(tmp: Path, backend_name: str, size: int, chunk: int, name: str):
+    store = LocalStore(tmp / "store")
+    src = tmp / f"{name}.src"
+    if not src.exists():
+        with src.open("wb") as f:  # randbytes() caps at 256 MiB per call
+            for _ in range(0, size, 1 << 20):
+                f.write(random.Random(1).randbytes(1 << 20))
+        store.bind_name(name, store.ingest_file(src, chunk).blob_id)
+    (tmp / f"cache-{backend_name}-{name}").mkdir(exist_ok=True)
+    kernel = FakeKernel(tmp / f"cache-{backend_name}-{name}")
+    kernel.start()
+    executor = ThreadPoolExecutor(4)
+    # No recent-chunk cache: every READ reads its chunk from the store and hashes it.
+    fetcher = ChunkFetcher(store, executor, cache_bytes=0)
+    service = Service(
+        Device(kernel.device_fd, Path("fake")),
+        store,
+        fetcher,
+        RecordingBackend(load_backend(backend_name), kernel),
+        executor,
+        concurrency=128,
+    )
+    service.start()
+    obj = await kernel.open(name.encode())
+    return kernel, service, executor, obj
+
+
+async def _reads(
+    tmp: Path, backend_name: str, depth: int, total: int
+) -> tuple[float, float, float]:
+    size = 64 << 20
+    kernel, service, executor, obj = await _setup(tmp, backend_name, size, PAGE, "small")
+    rng = random.Random(depth)
+    offsets = [rng.randrange(size // PAGE) * PAGE for _ in range(total)]
+    latencies: list[float] = []
+    it = iter(offsets)
+
+    async def worker() -> None:
+        for off in it:
+            t0 = time.perf_counter()
+            out = kernel.send_read(obj, off, PAGE)
+            await out.done.wait()
+            latencies.append(time.perf_counter() - t0)
+            assert out.present
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(depth)))
+    elapsed = time.perf_counter() - start
+    await service.drain(5)
+    kernel.stop()
+    executor.shutdown()
+    q = statistics.quantiles(latencies, n=100)
+    return total / elapsed, q[49] * 1e3, q[98] * 1e3
+
+
+async def _fill_rate(tmp: Path, backend_name: str, mb: int) -> float:
+    size = mb << 20
+    kernel, service, executor, obj = await _setup(tmp, backend_name, size, 1 << 20, "big")
+    start = time.perf_counter()
+    outs = [kernel.send_read(obj, off, 128 << 10) for off in range(0, size, 1 << 20)]
+    await asyncio.gather(*(o.done.wait() for o in outs))
+    elapsed = time.perf_counter() - start
+    assert all(o.present for o in outs)
+    await service.drain(5)
+    kernel.stop()
+    executor.shutdown()
+    return size / elapsed / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--reads", type=int, default=20000, help="READs per depth (default 20000)")
+    ap.add_argument("--mb", type=int, default=512, help="MB filled per backend (default 512)")
+    args = ap.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40),
+                        cache_logger_on_first_use=True)
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", "/var/tmp")) as d:
+        tmp = Path(d)
+        for backend in ("cffi", "python"):
+            for depth in (1, 8, 64):
+                with asyncio.Runner(loop_factory=factory) as r:
+                    rate, p50, p99 = r.run(_reads(tmp, backend, depth, args.reads))
+                rows.append(
+                    (
+                        backend,
+                        f"4 KiB READs, depth {depth}",
+                        f"{rate:,.0f} READs/s",
+                        f"p50 {p50:.3f} ms",
+                        f"p99 {p99:.3f} ms",
+                    )
+                )
+                print(*rows[-1], sep=" | ", file=sys.stderr)
+            with asyncio.Runner(loop_factory=factory) as r:
+                mbs = r.run(_fill_rate(tmp, backend, args.mb))
+            rows.append((backend, "1 MiB chunks, verified", f"{mbs:,.0f} MB/s", "", ""))
+            print(*rows[-1], sep=" | ", file=sys.stderr)
+    print("| backend | workload | throughput | p50 | p99 |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(
+        f"benchmark done: {len(rows)} rows, {args.reads} READs per depth, {args.mb} MB per fill run"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
