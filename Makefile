@@ -1,0 +1,43 @@
+# SPDX-License-Identifier: Apache-2.0
+# The two commands a newcomer needs:
+#   make demo   set up, then serve a sample image end to end (in the test guest
+#               when this kernel has no on-demand cachefiles)
+#   make test   set up, then run every test: unit, fake kernel, registry, native
+#               EROFS mounts, and the real-kernel suite in the QEMU guest
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup kernel test test-fast demo bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+setup: $(PY)
+	scripts/install-deps
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@echo "setup: Debian packages and $(VENV) with ondemand-d (editable, C shim built) are ready"
+
+kernel: setup
+	$(PY) -m ondemand_d.guest.kernel
+
+# pytest exits 5 when it collected nothing: that is a failure of the run, not a pass.
+test: kernel
+	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not vm" $(PYTEST_ARGS)
+
+demo: kernel
+	$(VENV)/bin/ondemand-d demo
+
+bench: setup
+	$(PY) bench/bench_daemon.py
+	$(PY) bench/bench_build.py
+	$(PY) bench/bench_registry.py
+	$(PY) bench/bench_guest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info ondemand_d/_shim*.so
