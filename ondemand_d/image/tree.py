@@ -216,14 +216,18 @@ def validate(root: Node) -> None:
     if not root.is_dir:
         msg = "the root of an image must be a directory"
         raise ImageError(msg)
-    seen_dirs: set[int] = set()
-    for path, node in walk(root):
-        where = f" in {path.decode(errors='replace')}"
-        if path != b"/":
-            check_name(path.rsplit(b"/", 1)[1], where)
-        check_node(node, path.decode(errors="replace"))
-        if node.is_dir:
-            if id(node) in seen_dirs:
-                msg = f"directory {path.decode(errors='replace')} is linked twice; EROFS forbids it"
-                raise ImageError(msg)
-            seen_dirs.add(id(node))
+    seen_dirs = {id(root)}
+    pending: list[tuple[bytes, Node]] = [(b"", root)]
+    while pending:
+        prefix, node = pending.pop()
+        for name, child in node.children.items():
+            where = prefix.decode(errors="replace") or "/"
+            check_name(name, f" in {where}")
+            path = prefix + b"/" + name
+            check_node(child, path.decode(errors="replace"))
+            if child.is_dir:
+                if id(child) in seen_dirs:
+                    msg = f"directory {path.decode(errors='replace')} is linked twice; EROFS forbids it"
+                    raise ImageError(msg)
+                seen_dirs.add(id(child))
+                pending.append((path, child))
