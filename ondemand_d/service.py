@@ -396,8 +396,10 @@ class Service:
     ) -> None:
         """Complete without data on failure, log the READ's one line, free its slot."""
         action = read.action
+        obj = self.objects.get(action.object_id)
         fields: dict[str, Any] = {
             "op": "READ", "msg_id": action.msg_id, "object_id": action.object_id,
+            "key": _text(obj.cookie_key) if obj else None,
             "blob": action.blob_id, "off": action.off, "len": action.len,
             "chunks": len(read.chunks), "duration_ms": _ms(read.start),
         }
