@@ -46,7 +46,7 @@ def build_image(
     root: Node,
     store: LocalStore,
     name: str,
-    options: BuildOptions = BuildOptions(),  # noqa: B008 - frozen, shared safely
+    options: BuildOptions = BuildOptions(),  # frozen, so sharing the default is safe
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build `root` as image `name`; return the report.
@@ -68,7 +68,7 @@ def build_image(
     report = BuildReport(name)
     try:
         with store.transaction():
-            _build(root, store, name, options, report, progress)
+            _build(root, store, name, options=options, report=report, progress=progress)
     except StoreError as exc:
         msg = f"building {name!r} failed and the store was left unchanged: {exc}"
         raise ImageError(msg) from exc
@@ -83,6 +83,7 @@ def _build(
     root: Node,
     store: LocalStore,
     name: str,
+    *,
     options: BuildOptions,
     report: BuildReport,
     progress: Progress | None,
@@ -136,7 +137,8 @@ def _build(
         fingerprint=options.fingerprint,
     )
     boot = put_bytes(store, bootstrap, {"kind": "erofs-bootstrap"})
-    store.put_image(Image(name, boot.blob_id, tuple((b, b) for b in order)), replace=options.replace)
+    image = Image(name, boot.blob_id, tuple((b, b) for b in order))  # tag = blob id
+    store.put_image(image, replace=options.replace)  # the commit point: last
 
     s = planner.stats
     report.bootstrap = boot.blob_id

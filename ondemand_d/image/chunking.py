@@ -103,7 +103,8 @@ class ChunkPlanner:
         if any_known or any_hole or chunkbits_for(size) == MAX_CHUNKBITS:
             refs = tuple(self._place_split(content, i, d) for i, d in enumerate(pieces))
             return FileChunks(self.base.bit_length() - 1, refs, whole)
-        return FileChunks(chunkbits_for(size), (self._write_whole(content, pieces, whole_hex),), whole)
+        ref = self._write_whole(content, pieces, whole_hex)
+        return FileChunks(chunkbits_for(size), (ref,), whole)
 
     # -- the three shapes ---------------------------------------------------
 

@@ -43,7 +43,8 @@ class ChunkDictionary:
         self = cls()
         for blob in store.blobs():
             for digest, offset, length in blob.extra.get(EXTENTS_KEY, ()):
-                self._extents.setdefault(str(digest), Extent(blob.blob_id, int(offset), int(length)))
+                extent = Extent(blob.blob_id, int(offset), int(length))
+                self._extents.setdefault(str(digest), extent)
         return self
 
     def __len__(self) -> int:

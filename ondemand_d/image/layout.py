@@ -67,7 +67,7 @@ class LayoutStats:
     bootstrap_bytes: int = 0
 
 
-def build_bootstrap(  # noqa: PLR0913 - the layout's full input, named
+def build_bootstrap(
     root: Node,
     *,
     placements: dict[int, FileChunks | bytes],
@@ -110,7 +110,8 @@ def build_bootstrap(  # noqa: PLR0913 - the layout's full input, named
         at = (f.DEVT_SLOTOFF + i) * f.DEVICE_SLOT_SIZE
         # mapped_blkaddr cumulative after the primary: flat (concatenated) mounts work too.
         mapped = data_block + sum(d.blocks for d in devices[:i])
-        image[at : at + f.DEVICE_SLOT_SIZE] = bytes(f.DeviceSlot(dev.tag.encode(), dev.blocks, mapped))
+        slot = f.DeviceSlot(dev.tag.encode(), dev.blocks, mapped)
+        image[at : at + f.DEVICE_SLOT_SIZE] = bytes(slot)
     image[prefix_start : prefix_start + len(prefix_table)] = prefix_table
     sb = f.Superblock(
         root_nid=inodes[0].nid, inos=len(inodes), build_time=epoch[0], build_time_nsec=epoch[1],
@@ -136,7 +137,8 @@ def _put_sb(image: bytearray, sb: f.Superblock, uuid: bytes = bytes(16)) -> None
     raw = bytes(replace(sb, uuid=uuid, checksum=0))
     image[f.SB_OFFSET : f.SB_OFFSET + f.SUPERBLOCK_SIZE] = raw
     crc = f.sb_checksum(bytes(image[: f.BLOCK]))  # spec §2.3: computed last
-    image[f.SB_OFFSET : f.SB_OFFSET + f.SUPERBLOCK_SIZE] = bytes(replace(sb, uuid=uuid, checksum=crc))
+    raw = bytes(replace(sb, uuid=uuid, checksum=crc))
+    image[f.SB_OFFSET : f.SB_OFFSET + f.SUPERBLOCK_SIZE] = raw
 
 
 def _collect(root: Node) -> list[_Inode]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def oci_layers(layout: Path, arch: str | None = None) -> list[Path]:
     paths = []
     for desc in layers:
         if desc.get("mediaType") not in LAYER_TYPES:
-            msg = f"{layout}: layer {desc.get('digest')} has unsupported type {desc.get('mediaType')!r}"
+            media = desc.get("mediaType")
+            msg = f"{layout}: layer {desc.get('digest')} has unsupported type {media!r}"
             raise ImageError(msg)
         path = _blob_path(layout, desc)
         _verify(path, desc)
@@ -106,7 +108,7 @@ def _pick(layout: Path, index: dict[str, Any], arch: str, depth: int) -> dict[st
 def _blob_path(layout: Path, desc: dict[str, Any]) -> Path:
     digest = str(desc.get("digest", ""))
     algo, _, hexdigest = digest.partition(":")
-    if algo != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):  # noqa: PLR2004
+    if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
         msg = f"{layout}: descriptor digest {digest!r} is not sha256:<64 hex>"
         raise ImageError(msg)
     path = layout / "blobs" / "sha256" / hexdigest

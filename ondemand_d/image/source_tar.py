@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import zstandard
 
@@ -41,9 +41,10 @@ def open_layer(f: IO[bytes]) -> IO[bytes]:
     magic = f.read(4)
     f.seek(0)
     if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb")
+        return cast("IO[bytes]", gzip.GzipFile(fileobj=f, mode="rb"))
     if magic == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)  # type: ignore[return-value]
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        return cast("IO[bytes]", reader)
     return f
 
 
@@ -96,19 +97,18 @@ class LayerStack:
             return
         *parents, base = parts
         if base == OPAQUE:
-            parent = self._dir(parents, m.name, create=True)
+            parent = self._make_dir(parents, m.name)
             for name in list(parent.children):
                 if (id(parent), name) not in self._fresh:
                     del parent.children[name]
             return
         if base.startswith(WHITEOUT):
             gone = base[len(WHITEOUT) :]
-            parent = self._dir(parents, m.name, create=False)
-            if parent is not None and (id(parent), gone) not in self._fresh:
-                parent.children.pop(gone, None)
+            holder = self._dir(parents, m.name, create=False)
+            if holder is not None and (id(holder), gone) not in self._fresh:
+                holder.children.pop(gone, None)
             return
-        parent = self._dir(parents, m.name, create=True)
-        assert parent is not None
+        parent = self._make_dir(parents, m.name)
         existing = parent.children.get(base)
         if m.islnk():
             node = self._link_target(m)
@@ -155,7 +155,7 @@ class LayerStack:
             os.pwrite(self._spool.fileno(), block, base + copied)
             copied += len(block)
         if copied != m.size:
-            msg = f"layer {self._label}: member {m.name!r} is truncated ({copied} of {m.size} bytes)"
+            msg = f"layer {self._label}: member {m.name!r} is truncated ({copied} of {m.size} B)"
             raise ImageError(msg)
         self._end += copied
         return SpooledContent(self._spool.fileno(), base, copied, f"{self._label}:{m.name}")
@@ -165,7 +165,8 @@ class LayerStack:
         parent = self._dir(parents, m.name, create=False)
         target = parent.children.get(base) if parent is not None else None
         if target is None or target.is_dir:
-            msg = f"layer {self._label}: hard link {m.name!r} -> {m.linkname!r} has no file to point at"
+            link = f"{m.name!r} -> {m.linkname!r}"
+            msg = f"layer {self._label}: hard link {link} has no file to point at"
             raise ImageError(msg)
         return target
 
@@ -186,6 +187,12 @@ class LayerStack:
         for p in parts:
             check_name(p, f" in layer {self._label}, member {member!r}")
         return parts
+
+    def _make_dir(self, parts: list[bytes], member: str) -> Node:
+        """The directory at `parts`, created (with its parents) if missing."""
+        found = self._dir(parts, member, create=True)
+        assert found is not None  # create=True never gives None
+        return found
 
     def _dir(self, parts: list[bytes], member: str, *, create: bool) -> Node | None:
         """The directory at `parts`, never following a symlink."""

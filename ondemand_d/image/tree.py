@@ -24,7 +24,9 @@ MAX_SYMLINK = 4095
 class Content(Protocol):
     """A regular file's bytes, read by range."""
 
-    size: int
+    @property
+    def size(self) -> int:
+        """The file's length in bytes."""
 
     def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset`; raise ImageError if they cannot be read."""
@@ -167,7 +169,7 @@ def check_name(name: bytes, where: str = "") -> bytes:
         ImageError: empty, ".", "..", over 255 bytes, or containing '/' or NUL.
     """
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        msg = f"bad file name {name!r}{where}: names must not be empty, '.', '..', or hold '/' or NUL"
+        msg = f"bad file name {name!r}{where}: a name is not empty, '.' or '..', has no '/' or NUL"
         raise ImageError(msg)
     if len(name) > MAX_NAME:
         msg = f"file name of {len(name)} bytes{where}: EROFS allows at most {MAX_NAME}"
@@ -227,7 +229,7 @@ def validate(root: Node) -> None:
             check_node(child, path.decode(errors="replace"))
             if child.is_dir:
                 if id(child) in seen_dirs:
-                    msg = f"directory {path.decode(errors='replace')} is linked twice; EROFS forbids it"
+                    msg = f"directory {path.decode(errors='replace')} is linked twice"
                     raise ImageError(msg)
                 seen_dirs.add(id(child))
                 pending.append((path, child))
