@@ -30,7 +30,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(msg) from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ondemand-d",
         description="A cachefiles on-demand daemon: serves EROFS images, lazily, from a "
@@ -82,40 +82,34 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list images and blobs in the store")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
 
-    _add_optional_commands(sub)
+    _add_lazy_commands(sub, argv)
     return p
 
 
-def _add_optional_commands(sub: Any) -> None:
-    """Commands that live in their own subpackages (builder, registry)."""
-    try:
-        from ondemand_d.image import command as build_cmd  # noqa: PLC0415
-    except ImportError:
-        pass
-    else:
-        b = sub.add_parser("build", help="build a deduplicated EROFS image into the store")
-        build_cmd.add_arguments(b)
-        b.set_defaults(run=build_cmd.run)
-    try:
-        from ondemand_d.registry import command as reg_cmd  # noqa: PLC0415
-    except ImportError:
-        pass
-    else:
-        push = sub.add_parser("push", help="push an image to an OCI registry")
-        reg_cmd.add_push_arguments(push)
-        push.set_defaults(run=reg_cmd.run_push)
-        add = sub.add_parser("add", help="register a remote image; its data is fetched lazily")
-        reg_cmd.add_add_arguments(add)
-        add.set_defaults(run=reg_cmd.run_add)
-    try:
-        from ondemand_d.guest import demo  # noqa: PLC0415
-    except ImportError:
-        pass
-    else:
-        d = sub.add_parser("demo", help="show the whole flow end to end (in the test guest "
-                           "when this kernel lacks on-demand support)")
-        demo.add_arguments(d)
-        d.set_defaults(run=demo.run, no_store=True)
+# Commands whose modules pull in heavy imports (aiohttp, the builder): each is
+# imported only when it is the command being run, so `serve` starts fast.
+_LAZY_COMMANDS = {
+    "build": ("ondemand_d.image.command", "add_arguments", "run",
+              "build a deduplicated EROFS image into the store"),
+    "push": ("ondemand_d.registry.command", "add_push_arguments", "run_push",
+             "push an image to an OCI registry"),
+    "add": ("ondemand_d.registry.command", "add_add_arguments", "run_add",
+            "register a remote image; its data is fetched lazily on READ"),
+    "demo": ("ondemand_d.guest.demo", "add_arguments", "run",
+             "show the whole flow end to end (in the test guest when this kernel "
+             "lacks on-demand support)"),
+}
+
+
+def _add_lazy_commands(sub: Any, argv: Sequence[str]) -> None:
+    import importlib  # noqa: PLC0415
+
+    for name, (module, add_args, run, text) in _LAZY_COMMANDS.items():
+        parser = sub.add_parser(name, help=text, description=text)
+        if name in argv:
+            mod = importlib.import_module(module)
+            getattr(mod, add_args)(parser)
+            parser.set_defaults(run=getattr(mod, run), no_store=name == "demo")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -134,7 +128,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; return its exit code (0 ok, 1 failed, 2 usage, 3 config, 4 device)."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(argv).parse_args(argv)
     try:
         cfg = _config(args)
     except ConfigError as exc:

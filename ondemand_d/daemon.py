@@ -61,6 +61,7 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
     raise_nofile_limit()
     store = LocalStore(cfg.store)
     restored = False
+    owned = device is None  # close only a device we opened
     if device is None:
         device, restored = open_device(cfg)
     backend = _native.load_backend(None if cfg.native == "auto" else cfg.native)
@@ -94,7 +95,7 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
         if remote is not None:
             await remote.aclose()
         executor.shutdown(wait=True)
-        if isinstance(device, Device):
+        if owned:
             device.close()
         log.info("stopped", **vars(service.counters))
     return service
