@@ -106,7 +106,14 @@ class GuestResult:
 
 
 def guest_python() -> str:
-    """Return the real path of this interpreter (pyenv shims do not work in the guest)."""
+    """Return a path of this interpreter that works in the guest.
+
+    pyenv's shims do not work there, so outside a virtualenv this is the real
+    path. Inside one it is the venv's own `bin/python` (a symlink): resolving
+    it would lose the venv's site-packages.
+    """
+    if sys.prefix != sys.base_prefix:
+        return os.path.abspath(sys.executable)
     return os.path.realpath(sys.executable)
 
 
