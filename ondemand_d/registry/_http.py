@@ -30,6 +30,11 @@ class RetryableError(Exception):
         self.delay = delay
 
 
+def api(repository: str) -> URL:
+    """The relative URL ``/v2/<repository>``; the client puts the scheme and host in front."""
+    return URL.build(path=f"/v2/{repository}")
+
+
 def scope(repository: str, actions: str = "pull") -> str:
     return f"repository:{repository}:{actions}"
 

@@ -14,8 +14,10 @@ storage URLs put secrets there).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import random
+import socket
 import ssl
 import time
 from typing import TypeVar
@@ -29,6 +31,7 @@ from ondemand_d.registry._http import (
     Body,
     Handler,
     RetryableError,
+    api,
     content_range_start,
     describe,
     expect,
@@ -46,6 +49,8 @@ log = structlog.get_logger()
 T = TypeVar("T")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 5
+#: Seconds the https probe of an http-allowed registry may take.
+_PROBE_TIMEOUT = 3.0
 
 
 class RegistryClient:
@@ -57,6 +62,7 @@ class RegistryClient:
         self._session: aiohttp.ClientSession | None = None
         self._limiters: dict[str, PriorityLimiter] = {}
         self._range_ignored: set[str] = set()
+        self._schemes: dict[str, URL] = {}
         self.bytes_received = 0  # body bytes of blob GETs, for counters and benches
         self.requests = 0
 
@@ -94,13 +100,45 @@ class RegistryClient:
             total=c.request_timeout, sock_connect=c.connect_timeout, sock_read=c.read_timeout
         )
 
-    def base_url(self, registry: str) -> URL:
-        """http:// only for loopback and hosts listed as insecure; https otherwise."""
+    def may_use_http(self, registry: str) -> bool:
+        """Plain HTTP is allowed only for loopback and hosts listed as insecure."""
         host = Reference(registry, "x").host
-        plain = (
-            is_loopback(host) or registry in self.config.insecure or host in self.config.insecure
-        )
-        return URL(f"{'http' if plain else 'https'}://{registry}")
+        insecure = self.config.insecure
+        return is_loopback(host) or registry in insecure or host in insecure
+
+    async def base(self, registry: str) -> URL:
+        """The registry's root URL: https, or http where allowed and TLS is not spoken.
+
+        Where plain HTTP is allowed, one probe of ``https://registry/v2/`` decides
+        (as docker does for insecure registries): a server that answers the TLS
+        handshake is used over TLS, with its certificate checked like any other;
+        only a handshake that fails as not-TLS falls back to http. The answer is
+        remembered for the life of the client.
+        """
+        known = self._schemes.get(registry)
+        if known is not None:
+            return known
+        secure = URL(f"https://{registry}")
+        if not self.may_use_http(registry):
+            self._schemes[registry] = secure
+            return secure
+        timeout = aiohttp.ClientTimeout(total=min(self.config.connect_timeout, _PROBE_TIMEOUT))
+        plain = URL(f"http://{registry}")
+        try:
+            async with self._get_session().get(secure / "v2" / "", timeout=timeout) as resp:
+                await resp.read()
+            chosen = secure
+        except aiohttp.ClientConnectorCertificateError:
+            chosen = secure  # TLS it is; the request itself reports the untrusted certificate
+        except aiohttp.ClientConnectorError as exc:
+            if not isinstance(exc, aiohttp.ClientSSLError) and _unreachable(exc.os_error):
+                raise  # nobody there: decide next time, do not guess now
+            chosen = plain  # the handshake failed or was cut: not a TLS server
+        except (aiohttp.ClientError, TimeoutError):
+            chosen = plain  # no TLS handshake came back: a plain HTTP server
+        self._schemes[registry] = chosen
+        log.debug("registry_scheme", registry=registry, scheme=chosen.scheme)
+        return chosen
 
     def limiter(self, registry: str) -> PriorityLimiter:
         lim = self._limiters.get(registry)
@@ -136,9 +174,16 @@ class RegistryClient:
             try:
                 async with self.limiter(registry).slot(priority):
                     async with asyncio.timeout(self.config.request_timeout):
+                        base = await self.base(registry)
+                        target = url if url.is_absolute() else base.join(url)
                         return await self._attempt(
-                            method, registry, url, handle, scope, headers or {}, body
+                            method, registry, base, target, handle, scope, headers or {}, body
                         )
+            except aiohttp.ClientConnectorCertificateError:
+                msg = (
+                    f"{registry}: TLS certificate not trusted (give its CA with ca_file/--ca-file)"
+                )
+                raise FetchError(msg, retryable=False) from None
             except RetryableError as exc:
                 last, delay = exc.reason, exc.delay
             except FetchError as exc:
@@ -170,6 +215,7 @@ class RegistryClient:
         self,
         method: str,
         registry: str,
+        base: URL,
         url: URL,
         handle: Handler[T],
         scope: str,
@@ -182,10 +228,7 @@ class RegistryClient:
         hops = 0
         while True:
             send = dict(headers)
-            same_host = (
-                url.host == self.base_url(registry).host
-                and url.port == self.base_url(registry).port
-            )
+            same_host = url.host == base.host and url.port == base.port
             if authorization and same_host:
                 send["Authorization"] = authorization  # never to storage on another host
             self.requests += 1
@@ -227,17 +270,14 @@ class RegistryClient:
                     raise RetryableError(msg, retry_after(resp.headers.get("Retry-After")))
                 if status in (401, 403):
                     msg = f"{method} {registry}{url.path}: access denied (HTTP {status})"
-                    raise FetchError(
-                        msg,
-                        retryable=False,
-                    )
+                    raise FetchError(msg, retryable=False)
                 return await handle(resp)
 
     # -- reads ------------------------------------------------------------------
 
     async def get_manifest(self, ref: Reference, accept: str) -> tuple[bytes, str]:
         """The manifest bytes and their digest; a digest reference is checked."""
-        url = self.base_url(ref.registry) / "v2" / ref.repository / "manifests" / ref.ref
+        url = api(ref.repository) / "manifests" / ref.ref
 
         async def handle(resp: aiohttp.ClientResponse) -> bytes:
             expect(resp, (200,), f"manifest {ref}")
@@ -259,7 +299,7 @@ class RegistryClient:
 
     async def get_blob(self, registry: str, repository: str, digest: str, max_size: int) -> bytes:
         """A whole blob, checked against its digest."""
-        url = self.base_url(registry) / "v2" / repository / "blobs" / digest
+        url = api(repository) / "blobs" / digest
 
         async def handle(resp: aiohttp.ClientResponse) -> bytes:
             expect(resp, (200,), f"blob {digest}")
@@ -283,7 +323,7 @@ class RegistryClient:
         priority: Priority = "demand",
     ) -> bytes:
         """Exactly `length` bytes at `offset` of a registry blob (not verified here)."""
-        url = self.base_url(registry) / "v2" / repository / "blobs" / digest
+        url = api(repository) / "blobs" / digest
         where = f"blob {digest} [{offset}, +{length})"
 
         async def handle(resp: aiohttp.ClientResponse) -> bytes:
@@ -340,7 +380,7 @@ class RegistryClient:
     async def has_blob(
         self, registry: str, repository: str, digest: str, *, actions: str = "pull"
     ) -> bool:
-        url = self.base_url(registry) / "v2" / repository / "blobs" / digest
+        url = api(repository) / "blobs" / digest
 
         async def handle(resp: aiohttp.ClientResponse) -> bool:
             expect(resp, (200, 404), f"blob {digest}")
@@ -349,3 +389,10 @@ class RegistryClient:
         return await self.request("HEAD", registry, url, handle, scope=scope(repository, actions))
 
     # -- writes -----------------------------------------------------------------
+
+
+def _unreachable(err: OSError) -> bool:
+    """Refused, unroutable or unresolvable: says nothing about TLS."""
+    if isinstance(err, ConnectionRefusedError | socket.gaierror):
+        return True
+    return err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT)

@@ -17,7 +17,7 @@ import aiohttp
 import structlog
 
 from ondemand_d.errors import FetchError
-from ondemand_d.registry._http import expect, location, scope
+from ondemand_d.registry._http import api, expect, location, scope
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.reference import Reference
 
@@ -66,7 +66,7 @@ async def _upload_once(  # noqa: PLR0913
     read: Callable[[int, int], bytes],
 ) -> None:
     push = scope(repository, "pull,push")
-    start = client.base_url(registry) / "v2" / repository / "blobs" / "uploads" / ""
+    start = api(repository) / "blobs" / "uploads" / ""
     # retries=0 below: one step of an upload session is not retried alone.
     url = await client.request("POST", registry, start, location(202), scope=push, retries=0)
     octets = {"Content-Type": "application/octet-stream"}
@@ -90,7 +90,7 @@ async def _upload_once(  # noqa: PLR0913
 
 async def put_manifest(client: RegistryClient, ref: Reference, data: bytes, media_type: str) -> str:
     """PUT a manifest under `ref` (tag or digest); return its digest."""
-    url = client.base_url(ref.registry) / "v2" / ref.repository / "manifests" / ref.ref
+    url = api(ref.repository) / "manifests" / ref.ref
 
     async def handle(resp: aiohttp.ClientResponse) -> str:
         expect(resp, (201,), f"manifest {ref}")

@@ -101,7 +101,10 @@ class FaultProxy:
             writer.close()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        head = await reader.readuntil(b"\r\n\r\n")
+        first = await reader.readexactly(1)
+        if first == b"\x16":  # a TLS ClientHello (the client's https probe): not spoken here
+            return False
+        head = first + await reader.readuntil(b"\r\n\r\n")
         request_line, *lines = head.decode("latin-1").split("\r\n")
         method, target, _ = request_line.split(" ", 2)
         headers = {}

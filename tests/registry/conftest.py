@@ -12,6 +12,7 @@ import base64
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -25,6 +26,7 @@ import pytest
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Image
 
+from ._tls import make_tls
 from ._token_server import ISSUER, SERVICE, TokenServer
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -38,6 +40,7 @@ class Registry:
     process: subprocess.Popen[bytes]
     log_path: Path
     tokens: TokenServer | None = None
+    ca_file: Path | None = None
 
 
 def _free_port() -> int:
@@ -57,6 +60,13 @@ def _start(workdir: Path, auth: str = "") -> Registry:
         f"http: {{addr: '127.0.0.1:{port}', secret: test-secret}}",
     ]
     tokens = None
+    ca_file = None
+    if auth == "tls":
+        ca_file, cert, key = make_tls(workdir)
+        config[-1] = (
+            f"http: {{addr: '127.0.0.1:{port}', secret: test-secret, "
+            f"tls: {{certificate: {cert}, key: {key}}}}}"
+        )
     if auth == "htpasswd":
         htpasswd = workdir / "htpasswd"
         subprocess.run(
@@ -77,13 +87,15 @@ def _start(workdir: Path, auth: str = "") -> Registry:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    reg = Registry(f"127.0.0.1:{port}", storage, proc, log_path, tokens)
+    reg = Registry(f"127.0.0.1:{port}", storage, proc, log_path, tokens, ca_file)
+    scheme = "https" if ca_file else "http"
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # bounded: the registry starts in well under a second
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {log_path.read_text()[-2000:]}")
         try:
-            urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=1)  # noqa: S310
+            urllib.request.urlopen(f"{scheme}://{reg.host}/v2/", timeout=1, context=context)  # noqa: S310
             return reg
         except urllib.error.HTTPError:
             return reg  # 401 is an answer too
@@ -124,6 +136,14 @@ def htpasswd_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regi
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry that wants bearer tokens from the test token server."""
     reg = _start(tmp_path_factory.mktemp("registry-token"), "token")
+    yield reg
+    _stop(reg)
+
+
+@pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A registry on 127.0.0.1 over TLS, its certificate signed by a throwaway CA."""
+    reg = _start(tmp_path_factory.mktemp("registry-tls"), "tls")
     yield reg
     _stop(reg)
 

@@ -163,3 +163,31 @@ def test_parse_challenge() -> None:
         "scope": "repository:a/b:pull,push",
     }
     assert parse_challenge('Basic realm="x"') == ("basic", {"realm": "x"})
+
+
+async def test_tls_with_ca_file(tls_registry: Registry, tmp_path: Path) -> None:
+    """A loopback registry that speaks TLS is used over TLS, trusted through ca_file."""
+    cfg = RegistryConfig(ca_file=tls_registry.ca_file)
+    await _round_trip(tls_registry, tmp_path, cfg, "tls/ok")
+    async with RegistryClient(cfg) as client:
+        assert (await client.base(tls_registry.host)).scheme == "https"
+
+
+async def test_tls_untrusted_is_not_downgraded(tls_registry: Registry, tmp_path: Path) -> None:
+    """Without the CA the request fails at once (not retried, not retried over http)."""
+    ref = reference.parse(f"{tls_registry.host}/tls/untrusted:v1")
+    async with RegistryClient(RegistryConfig()) as client:
+        with pytest.raises(FetchError, match="certificate not trusted") as info:
+            await asyncio.wait_for(add(LocalStore(tmp_path / "dst"), ref, client), 10)
+        assert (await client.base(tls_registry.host)).scheme == "https"
+    assert not info.value.retryable
+
+
+async def test_plain_http_only_where_allowed(registry: Registry) -> None:
+    """A non-loopback host is https only; listing it as insecure allows http."""
+    async with RegistryClient(RegistryConfig(insecure=frozenset({"reg.example:5000"}))) as client:
+        assert not client.may_use_http("reg.example")
+        assert client.may_use_http("reg.example:5000")
+        assert client.may_use_http("127.0.0.1:1") and client.may_use_http("localhost:5000")
+        assert (await client.base("reg.example")).scheme == "https"
+        assert (await client.base(registry.host)).scheme == "http"
