@@ -228,9 +228,11 @@ class RegistryClient:
         hops = 0
         while True:
             send = dict(headers)
-            same_host = url.host == base.host and url.port == base.port
+            # Credentials go to the registry's own origin only: never to blob
+            # storage on another host, never over a scheme it was not reached by.
+            same_host = (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
             if authorization and same_host:
-                send["Authorization"] = authorization  # never to storage on another host
+                send["Authorization"] = authorization
             self.requests += 1
             async with session.request(
                 method,
@@ -251,6 +253,9 @@ class RegistryClient:
                 if status in _REDIRECTS and "Location" in resp.headers and hops < _MAX_REDIRECTS:
                     hops += 1
                     url = url.join(URL(resp.headers["Location"], encoded=True))
+                    if url.scheme == "http" and not self.may_use_http(url.raw_authority):
+                        msg = f"{registry}: refusing a redirect to plain http://{url.host}"
+                        raise FetchError(msg, retryable=False)
                     if status == 303:  # noqa: PLR2004
                         method, body = "GET", None
                     continue

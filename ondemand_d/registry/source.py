@@ -39,7 +39,7 @@ from ondemand_d.errors import ChunkNotFound, DigestMismatch, FetchError, StoreEr
 from ondemand_d.registry._limiter import Priority, TokenBucket
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.config import RegistryConfig, default_docker_config
-from ondemand_d.store.model import Blob, Chunk
+from ondemand_d.store.model import Blob, Chunk, RemoteRange
 
 log = structlog.get_logger()
 #: The priority of fetches that do not name one; see RegistrySource.prefetching.
@@ -86,18 +86,17 @@ def remote_location(blob: Blob) -> tuple[str, str]:
 
 def plan(chunks: Sequence[Chunk], max_range: int) -> list[_Run]:
     """Merge chunks that are adjacent in the same registry blob into runs (pure)."""
-    order = sorted(range(len(chunks)), key=lambda i: _remote(chunks[i]).to_json()[:2])
+    remotes = [_remote(c) for c in chunks]
+    order = sorted(range(len(chunks)), key=lambda i: (remotes[i].blob, remotes[i].offset))
     runs: list[_Run] = []
     for i in order:
-        r = _remote(chunks[i])
+        r = remotes[i]
         if runs:
             last = runs[-1]
             end = last.offset + last.length
             same = last.layer == r.blob
-            if same and r.offset == end - r.length and chunks[last.members[-1]].remote == r:
-                runs[-1] = _Run(
-                    last.layer, last.offset, last.length, (*last.members, i)
-                )  # duplicate
+            if same and remotes[last.members[-1]] == r:  # the same bytes, asked twice
+                runs[-1] = _Run(last.layer, last.offset, last.length, (*last.members, i))
                 continue
             if same and r.offset == end and last.length + r.length <= max_range:
                 runs[-1] = _Run(last.layer, last.offset, last.length + r.length, (*last.members, i))
@@ -106,7 +105,7 @@ def plan(chunks: Sequence[Chunk], max_range: int) -> list[_Run]:
     return runs
 
 
-def _remote(chunk: Chunk) -> Any:
+def _remote(chunk: Chunk) -> RemoteRange:
     if chunk.remote is None:
         msg = f"chunk {chunk.digest} at {chunk.offset} has no remote source"
         raise ChunkNotFound(msg)
