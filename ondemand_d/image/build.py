@@ -99,7 +99,10 @@ def _build(
             progress(done, total)
 
     writer = BlobWriter(store)
-    planner = ChunkPlanner(ChunkDictionary.from_store(store), writer, options.base_chunk, on_bytes)
+    planner = ChunkPlanner(
+        ChunkDictionary.from_store(store), writer, options.base_chunk, on_bytes,
+        whole_digests=options.fingerprint is not None,
+    )
     placements: dict[int, FileChunks | bytes] = {}
     for node in files:
         if node.content is None or node.size == 0:

@@ -44,7 +44,7 @@ class FileChunks:
 
     chunkbits: int
     refs: tuple[ChunkRef | None, ...]
-    sha256: bytes  # of the whole file, for fingerprints
+    sha256: bytes  # of the whole file, for fingerprints; b"" if not asked for and sparse
 
 
 @dataclass(slots=True)
@@ -78,10 +78,14 @@ class ChunkPlanner:
         writer: BlobWriter,
         base_chunk: int = DEFAULT_BASE_CHUNK,
         on_bytes: Callable[[int], None] | None = None,
+        *,
+        whole_digests: bool = False,
     ) -> None:
         self.dictionary = dictionary
         self.writer = writer
         self.base = check_base_chunk(base_chunk)
+        # A sparse file's whole digest is only worth hashing its zeros for fingerprints.
+        self.whole_digests = whole_digests
         self.stats = ChunkStats()
         self._on_bytes = on_bytes or (lambda _n: None)
 
@@ -96,7 +100,7 @@ class ChunkPlanner:
             return FileChunks(chunkbits_for(size), (ref,), digest)
         pieces, whole, any_known, any_hole = self._survey(content)
         whole_hex = whole.hex()
-        known = self.dictionary.lookup(whole_hex, size)
+        known = self.dictionary.lookup(whole_hex, size) if whole else None
         if known is not None:
             self._count_reused(size)
             return FileChunks(chunkbits_for(size), (ChunkRef(known.blob_id, known.offset),), whole)
@@ -155,24 +159,28 @@ class ChunkPlanner:
     # -- helpers -------------------------------------------------------------
 
     def _survey(self, content: Content) -> tuple[list[str | None], bytes, bool, bool]:
-        """Hash every base-size piece (None = all zero) and the whole file."""
-        whole = hashlib.sha256()
+        """Hash every base-size piece (None = all zero) and, if needed, the whole file."""
+        whole: hashlib._Hash | None = hashlib.sha256()
         pieces: list[str | None] = []
         any_known = any_hole = False
         for start in range(0, content.size, self.base):
             length = min(self.base, content.size - start)
             data = content.read(start, length) if content.has_data(start, length) else b""
             if not data or not any(data):
-                whole.update(data or bytes(length))
                 pieces.append(None)
                 any_hole = True
+                if whole is not None and not self.whole_digests:
+                    whole = None  # split around holes anyway, never looked up whole
+                elif whole is not None:
+                    whole.update(data or bytes(length))
             else:
-                whole.update(data)
+                if whole is not None:
+                    whole.update(data)
                 digest = hashlib.sha256(data).hexdigest()
                 pieces.append(digest)
                 any_known = any_known or self.dictionary.lookup(digest, length) is not None
             self._on_bytes(length)
-        return pieces, whole.digest(), any_known, any_hole
+        return pieces, whole.digest() if whole is not None else b"", any_known, any_hole
 
     def _record(self, digest: str, offset: int, length: int) -> None:
         self.writer.record(digest, offset, length)

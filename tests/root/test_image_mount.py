@@ -349,3 +349,27 @@ def test_report_json_is_plain(tmp_path: Path) -> None:
     r = build_image(root, LocalStore(tmp_path / "s"), "r", BuildOptions()).to_json()
     assert set(json.loads(json.dumps(r))) >= {"files", "bytes", "chunks_total", "chunks_new",
                                                 "chunks_reused", "bytes_saved", "blobs"}
+
+
+def test_huge_sparse_file_over_4gib(tmp_path: Path) -> None:
+    """A 5 GiB sparse file needs an extended inode; its holes cost no blob bytes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    huge = src / "huge"
+    with huge.open("wb") as f:
+        f.write(b"start")
+        f.seek(5 << 30)
+        f.write(b"the end")
+    os.utime(huge, ns=(T0, T0))
+    os.utime(src, ns=(T0, T0))
+    store = LocalStore(tmp_path / "store")
+    report = build_image(read_directory(src), store, "huge", BuildOptions())
+    # Only the two 1 MiB pieces holding data are written (the last one is 7 bytes + pad).
+    assert report.new_blob_bytes == (1 << 20) + 4096 and report.holes == 5 * 1024 - 1
+    with mounted(store, "huge", tmp_path) as mnt, (mnt / "huge").open("rb") as f:
+        assert os.fstat(f.fileno()).st_size == (5 << 30) + 7
+        assert f.read(5) == b"start"
+        f.seek(3 << 30)
+        assert f.read(1 << 20) == bytes(1 << 20)
+        f.seek(5 << 30)
+        assert f.read() == b"the end"
