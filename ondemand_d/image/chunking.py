@@ -93,7 +93,7 @@ class ChunkPlanner:
         """Decide and write the chunks of one non-empty file."""
         size = content.size
         if size <= self.base:
-            data = content.read(0, size) if content.has_data(0, size) else bytes(size)
+            data = content.read(0, size)  # one read; zeros are found below anyway
             digest = hashlib.sha256(data).digest()
             ref = self._place_piece(data, digest.hex())
             self._on_bytes(size)

@@ -11,6 +11,7 @@ refused, because it would mean something else to every other tool.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import stat
@@ -53,6 +54,7 @@ class LayerStack:
 
     def __init__(self, spool_dir: str | os.PathLike[str] | None = None) -> None:
         self.root = directory()
+        self._spool_dir = spool_dir or tempfile.gettempdir()
         self._spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - closed in close()
         self._end = 0
         self._label = ""
@@ -76,14 +78,25 @@ class LayerStack:
         self._label = label or str(path)
         self._fresh = set()  # (id(dir), name) added by this layer: whiteouts spare them
         try:
-            with open(path, "rb") as raw, open_layer(raw) as stream, tarfile.open(
+            raw = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            msg = f"cannot read layer {self._label}: {exc.strerror}"
+            raise ImageError(msg) from exc
+        try:
+            with raw, open_layer(raw) as stream, tarfile.open(
                 fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
             ) as tar:
                 for member in tar:
                     self._member(tar, member)
         except ImageError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError) as exc:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                msg = f"no space left to unpack layer {self._label} into {self._spool_dir}"
+                raise ImageError(msg) from exc
+            msg = f"layer {self._label} is truncated or corrupt: {exc}"
+            raise ImageError(msg) from exc
+        except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as exc:
             msg = f"layer {self._label} is truncated or corrupt: {exc}"
             raise ImageError(msg) from exc
 
