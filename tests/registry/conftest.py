@@ -17,15 +17,21 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from ondemand_d.registry import reference
+from ondemand_d.registry.add import add
+from ondemand_d.registry.client import RegistryClient
+from ondemand_d.registry.config import RegistryConfig
+from ondemand_d.registry.push import push
 from ondemand_d.store.local import LocalStore
-from ondemand_d.store.model import Image
+from ondemand_d.store.model import Blob, Image
 
+from ._proxy import FaultProxy
 from ._tls import make_tls
 from ._token_server import ISSUER, SERVICE, TokenServer
 
@@ -179,3 +185,37 @@ def make_image(
 def blob_bytes(store: LocalStore, blob_id: str) -> bytes:
     blob = store.get_blob(blob_id)
     return b"".join(store.read_chunk(c) for c in blob.chunks)
+
+
+#: Every fault test must finish within this many seconds (asyncio.wait_for).
+BOUND_S = 10.0
+#: Short timeouts and backoff, so a fault costs the tests little time.
+FAST = RegistryConfig(
+    read_timeout=0.5, request_timeout=2.0, retries=2, backoff_base=0.01, backoff_max=0.05
+)
+
+
+@dataclass
+class Remote:
+    proxy: FaultProxy
+    blob: Blob  # as added through the proxy
+    data: bytes  # the blob's true bytes
+
+
+@pytest.fixture
+async def remote(registry: Registry, tmp_path: Path) -> AsyncIterator[Remote]:
+    """An image pushed to the registry and added (to tmp_path/dst) through a fault proxy."""
+    src = LocalStore(tmp_path / "src")
+    image = make_image(src, tmp_path, "lazy", (8192, 3_000_000))
+    proxy = await FaultProxy(registry.host).start()
+    try:
+        dst = LocalStore(tmp_path / "dst")
+        async with RegistryClient(RegistryConfig()) as client:
+            await push(src, "lazy", reference.parse(f"{registry.host}/test/lazy:v1"), client)
+            await add(dst, reference.parse(f"{proxy.host}/test/lazy:v1"), client)
+        blob_id = image.devices[0][1]
+        proxy.blob_bytes = 0
+        proxy.seen.clear()
+        yield Remote(proxy, dst.get_blob(blob_id), blob_bytes(src, blob_id))
+    finally:
+        await proxy.stop()

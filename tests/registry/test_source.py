@@ -9,55 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from ondemand_d.errors import DigestMismatch, FetchError
-from ondemand_d.registry import reference
-from ondemand_d.registry.add import add
-from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.config import RegistryConfig
-from ondemand_d.registry.push import push
 from ondemand_d.registry.source import RegistrySource, plan
-from ondemand_d.store.local import LocalStore
-from ondemand_d.store.model import Blob, Chunk, RemoteRange
+from ondemand_d.store.model import Chunk, RemoteRange
 
-from ._proxy import Fault, FaultProxy
-from .conftest import Registry, blob_bytes, make_image
-
-BOUND_S = 10.0
-FAST = RegistryConfig(
-    read_timeout=0.5, request_timeout=2.0, retries=2, backoff_base=0.01, backoff_max=0.05
-)
-
-
-@dataclass
-class Remote:
-    proxy: FaultProxy
-    blob: Blob  # as added through the proxy
-    data: bytes  # the blob's true bytes
-
-
-@pytest.fixture
-async def remote(registry: Registry, tmp_path: Path) -> AsyncIterator[Remote]:
-    """An image pushed to the registry and added through a fault proxy (64 KiB chunks)."""
-    src = LocalStore(tmp_path / "src")
-    image = make_image(src, tmp_path, "lazy", (8192, 3_000_000))
-    proxy = await FaultProxy(registry.host).start()
-    try:
-        dst = LocalStore(tmp_path / "dst")
-        async with RegistryClient(RegistryConfig()) as client:
-            await push(src, "lazy", reference.parse(f"{registry.host}/test/lazy:v1"), client)
-            await add(dst, reference.parse(f"{proxy.host}/test/lazy:v1"), client)
-        blob_id = image.devices[0][1]
-        proxy.blob_bytes = 0
-        proxy.seen.clear()
-        yield Remote(proxy, dst.get_blob(blob_id), blob_bytes(src, blob_id))
-    finally:
-        await proxy.stop()
+from ._proxy import Fault
+from .conftest import BOUND_S, FAST, Remote
 
 
 def _expected(r: Remote, chunks: tuple[Chunk, ...]) -> list[bytes]:
