@@ -137,8 +137,8 @@ class FaultProxy:
             return True
         if kind == "redirect":
             location = f"http://localhost:{self.port}{target}"
-            head = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
-            writer.write(f"{head}Content-Length: 0\r\n\r\n".encode())
+            status_line = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
+            writer.write(f"{status_line}Content-Length: 0\r\n\r\n".encode())
             await writer.drain()
             return True
         forward = {

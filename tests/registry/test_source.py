@@ -196,7 +196,7 @@ async def test_prefetching_context_sets_priority_for_this_task_only(remote: Remo
         seen.append(str(args[-1]))
         return await real(*args)  # type: ignore[arg-type]
 
-    source.client.get_range = spy  # type: ignore[method-assign]
+    source.client.get_range = spy  # type: ignore[method-assign,assignment]
     try:
         with source.prefetching():
             await asyncio.wait_for(source.fetch(remote.blob, remote.blob.chunks[:1]), BOUND_S)
