@@ -63,3 +63,37 @@ def test_nofile_warning(monkeypatch):
     with capture_logs() as logs:
         assert dev.raise_nofile_limit() == 512
     assert logs[0]["event"] == "nofile_limit_low"
+
+
+def test_adopted_device_sends_only_restore(tmp_path, monkeypatch):
+    """A restarted daemon handed the bound fd by systemd writes `restore`, never dir/tag/bind."""
+    import socket
+
+    from ondemand_d import daemon, systemd
+    from ondemand_d.config import load
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    monkeypatch.setattr(systemd, "listen_fds", lambda: {"cachefiles": a.fileno()})
+    cfg = load(None, {}, {"cache_dir": str(tmp_path / "cache")})
+    device, restored = daemon.open_device(cfg)
+    assert restored and device.fd == a.fileno()
+    b.setblocking(False)
+    assert b.recv(100) == b"restore"
+    with pytest.raises(BlockingIOError):
+        b.recv(100)
+    a.close()
+    b.close()
+
+
+def test_fresh_device_is_bound_and_stored(tmp_path, monkeypatch):
+    """A first start binds the device, then hands it to systemd's fd store."""
+    from ondemand_d import daemon, systemd
+    from ondemand_d.config import load
+
+    stored = []
+    monkeypatch.setattr(systemd, "listen_fds", lambda: {})
+    monkeypatch.setattr(systemd, "store_fd", lambda fd, name: stored.append(name) or True)
+    cfg = load(None, {}, {"cache_dir": str(tmp_path / "cache"), "device": str(tmp_path / "nodev")})
+    with pytest.raises(DeviceError):
+        daemon.open_device(cfg)
+    assert stored == []
