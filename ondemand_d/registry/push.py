@@ -27,7 +27,7 @@ from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.reference import Reference
 from ondemand_d.registry.upload import put_manifest, upload_blob
 from ondemand_d.store.local import LocalStore
-from ondemand_d.store.model import Blob
+from ondemand_d.store.model import Blob, Chunk
 
 log = structlog.get_logger()
 ZSTD_LEVEL = 3
@@ -85,7 +85,7 @@ def _spool(
         blob.blob_id,
         blob.size,
         "zstd" if compress else "none",
-        tuple((c.__class__(c.offset, c.length, c.digest), o, n) for c, o, n in rows),
+        tuple((Chunk(c.offset, c.length, c.digest), o, n) for c, o, n in rows),
         extra,
     )
     layer = _Layer("sha256:" + digest.hexdigest(), pos, media.BLOB_ZSTD if compress else media.BLOB)
@@ -108,7 +108,14 @@ async def _ensure(  # noqa: PLR0913
         progress(f"  {what}: already in the registry ({_mib(layer.size)})")
         return
     start = time.monotonic()
-    await upload_blob(client, ref.registry, ref.repository, layer.digest, layer.size, read)
+
+    def sent(done: int) -> None:
+        if done < layer.size:
+            progress(f"  {what}: {_mib(done)} of {_mib(layer.size)} sent")
+
+    await upload_blob(
+        client, ref.registry, ref.repository, layer.digest, layer.size, read, progress=sent
+    )
     result.uploaded += 1
     result.bytes_uploaded += layer.size
     seconds = time.monotonic() - start

@@ -33,15 +33,19 @@ async def upload_blob(  # noqa: PLR0913 - the spec's parameters, spelled out
     digest: str,
     size: int,
     read: Callable[[int, int], bytes],
+    *,
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Upload a blob whose bytes `read(offset, n)` returns.
+
+    `progress(bytes_sent)` is called after each PATCH part of a large blob.
 
     Raises:
         FetchError: the registry refused, or kept failing after retries.
     """
     for attempt in range(1 + client.config.retries):
         try:
-            await _upload_once(client, registry, repository, digest, size, read)
+            await _upload_once(client, registry, repository, digest, size, read, progress)
         except FetchError as exc:
             if not exc.retryable or attempt == client.config.retries:
                 raise
@@ -64,6 +68,7 @@ async def _upload_once(  # noqa: PLR0913
     digest: str,
     size: int,
     read: Callable[[int, int], bytes],
+    progress: Callable[[int], None] | None,
 ) -> None:
     push = scope(repository, "pull,push")
     start = api(repository) / "blobs" / "uploads" / ""
@@ -84,6 +89,8 @@ async def _upload_once(  # noqa: PLR0913
             "PATCH", registry, url, location(202), scope=push, headers=headers,
             body=_part(read, pos, n), retries=0,
         )  # fmt: skip
+        if progress is not None:
+            progress(pos + n)
     put = url.update_query({"digest": digest})
     await client.request("PUT", registry, put, location(201), scope=push, retries=0)
 

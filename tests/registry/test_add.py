@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from ondemand_d.registry.source import RegistrySource
 from ondemand_d.registry.upload import put_manifest, upload_blob
 from ondemand_d.store.local import LocalStore
 
+from ._proxy import Fault, FaultProxy
 from .conftest import Registry, blob_bytes, make_image
 
 
@@ -153,3 +155,33 @@ async def test_chunked_upload_path(
         assert b"".join(await source.fetch(blob, blob.chunks)) == blob_bytes(src, blob.blob_id)
     finally:
         await source.aclose()
+
+
+async def test_push_survives_upload_faults(registry: Registry, tmp_path: Path) -> None:
+    """A 503 on an upload step and a reset on a HEAD are retried; the pushed image is whole."""
+    src = LocalStore(tmp_path / "src")
+    image = make_image(src, tmp_path, "flaky", (4096, 150_000))
+    proxy = await FaultProxy(registry.host).start()
+    proxy.add(Fault("status", method="PUT", match="/blobs/uploads/", status=503))
+    proxy.add(Fault("status", method="POST", match="/blobs/uploads/", status=502, times=2))
+    proxy.add(Fault("reset", method="HEAD"))
+    cfg = RegistryConfig(retries=3, backoff_base=0.01, backoff_max=0.05)
+    ref = reference.parse(f"{proxy.host}/test/flaky:v1")
+    async with RegistryClient(cfg) as client:
+        try:
+            pushed = await asyncio.wait_for(push(src, "flaky", ref, client), 30)
+        finally:
+            await proxy.stop()
+    assert pushed.uploaded == 5
+    assert all(f.times == 0 for f in proxy.faults)
+    dst = LocalStore(tmp_path / "dst")
+    direct = reference.parse(f"{registry.host}/test/flaky:v1")
+    async with RegistryClient(cfg) as client:
+        await add(dst, direct, client)
+    blob = dst.get_blob(image.devices[0][1])
+    source = RegistrySource(cfg)
+    try:
+        data = await asyncio.wait_for(source.fetch(blob, blob.chunks), 10)
+    finally:
+        await source.aclose()
+    assert b"".join(data) == blob_bytes(src, blob.blob_id)
