@@ -30,6 +30,8 @@ class RegistryConfig:
         connect_timeout, read_timeout: seconds; read is per socket read, so a
             slow but moving transfer is fine and a stalled one is not.
         request_timeout: seconds for one whole attempt (headers and body).
+        fetch_deadline: seconds one `RegistrySource.fetch` may take in all,
+            retries included; past it the READ fails (retryable) instead of waiting on.
         retries: attempts after the first, for connection errors, 5xx and 429.
         backoff_base, backoff_max: exponential backoff (with jitter) in seconds.
         max_range: largest merged Range GET in bytes.
@@ -44,7 +46,8 @@ class RegistryConfig:
     concurrency: int = 8
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
-    request_timeout: float = 300.0
+    request_timeout: float = 120.0
+    fetch_deadline: float = 180.0
     retries: int = 4
     backoff_base: float = 0.2
     backoff_max: float = 5.0

@@ -189,7 +189,13 @@ class RegistrySource:
                 self._decode_all(blob, chunks, pieces, out, registry)
 
         start = time.monotonic()
-        await _all_or_nothing([one(run) for run in runs])
+        deadline = self.config.fetch_deadline
+        try:
+            async with asyncio.timeout(deadline if priority == "demand" else None):
+                await _all_or_nothing([one(run) for run in runs])
+        except TimeoutError:
+            msg = f"blob {blob.blob_id}: {len(chunks)} chunk(s) not fetched within {deadline:g} s"
+            raise FetchError(msg, retryable=True) from None
         log.debug(
             "registry_chunks_fetched",
             blob=blob.blob_id,

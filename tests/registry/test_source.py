@@ -11,6 +11,8 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ondemand_d.errors import DigestMismatch, FetchError
 from ondemand_d.registry.config import RegistryConfig
@@ -204,3 +206,44 @@ async def test_prefetching_context_sets_priority_for_this_task_only(remote: Remo
     finally:
         await source.aclose()
     assert seen == ["prefetch", "demand"]
+
+
+async def test_fetch_deadline_bounds_a_demand_read(remote: Remote) -> None:
+    """However many retries remain, a demand fetch gives up at fetch_deadline."""
+    remote.proxy.add(Fault("delay", seconds=5, times=100))
+    cfg = RegistryConfig(read_timeout=4, retries=10, backoff_base=0.01, fetch_deadline=1.0)
+    source = RegistrySource(cfg)
+    start = time.monotonic()
+    try:
+        with pytest.raises(FetchError, match="not fetched within 1 s") as info:
+            await asyncio.wait_for(source.fetch(remote.blob, remote.blob.chunks[:1]), BOUND_S)
+    finally:
+        await source.aclose()
+    assert info.value.retryable
+    assert time.monotonic() - start < 2
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("ab"), st.integers(0, 40), st.integers(1, 3)),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(1, 8),
+)
+def test_plan_property(spec: list[tuple[str, int, int]], max_units: int) -> None:
+    """Every chunk lands in exactly one run, inside it; runs are contiguous and capped."""
+    unit = 100
+    chunks = [
+        Chunk(i * 4096, 4096, "0" * 64, RemoteRange(layer, slot * unit, n * unit, "zstd"))
+        for i, (layer, slot, n) in enumerate(spec)
+    ]
+    runs = plan(chunks, max_range=max_units * unit)
+    members = sorted(i for r in runs for i in r.members)
+    assert members == list(range(len(chunks)))
+    for r in runs:
+        for i in r.members:
+            rr = chunks[i].remote
+            assert rr is not None and rr.blob == r.layer
+            assert r.offset <= rr.offset and rr.offset + rr.length <= r.offset + r.length
+        assert r.length <= max_units * unit or len({chunks[i].remote for i in r.members}) == 1
