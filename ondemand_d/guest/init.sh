@@ -21,7 +21,17 @@ finish() {
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 grep -q '^[^ ]* /dev devtmpfs' /proc/mounts || mount -t devtmpfs devtmpfs /dev
-for d in /run /tmp /mnt; do mount -t tmpfs -o mode=1777 tmpfs "$d"; done
+mount -t tmpfs -o mode=1777 tmpfs /run
+# A writable /tmp, but what the host keeps under /tmp (a checkout, its venv, test
+# results) must stay visible: bind each host entry back in, read-only like the root.
+mkdir -p /run/host-tmp && mount --bind /tmp /run/host-tmp
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+for e in /run/host-tmp/* /run/host-tmp/.[!.]*; do
+    [ -d "$e" ] && [ ! -L "$e" ] || continue
+    n="/tmp/${e#/run/host-tmp/}"
+    mkdir -p "$n" && mount --bind "$e" "$n"
+done
+mount -t tmpfs -o mode=1777 tmpfs /mnt
 mkdir -p /dev/shm /dev/pts /mnt/cache "${ODG_RESULTS:=/mnt/results}"
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t devpts devpts /dev/pts 2>/dev/null
