@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -99,6 +100,8 @@ class Service:
         self._jobs: set[Future[Any]] = set()  # fast-path READ batches on the I/O pool
         self._batch: list[_Read] = []
         self._io_jobs = max(1, getattr(executor, "_max_workers", 4))
+        # Debug lines build lists per READ: only when someone will read them.
+        self._debug = structlog.get_logger().is_enabled_for(logging.DEBUG)
         self._reading = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -277,9 +280,15 @@ class Service:
             self._finish_read(read, exc)
             return
         read.chunks = read.blob.chunks_for(action.off, action.len)
-        log.debug("read_chunks", msg_id=action.msg_id, chunks=[c.digest[:12] for c in read.chunks])
         if read.chunks:
-            read.claim = self.fetcher.claim(read.chunks)
+            read.claim = claim = self.fetcher.claim(read.chunks)
+            if self._debug:
+                log.debug(
+                    "read_planned", msg_id=action.msg_id, span_off=read.chunks[0].offset,
+                    span_end=read.chunks[-1].end, digests=[c.digest[:12] for c in read.chunks],
+                    to_fetch=len(claim.owned), joined=len(claim.joined),
+                    cached=len(read.chunks) - len(claim.owned) - len(claim.joined),
+                )
             if read.claim.owned and not read.claim.joined:
                 self._batch.append(read)
                 if len(self._batch) == 1:
@@ -387,6 +396,9 @@ class Service:
         want_end = _round_up(action.off + action.len)
         if start + len(data) < want_end and start + len(data) >= blob.size:
             data += bytes(want_end - start - len(data))
+        if self._debug:
+            log.debug("read_writing", msg_id=action.msg_id, at=start, bytes=len(data),
+                      backend=self.backend.name)
         self.backend.fill(action.fd, data, start, action.msg_id, complete=True)
         read.completed = True
         return _round_up(len(data))

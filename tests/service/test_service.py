@@ -317,3 +317,17 @@ async def test_concurrency_bound_pauses_reading(make_env):
     await asyncio.wait_for(asyncio.gather(*(o.done.wait() for o in outs)), 10)
     assert all(o.present for o in outs)
     _all_complete_once(env.kernel)
+
+
+async def test_debug_log_follows_one_read(env):
+    """At debug level a READ can be followed step by step: planned, writing, completed."""
+    _ingest(env, 3 << 20)
+    obj = await env.kernel.open(b"data")
+    assert await env.kernel.read(obj, (1 << 20) + 8192, PAGE)
+    (msg_id,) = env.kernel.reads
+    steps = [e for e in env.logs if e.get("msg_id") == msg_id]
+    assert [e["event"] for e in steps] == ["read_planned", "read_writing", "read_completed"]
+    planned, writing, done = steps
+    assert (planned["span_off"], planned["span_end"], planned["to_fetch"]) == (1 << 20, 2 << 20, 1)
+    assert (writing["at"], writing["bytes"]) == (1 << 20, 1 << 20)
+    assert done["key"] == "data" and done["source"] == "local" and done["bytes"] == 1 << 20
