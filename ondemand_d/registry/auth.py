@@ -17,12 +17,14 @@ import binascii
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from ondemand_d.errors import ConfigError, FetchError
 
@@ -145,8 +147,12 @@ class Authenticator:
         scope: str,
         challenge: str,
         timeout: aiohttp.ClientTimeout,
+        plain_ok: Callable[[str], bool],
     ) -> str:
         """Turn a WWW-Authenticate challenge into an Authorization header value.
+
+        `plain_ok(host)` says whether credentials may travel over plain http to
+        `host` (the token realm may live on another host than the registry).
 
         Raises:
             FetchError: no usable credentials, or the token server refused or failed.
@@ -168,10 +174,16 @@ class Authenticator:
             scopes.append(params["scope"])
         query += [("scope", s) for s in scopes]
         headers = {"Authorization": creds.basic()} if creds is not None else {}
-        realm = params["realm"]
+        realm = URL(params["realm"])
+        if realm.scheme != "https" and not (
+            realm.scheme == "http" and plain_ok(realm.raw_authority or "")
+        ):
+            msg = f"{registry}: refusing token realm {realm.scheme}://{realm.host} (not https)"
+            raise FetchError(msg, retryable=False)
         try:
+            # No redirects: they could carry the basic credentials elsewhere.
             async with session.get(
-                realm, params=query, headers=headers, timeout=timeout, allow_redirects=True
+                realm, params=query, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
                 body = await resp.read()
                 status = resp.status

@@ -266,7 +266,7 @@ class RegistryClient:
                         raise FetchError(msg, retryable=False)
                     self._auth.forget(registry, scope)
                     authorization = await self._auth.answer(
-                        session, registry, scope, challenge, self._timeout()
+                        session, registry, scope, challenge, self._timeout(), self.may_use_http
                     )
                     answered = True
                     continue

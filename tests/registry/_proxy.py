@@ -57,6 +57,8 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     blob_bytes: int = 0
+    inflight: int = 0  # requests being answered now
+    max_inflight: int = 0
     storage_authorization: str | None = None  # what a signed storage URL would carry
     port: int = 0
     _server: asyncio.Server | None = None
@@ -102,6 +104,16 @@ class FaultProxy:
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         first = await reader.readexactly(1)
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return await self._answer(first, reader, writer)
+        finally:
+            self.inflight -= 1
+
+    async def _answer(
+        self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         if first == b"\x16":  # a TLS ClientHello (the client's https probe): not spoken here
             return False
         head = first + await reader.readuntil(b"\r\n\r\n")

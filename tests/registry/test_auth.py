@@ -11,13 +11,19 @@ import asyncio
 import base64
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
 from ondemand_d.errors import ConfigError, FetchError
 from ondemand_d.registry import reference
 from ondemand_d.registry.add import add
-from ondemand_d.registry.auth import Credentials, load_docker_config, parse_challenge
+from ondemand_d.registry.auth import (
+    Authenticator,
+    Credentials,
+    load_docker_config,
+    parse_challenge,
+)
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.config import RegistryConfig
 from ondemand_d.registry.push import push
@@ -191,3 +197,20 @@ async def test_plain_http_only_where_allowed(registry: Registry) -> None:
         assert client.may_use_http("127.0.0.1:1") and client.may_use_http("localhost:5000")
         assert (await client.base("reg.example")).scheme == "https"
         assert (await client.base(registry.host)).scheme == "http"
+
+
+async def test_credentials_never_sent_to_a_plain_http_realm() -> None:
+    """A challenge naming an http:// realm on a non-loopback host is refused before any I/O."""
+    auth = Authenticator({"reg.example": Credentials(USER, PASSWORD)})
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(FetchError, match="not https") as info:
+            await auth.answer(
+                session,
+                "reg.example",
+                "repository:a:pull",
+                'Bearer realm="http://auth.example/token",service="s"',
+                aiohttp.ClientTimeout(total=1),
+                lambda host: False,
+            )
+    assert not info.value.retryable
+    _assert_no_secret(str(info.value))

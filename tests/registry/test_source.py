@@ -247,3 +247,30 @@ def test_plan_property(spec: list[tuple[str, int, int]], max_units: int) -> None
             assert rr is not None and rr.blob == r.layer
             assert r.offset <= rr.offset and rr.offset + rr.length <= r.offset + r.length
         assert r.length <= max_units * unit or len({chunks[i].remote for i in r.members}) == 1
+
+
+async def test_concurrency_per_registry_is_bounded(remote: Remote) -> None:
+    """Twelve separate ranges with concurrency=3 never have more than 3 requests in flight."""
+    remote.proxy.add(Fault("delay", seconds=0.1, times=100))
+    source = RegistrySource(RegistryConfig(concurrency=3, prefetch_concurrency=1))
+    picks = remote.blob.chunks[0:24:2]  # no two adjacent: twelve Range GETs
+    try:
+        got = await asyncio.wait_for(source.fetch(remote.blob, picks), BOUND_S)
+    finally:
+        await source.aclose()
+    assert got == _expected(remote, picks)
+    assert remote.proxy.max_inflight == 3
+    assert len([s for s in remote.proxy.seen if "/blobs/" in s.path]) == 12
+
+
+async def test_retry_after_is_honoured(remote: Remote) -> None:
+    """A 429 with Retry-After: 1 delays the retry by about a second, not the backoff's 10 ms."""
+    remote.proxy.add(Fault("status", status=429, retry_after="1"))
+    source = RegistrySource(FAST)
+    start = time.monotonic()
+    try:
+        got = await asyncio.wait_for(source.fetch(remote.blob, remote.blob.chunks[:1]), BOUND_S)
+    finally:
+        await source.aclose()
+    assert got == _expected(remote, remote.blob.chunks[:1])
+    assert 0.9 <= time.monotonic() - start < 3
