@@ -325,6 +325,10 @@ async def test_debug_log_follows_one_read(env):
     obj = await env.kernel.open(b"data")
     assert await env.kernel.read(obj, (1 << 20) + 8192, PAGE)
     (msg_id,) = env.kernel.reads
+    for _ in range(100):  # the kernel saw the completion; the daemon logs right after
+        if env.service.objects.reads_in_flight == 0:
+            break
+        await asyncio.sleep(0.01)
     steps = [e for e in env.logs if e.get("msg_id") == msg_id]
     assert [e["event"] for e in steps] == ["read_planned", "read_writing", "read_completed"]
     planned, writing, done = steps
