@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ondemand_d.image.reader import DeviceRead, ImageReader
 from ondemand_d.store import LocalStore
 
 
@@ -42,3 +43,23 @@ def materialize(store: LocalStore, name: str, directory: str | os.PathLike[str])
         return path if path.exists() else write_blob(store, blob_id, path)
 
     return ImageFiles(one(image.bootstrap), tuple(one(b) for _, b in image.devices))
+
+
+def image_reader(store: LocalStore, name: str) -> ImageReader:
+    """An ImageReader over image `name`, reading (verified) chunks straight from the store."""
+    image = store.get_image(name)
+    boot = store.get_blob(image.bootstrap)
+    primary = b"".join(store.read_chunk(c) for c in boot.chunks)
+    return ImageReader(primary, [_range_reader(store, b) for _, b in image.devices])
+
+
+def _range_reader(store: LocalStore, blob_id: str) -> DeviceRead:
+    blob = store.get_blob(blob_id)
+
+    def read(offset: int, length: int) -> bytes:
+        chunks = blob.chunks_for(offset, length)
+        data = b"".join(store.read_chunk(c) for c in chunks)
+        start = offset - chunks[0].offset if chunks else 0
+        return data[start : start + length]
+
+    return read

@@ -19,6 +19,8 @@ from ondemand_d.image.format import MAX_NAME
 
 #: Linux refuses longer symlink targets (PATH_MAX - 1).
 MAX_SYMLINK = 4095
+#: (uid_t)-1 is no id: the kernel would show it as the overflow id 65534.
+MAX_ID = 2**32 - 1
 
 
 class Content(Protocol):
@@ -185,6 +187,9 @@ def check_node(node: Node, where: str) -> None:
     if node.fmt == stat.S_IFLNK and b"\0" in node.target:
         msg = f"symlink {where} has a NUL in its target"
         raise ImageError(msg)
+    if not (0 <= node.uid < MAX_ID and 0 <= node.gid < MAX_ID):
+        msg = f"{where} has uid/gid {node.uid}/{node.gid}; Linux ids are 0..{MAX_ID - 1}"
+        raise ImageError(msg)
     if node.fmt not in _FORMATS:
         msg = f"{where} has unsupported file type {node.fmt:#o}"
         raise ImageError(msg)
@@ -218,6 +223,7 @@ def validate(root: Node) -> None:
     if not root.is_dir:
         msg = "the root of an image must be a directory"
         raise ImageError(msg)
+    check_node(root, "/")
     seen_dirs = {id(root)}
     pending: list[tuple[bytes, Node]] = [(b"", root)]
     while pending:

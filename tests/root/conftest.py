@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Root-only tests: they mount images natively through loop devices."""
+
 from __future__ import annotations
 
 import os

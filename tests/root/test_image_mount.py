@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Built images mount on this kernel (loop devices, -o device=) and match their source."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,23 +23,34 @@ from ondemand_d.image.build import BuildOptions, build_image
 from ondemand_d.image.materialize import materialize
 from ondemand_d.image.source_dir import read_directory
 from ondemand_d.image.sources import open_source
-from ondemand_d.image.tree import Node, directory, regular, symlink
+from ondemand_d.image.tree import Node, directory, regular
 from ondemand_d.image.xattrs import FingerprintPrefix
 from ondemand_d.store import LocalStore
-from tests.root.erofs_tools import diff, fsck, mounted, snapshot_dir, snapshot_tree
+from tests.root.erofs_tools import diff, fsck, mounted, snapshot_dir, snapshot_tree, trees
 
 MiB = 1 << 20
 T0 = 1_700_000_000_123_456_789
 
 
-def _file(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] = (0, 0),
-          mtime_ns: int = T0, xattrs: dict[str, bytes] | None = None) -> None:
+def _file(
+    path: Path,
+    data: bytes,
+    mode: int = 0o644,
+    owner: tuple[int, int] = (0, 0),
+    mtime_ns: int = T0,
+    xattrs: dict[str, bytes] | None = None,
+) -> None:
     path.write_bytes(data)
     _meta(path, mode, owner, mtime_ns, xattrs)
 
 
-def _meta(path: Path, mode: int, owner: tuple[int, int], mtime_ns: int,
-          xattrs: dict[str, bytes] | None = None) -> None:
+def _meta(
+    path: Path,
+    mode: int,
+    owner: tuple[int, int],
+    mtime_ns: int,
+    xattrs: dict[str, bytes] | None = None,
+) -> None:
     os.chown(path, *owner, follow_symlinks=False)
     if not path.is_symlink():
         os.chmod(path, mode)
@@ -261,7 +273,7 @@ def test_unreadable_file_fails_cleanly(world_tmp: Path) -> None:
             message = "built"
         except ImageError as exc:
             message = f"ImageError: {exc}"
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             message = f"{type(exc).__name__}: {exc}"
         os.write(write_fd, message.encode())
         os._exit(0)
@@ -279,55 +291,11 @@ def _files(top: Path) -> list[Path]:
     return sorted(p for p in top.rglob("*") if not p.is_dir() and p.name != "lock")
 
 
-# -- property test -------------------------------------------------------------
-
-_names = st.binary(min_size=1, max_size=20).filter(
-    lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b"..")
-)
-_times = st.integers(min_value=0, max_value=2**33).map(lambda s: s * 10**9) | st.integers(
-    min_value=0, max_value=2**40
-)
-_xattrs = st.dictionaries(
-    st.sampled_from([b"user.a", b"user.bb", b"trusted.t", b"security.s"]),
-    st.binary(max_size=300), max_size=3,
-)
-_data = st.one_of(
-    st.binary(max_size=600),
-    st.integers(min_value=1, max_value=300_000).map(lambda n: (b"abcdefg" * n)[:n]),
-    st.integers(min_value=1, max_value=2 * MiB + 9).map(bytes),
-)
-
-
-def _leaf() -> st.SearchStrategy[Node]:
-    meta = {"mtime_ns": _times, "uid": st.integers(0, 70000), "gid": st.integers(0, 70000),
-            "xattrs": _xattrs}
-    return st.one_of(
-        st.builds(regular, _data, mode=st.integers(0, 0o7777), **meta),
-        st.builds(symlink, st.binary(min_size=1, max_size=200).filter(lambda t: b"\0" not in t),
-                  **meta),
-    )
-
-
-_trees = st.recursive(
-    _leaf(),
-    lambda kids: st.builds(
-        lambda children, mode, mtime, xattrs: _dir(children, mode, mtime, xattrs),
-        st.dictionaries(_names, kids, max_size=6), st.integers(0, 0o7777), _times, _xattrs,
-    ),
-    max_leaves=12,
-)
-
-
-def _dir(children: dict[bytes, Node], mode: int, mtime: int, xattrs: dict[bytes, bytes]) -> Node:
-    d = directory(mode, mtime_ns=mtime, xattrs=xattrs)
-    d.children.update(children)
-    return d
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(tree=_trees.filter(lambda n: n.is_dir), hard=st.booleans())
-def test_property_build_mount_compare(tmp_path_factory: pytest.TempPathFactory, tree: Node,
-                                      hard: bool) -> None:  # noqa: FBT001
+@given(tree=trees(), hard=st.booleans())
+def test_property_build_mount_compare(
+    tmp_path_factory: pytest.TempPathFactory, tree: Node, hard: bool
+) -> None:
     """Generated trees build, pass fsck, mount, and read back exactly."""
     tmp = tmp_path_factory.mktemp("prop")
     if hard:
@@ -347,8 +315,15 @@ def test_report_json_is_plain(tmp_path: Path) -> None:
     root = directory()
     root.children[b"f"] = regular(b"z" * 10000)
     r = build_image(root, LocalStore(tmp_path / "s"), "r", BuildOptions()).to_json()
-    assert set(json.loads(json.dumps(r))) >= {"files", "bytes", "chunks_total", "chunks_new",
-                                                "chunks_reused", "bytes_saved", "blobs"}
+    assert set(json.loads(json.dumps(r))) >= {
+        "files",
+        "bytes",
+        "chunks_total",
+        "chunks_new",
+        "chunks_reused",
+        "bytes_saved",
+        "blobs",
+    }
 
 
 def test_huge_sparse_file_over_4gib(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Whole builds into a store: fsck.erofs accepts them, dedup, determinism, atomicity."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,38 +29,49 @@ def sample_tree(extra: dict[bytes, Node] | None = None) -> Node:
     shared = regular(rnd[:20000], mtime_ns=T)
     big = directory(0o700, mtime_ns=T - 1, xattrs={b"user.d": b"1"})
     big.children.update({b"f%05d" % i: regular(b"%d" % i, mtime_ns=T) for i in range(600)})
-    root.children.update({
-        b"empty": regular(b"", mtime_ns=T),
-        b"inline": regular(b"tiny", mtime_ns=T, uid=3, gid=4),
-        b"odd": regular(rnd[:5000], 0o600, mtime_ns=T - 5, uid=100000, gid=200000),
-        b"big": regular(rnd[: 3 * MiB], mtime_ns=T, xattrs={b"trusted.t": b"v" * 5000}),
-        b"hole": regular(bytes(3 * MiB) + b"end", mtime_ns=T),
-        b"a-link": symlink(b"inline", mtime_ns=T),
-        b"h1": shared,
-        b"h2": shared,
-        b"bigdir": big,
-        b"null": Node(stat.S_IFCHR, 0o666, mtime_ns=T, rdev=(1, 3)),
-        b"fifo": Node(stat.S_IFIFO, 0o644, mtime_ns=T),
-        b"sock": Node(stat.S_IFSOCK, 0o755, mtime_ns=T),
-        b"x" * 255: regular(b"long name", mtime_ns=T),
-    })
+    root.children.update(
+        {
+            b"empty": regular(b"", mtime_ns=T),
+            b"inline": regular(b"tiny", mtime_ns=T, uid=3, gid=4),
+            b"odd": regular(rnd[:5000], 0o600, mtime_ns=T - 5, uid=100000, gid=200000),
+            b"big": regular(rnd[: 3 * MiB], mtime_ns=T, xattrs={b"trusted.t": b"v" * 5000}),
+            b"hole": regular(bytes(3 * MiB) + b"end", mtime_ns=T),
+            b"a-link": symlink(b"inline", mtime_ns=T),
+            b"h1": shared,
+            b"h2": shared,
+            b"bigdir": big,
+            b"null": Node(stat.S_IFCHR, 0o666, mtime_ns=T, rdev=(1, 3)),
+            b"fifo": Node(stat.S_IFIFO, 0o644, mtime_ns=T),
+            b"sock": Node(stat.S_IFSOCK, 0o755, mtime_ns=T),
+            b"x" * 255: regular(b"long name", mtime_ns=T),
+        }
+    )
     root.children.update(extra or {})
     return root
 
 
 def fsck_ok(files: ImageFiles, out: Path | None = None) -> None:
     extra = [f"--extract={out}"] if out else []
-    done = subprocess.run(["fsck.erofs", *extra, *files.fsck_args()], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        ["fsck.erofs", *extra, *files.fsck_args()], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def _dump(files: ImageFiles, path: str) -> dict[str, str]:
     """dump.erofs --path: its 'Key: value' pairs."""
-    out = subprocess.run(["dump.erofs", f"--path={path}", *files.fsck_args()],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["dump.erofs", f"--path={path}", *files.fsck_args()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     words = out.replace(":", " : ").split()
-    return {words[i - 1]: words[i + 1] for i, w in enumerate(words) if w == ":" and 0 < i < len(words) - 1}
+    return {
+        words[i - 1]: words[i + 1]
+        for i, w in enumerate(words)
+        if w == ":" and 0 < i < len(words) - 1
+    }
 
 
 def files_of(top: Path) -> list[Path]:
@@ -140,7 +152,9 @@ def test_deterministic_whatever_the_listing_order(tmp_path: Path) -> None:
     assert (ra.bootstrap, ra.blobs) == (rb.bootstrap, rb.blobs)
 
 
-def test_epoch_is_source_date_epoch_or_newest_mtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_epoch_is_source_date_epoch_or_newest_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No wall clock: SOURCE_DATE_EPOCH, else the newest mtime, lands in the superblock."""
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     assert default_epoch(sample_tree()) == (1_600_000_000, 0)
@@ -210,7 +224,7 @@ class _FullStore(LocalStore):
 def test_full_store_is_an_image_error_and_rolled_back(tmp_path: Path) -> None:
     """ENOSPC-style failures surface as ImageError and leave no file behind."""
     store = _FullStore(tmp_path / "store")
-    with pytest.raises(ImageError, match="full.*|left unchanged"):
+    with pytest.raises(ImageError, match="left unchanged"):
         build_image(sample_tree(), store, "full")
     assert files_of(tmp_path / "store") == []
 
@@ -250,3 +264,20 @@ def test_fingerprint_superblock_and_xattr(tmp_path: Path) -> None:
     at = sb.xattr_prefix_start * 4
     assert boot[at : at + 23] == bytes.fromhex("150000") + b"erofs.fingerprint.v1"
     assert b"sha256:" + hashlib.sha256(b"p" * 9000).digest() in boot
+
+
+def test_invalid_ids_and_targets_are_refused(tmp_path: Path) -> None:
+    """(uid_t)-1, empty or NUL symlink targets cannot be represented faithfully."""
+    store = LocalStore(tmp_path / "store")
+    for node, message in [
+        (regular(b"x", uid=2**32 - 1), "uid/gid"),
+        (symlink(b""), "target of 0 bytes"),
+        (symlink(b"a\0b"), "NUL"),
+        (symlink(b"t" * 4096), "target of 4096 bytes"),
+    ]:
+        with pytest.raises(ImageError, match=message):
+            build_image(sample_tree({b"bad": node}), store, "bad")
+    root = directory(uid=2**32 - 1)
+    with pytest.raises(ImageError, match="uid/gid"):
+        build_image(root, store, "bad")
+    assert files_of(tmp_path / "store") == []

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The per-file chunk policy, the dedup dictionary and the blob writer's store invariants."""
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,9 @@ def test_new_large_file_is_one_chunk_with_findable_pieces(store: LocalStore) -> 
     assert placed.chunkbits == 22 and placed.refs == (ChunkRef(NEW_BLOB, 0),)
     piece = hashlib.sha256(data[MiB : 2 * MiB]).hexdigest()
     assert p.dictionary.lookup(piece, MiB) == Extent(NEW_BLOB, MiB, MiB)
-    assert p.dictionary.lookup(hashlib.sha256(data).hexdigest(), len(data)) == Extent(NEW_BLOB, 0, len(data))
+    assert p.dictionary.lookup(hashlib.sha256(data).hexdigest(), len(data)) == Extent(
+        NEW_BLOB, 0, len(data)
+    )
 
 
 def test_shareable_large_file_is_split_and_reuses_pieces(store: LocalStore) -> None:
@@ -70,7 +73,11 @@ def test_shareable_large_file_is_split_and_reuses_pieces(store: LocalStore) -> N
     p = _planner(store, known)
     placed = p.place(BytesContent(data))
     assert placed.chunkbits == 20
-    assert placed.refs == (ChunkRef(NEW_BLOB, 0), ChunkRef("b" * 64, 8 * MiB), ChunkRef(NEW_BLOB, MiB))
+    assert placed.refs == (
+        ChunkRef(NEW_BLOB, 0),
+        ChunkRef("b" * 64, 8 * MiB),
+        ChunkRef(NEW_BLOB, MiB),
+    )
     assert (p.stats.new, p.stats.reused, p.stats.bytes_new) == (2, 1, 2 * MiB)
 
 
@@ -108,7 +115,9 @@ def test_blob_store_chunks_are_aligned_and_at_most_1mib(store: LocalStore) -> No
     again = ChunkDictionary.from_store(store)
     assert len(again) == len(p.writer.extents)
     assert again.lookup(hashlib.sha256(b"tail" * 10).hexdigest(), 40) == Extent(
-        blob.blob_id, 5 * MiB + 4096, 40  # after the first file, padded to 4 KiB
+        blob.blob_id,
+        5 * MiB + 4096,
+        40,  # after the first file, padded to 4 KiB
     )
 
 

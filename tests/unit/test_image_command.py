@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """`ondemand-d build`: arguments, the summary line, --json, errors and exit codes."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,19 @@ def test_build_json_and_replace(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (report["files"], report["chunks_new"], report["inline_files"]) == (2, 1, 1)
     assert main(["--store", store, "build", src, "--name", "app"]) == 1
     assert "pass --replace" in capsys.readouterr().err
-    argv = ["--store", store, "build", src, "--name", "app", "--replace", "--json",
-            "--chunk-size", "64K", "--fingerprint"]
+    argv = [
+        "--store",
+        store,
+        "build",
+        src,
+        "--name",
+        "app",
+        "--replace",
+        "--json",
+        "--chunk-size",
+        "64K",
+        "--fingerprint",
+    ]
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["chunks_reused"] == 1 and again["new_blob"] is None

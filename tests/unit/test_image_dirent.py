@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Directory blocks: sorting, splitting and the end-of-data rule (spec §4)."""
+
 from __future__ import annotations
 
 from hypothesis import given

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Reading a directory: types, hard links, xattrs, sorted and without following symlinks."""
+
 from __future__ import annotations
 
 import os

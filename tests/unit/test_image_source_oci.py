@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """OCI image layouts: index -> manifest -> layers, platform choice, verification."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,17 +41,39 @@ def make_layout(tmp: Path, platforms: tuple[str, ...] = ("amd64",), nested: bool
     lower = make_layer(tmp / "lower.tar", BASE, "gzip").read_bytes()
     manifests = []
     for arch in platforms:
-        upper = make_layer(tmp / f"upper-{arch}.tar", [("etc/.wh.gone", "f", b""),
-                                                         ("arch", "f", arch.encode())], "zstd")
-        config = _blob(layout, json.dumps({"architecture": arch, "os": "linux"}).encode(),
-                       "application/vnd.oci.image.config.v1+json")
-        manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "config": config,
-                    "layers": [_blob(layout, lower, LAYER_GZ), _blob(layout, upper.read_bytes(), LAYER_ZST)]}
-        manifests.append(_blob(layout, json.dumps(manifest).encode(), MANIFEST,
-                               platform={"os": "linux", "architecture": arch}))
+        upper = make_layer(
+            tmp / f"upper-{arch}.tar",
+            [("etc/.wh.gone", "f", b""), ("arch", "f", arch.encode())],
+            "zstd",
+        )
+        config = _blob(
+            layout,
+            json.dumps({"architecture": arch, "os": "linux"}).encode(),
+            "application/vnd.oci.image.config.v1+json",
+        )
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": config,
+            "layers": [
+                _blob(layout, lower, LAYER_GZ),
+                _blob(layout, upper.read_bytes(), LAYER_ZST),
+            ],
+        }
+        manifests.append(
+            _blob(
+                layout,
+                json.dumps(manifest).encode(),
+                MANIFEST,
+                platform={"os": "linux", "architecture": arch},
+            )
+        )
     index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}
     if nested:
-        index = {"schemaVersion": 2, "manifests": [_blob(layout, json.dumps(index).encode(), INDEX)]}
+        index = {
+            "schemaVersion": 2,
+            "manifests": [_blob(layout, json.dumps(index).encode(), INDEX)],
+        }
     (layout / "index.json").write_text(json.dumps(index))
     return layout
 
@@ -63,8 +86,12 @@ def test_layout_builds_and_fscks(tmp_path: Path) -> None:
         assert sorted(root.children[b"etc"].children) == [b"passwd"]
         build_image(root, store, "oci")
     files = materialize(store, "oci", tmp_path / "b")
-    done = subprocess.run(["fsck.erofs", f"--extract={tmp_path / 'out'}", *files.fsck_args()],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["fsck.erofs", f"--extract={tmp_path / 'out'}", *files.fsck_args()],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "arch").read_text() == "amd64"
     assert (tmp_path / "out" / "bin" / "sh").read_bytes() == b"#!" * 3000

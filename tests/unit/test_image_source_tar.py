@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Layer tarballs: compression, whiteouts, opaque dirs, links, metadata, and hostile input."""
+
 from __future__ import annotations
 
 import gzip
@@ -18,8 +19,12 @@ from ondemand_d.image.tree import Node
 Member = tuple[str, str, bytes | str]  # (name, kind, data or link target)
 
 
-def make_layer(path: Path, members: list[Member], compression: str = "none",
-               pax: dict[str, dict[str, str]] | None = None) -> Path:
+def make_layer(
+    path: Path,
+    members: list[Member],
+    compression: str = "none",
+    pax: dict[str, dict[str, str]] | None = None,
+) -> Path:
     """Write a tar layer: kinds f(ile) d(ir) l(symlink) h(ardlink) c(hardev) p(fifo)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -33,8 +38,13 @@ def make_layer(path: Path, members: list[Member], compression: str = "none",
                 assert isinstance(data, bytes)
                 info.size, body = len(data), io.BytesIO(data)
             else:
-                info.type = {"d": tarfile.DIRTYPE, "l": tarfile.SYMTYPE, "h": tarfile.LNKTYPE,
-                             "c": tarfile.CHRTYPE, "p": tarfile.FIFOTYPE}[kind]
+                info.type = {
+                    "d": tarfile.DIRTYPE,
+                    "l": tarfile.SYMTYPE,
+                    "h": tarfile.LNKTYPE,
+                    "c": tarfile.CHRTYPE,
+                    "p": tarfile.FIFOTYPE,
+                }[kind]
                 if kind in "lh":
                     assert isinstance(data, str)
                     info.linkname = data
@@ -90,13 +100,17 @@ def test_layer_compressions_give_the_same_tree(tmp_path: Path, compression: str)
 def test_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
     """.wh.NAME removes a lower entry; .wh..wh..opq hides the lower dir's content only."""
     lower = make_layer(tmp_path / "1.tar", BASE)
-    upper = make_layer(tmp_path / "2.tar", [
-        ("opq/new", "f", b"new"),  # before the marker in the same layer: must survive
-        ("opq/.wh..wh..opq", "f", b""),
-        ("etc/.wh.gone", "f", b""),
-        ("etc/passwd", "f", b"root:x:0:0:changed\n"),
-        ("nothere/.wh.x", "f", b""),  # a whiteout for nothing is harmless
-    ], "gzip")
+    upper = make_layer(
+        tmp_path / "2.tar",
+        [
+            ("opq/new", "f", b"new"),  # before the marker in the same layer: must survive
+            ("opq/.wh..wh..opq", "f", b""),
+            ("etc/.wh.gone", "f", b""),
+            ("etc/passwd", "f", b"root:x:0:0:changed\n"),
+            ("nothere/.wh.x", "f", b""),  # a whiteout for nothing is harmless
+        ],
+        "gzip",
+    )
     with read_layers([lower, upper]) as stack:
         root = stack.root
         assert sorted(root.children[b"etc"].children) == [b"passwd"]
@@ -107,27 +121,37 @@ def test_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
 
 def test_pax_xattrs_and_nanosecond_mtime(tmp_path: Path) -> None:
     """SCHILY.xattr.* become xattrs; a PAX mtime keeps its nanoseconds."""
-    layer = make_layer(tmp_path / "x.tar", [("f", "f", b"data")], pax={"f": {
-        "SCHILY.xattr.user.k": "v", "SCHILY.xattr.security.capability": "cap",
-        "mtime": "1700000000.123456789",
-    }})
+    layer = make_layer(
+        tmp_path / "x.tar",
+        [("f", "f", b"data")],
+        pax={
+            "f": {
+                "SCHILY.xattr.user.k": "v",
+                "SCHILY.xattr.security.capability": "cap",
+                "mtime": "1700000000.123456789",
+            }
+        },
+    )
     with read_layers([layer]) as stack:
         f = stack.root.children[b"f"]
         assert f.xattrs == {b"user.k": b"v", b"security.capability": b"cap"}
         assert f.mtime_ns == 1_700_000_000_123_456_789
 
 
-@pytest.mark.parametrize(("members", "message"), [
-    ([("../evil", "f", b"x")], "escapes the root"),
-    ([("a/../../evil", "f", b"x")], "escapes the root"),
-    ([("/etc/passwd", "f", b"x")], "absolute path"),
-    ([("link", "l", "/etc"), ("link/passwd", "f", b"x")], "goes through symlink"),
-    ([("d", "l", "."), ("d/.wh..wh..opq", "f", b"")], "goes through symlink"),
-    ([("h", "h", "../../etc/shadow")], "escapes the root"),
-    ([("h", "h", "missing")], "no file to point at"),
-    ([("f", "f", b"x"), ("f/g", "f", b"y")], "to be a directory"),
-    ([("n" * 256, "f", b"x")], "at most 255"),
-])
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([("../evil", "f", b"x")], "escapes the root"),
+        ([("a/../../evil", "f", b"x")], "escapes the root"),
+        ([("/etc/passwd", "f", b"x")], "absolute path"),
+        ([("link", "l", "/etc"), ("link/passwd", "f", b"x")], "goes through symlink"),
+        ([("d", "l", "."), ("d/.wh..wh..opq", "f", b"")], "goes through symlink"),
+        ([("h", "h", "../../etc/shadow")], "escapes the root"),
+        ([("h", "h", "missing")], "no file to point at"),
+        ([("f", "f", b"x"), ("f/g", "f", b"y")], "to be a directory"),
+        ([("n" * 256, "f", b"x")], "at most 255"),
+    ],
+)
 def test_hostile_members_are_refused(tmp_path: Path, members: list[Member], message: str) -> None:
     """Paths that would escape the root or run through a symlink fail with a clear error."""
     layer = make_layer(tmp_path / "bad.tar", members)
