@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import io
 import random
 import socket
 import ssl
@@ -49,6 +50,8 @@ log = structlog.get_logger()
 T = TypeVar("T")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 5
+#: Bodies above this are handed to aiohttp as a file object.
+_INLINE_BODY = 1 << 20
 #: Seconds the https probe of an http-allowed registry may take.
 _PROBE_TIMEOUT = 3.0
 
@@ -238,7 +241,7 @@ class RegistryClient:
                 method,
                 url,
                 headers=send,
-                data=body() if body else None,
+                data=_payload(body),
                 allow_redirects=False,
                 timeout=self._timeout(),
             ) as resp:
@@ -401,3 +404,11 @@ def _unreachable(err: OSError) -> bool:
     if isinstance(err, ConnectionRefusedError | socket.gaierror):
         return True
     return err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT)
+
+
+def _payload(body: Body) -> bytes | io.BytesIO | None:
+    """Large bodies go as a file object, which aiohttp sends in pieces (sized, not chunked)."""
+    if body is None:
+        return None
+    data = body()
+    return io.BytesIO(data) if len(data) > _INLINE_BODY else data
