@@ -4,7 +4,9 @@
 The guest (spec/vm.md) boots the kernel from :mod:`ondemand_d.guest.kernel` with:
 
 * the host's ``/`` as its root, read-only over virtio-9p: host binaries, the host's Python and
-  this package run unchanged; tmpfs covers ``/run``, ``/tmp``, ``/mnt`` and ``/dev/shm``;
+  this package run unchanged; tmpfs covers ``/run``, ``/tmp``, ``/mnt`` and ``/dev/shm``.
+  The root is mounted ``cache=loose`` (Python start-up is about twice as fast under TCG), so
+  a host file changed during a boot may be seen stale: put inputs in the results dir;
 * a fresh sparse ext4 disk (``/dev/vda``) mounted at ``/mnt/cache`` (cachefiles cannot bind
   on tmpfs);
 * a writable 9p share, the *results dir*, mounted **at the same path as on the host** (and
@@ -161,7 +163,7 @@ def qemu_argv(bzimage: Path, results_dir: Path, cache_disk: Path, *, memory_mb: 
     accel = os.environ.get("ONDEMAND_D_GUEST_ACCEL", "tcg")
     append = " ".join([
         "console=ttyS0", "root=/dev/root", "rootfstype=9p",
-        "rootflags=trans=virtio,version=9p2000.L,msize=512000", "ro", "panic=-1", "quiet",
+        "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose", "ro", "panic=-1", "quiet",
         "init=/bin/sh", f"ODG_RESULTS={results_dir}", f"ODG_CACHE={GUEST_CACHE}",
         f"PATH={path or guest_path()}", "--", str(init_script()),
     ])

@@ -167,7 +167,7 @@ def _module(test_file: str) -> Any:
 
 def _check_names(test_file: str) -> list[str]:
     module = _module(test_file)
-    return sorted(n for n in vars(module) if n.startswith("check_")) if module else []
+    return [n for n in vars(module) if n.startswith("check_")] if module else []
 
 
 def _guard_of(test_file: str, name: str) -> float:

@@ -286,6 +286,18 @@ class Daemon:
                     out.append(rec)
         return out
 
+    def mark(self) -> None:
+        """Make events() (and log_tail) start from here: per-check views of a shared daemon."""
+        self.offset = self.log.stat().st_size if self.log.exists() else 0
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log.exists():
+            return ""
+        with self.log.open("rb") as fh:
+            fh.seek(getattr(self, "offset", 0))
+            text = fh.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -5,7 +5,8 @@ Usage (inside the guest, started by conftest's ``guest_checks`` fixture)::
 
     python harness.py TEST_FILE OUT_JSON [CHECK ...]
 
-Each check runs as ``check(ctx)`` with a :class:`Ctx` and records passed / failed (with the
+Checks run in definition order (all of them unless CHECKs are named), then the module's
+``teardown()`` if it has one (recorded as "teardown"). Each check runs as ``check(ctx)`` with a :class:`Ctx` and records passed / failed (with the
 traceback) / hung into OUT_JSON, rewritten after every check so a guest killed half-way
 still reports what ran. A check's wall-clock guard is ``check.timeout`` seconds (default 60,
 set with :func:`guestlib.guard`): a SIGALRM interrupts the check at that time; if it is
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    names = names or sorted(n for n in vars(module) if n.startswith("check_"))
+    names = names or [n for n in vars(module) if n.startswith("check_")]  # definition order
     results: dict[str, dict[str, Any]] = {n: {"status": "not_run"} for n in names}
     out = Path(out_json)
     lock = threading.Lock()
@@ -109,6 +110,15 @@ def main(argv: list[str]) -> int:
         record.update(seconds=round(time.monotonic() - started, 3), data=ctx.data)
         save()
         print(f"harness: {name} {record['status']} in {record['seconds']} s", flush=True)
+    teardown = getattr(module, "teardown", None)
+    if teardown is not None:  # module-level clean-up (e.g. a daemon shared by checks)
+        try:
+            teardown()
+            results["teardown"] = {"status": "passed"}
+        except Exception as exc:  # noqa: BLE001 - recorded for the host
+            results["teardown"] = {"status": "failed",
+                                   "error": "".join(traceback.format_exception(exc))}
+        save()
     return 0
 
 

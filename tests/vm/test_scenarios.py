@@ -94,7 +94,7 @@ def _damage(store: Path, blob_path: Path, victim: Path, how: str) -> str:
 
 def prepare_inputs(base: Path) -> dict[str, Any]:
     """Build trees, images and stores under ``base``; return the manifest the guest reads."""
-    trees, images, store, bad = base / "trees", base / "images", base / "store", base / "store-bad"
+    trees, images, store = base / "trees", base / "images", base / "store"
     images.mkdir(parents=True)
     _write_tree(trees / "small", 1, 40, 300_000)
     _write_tree(trees / "big", 2, 320, 100_000)        # ~16 MB, hundreds of files
@@ -136,13 +136,14 @@ def prepare_inputs(base: Path) -> dict[str, Any]:
     # a store whose chunks for two files are missing / corrupt
     _mkfs(images / "bad.erofs", bad_tree, f"--chunksize={EROFS_CHUNK}",
           f"--blobdev={images / 'bad.blob'}")
-    _import(bad, "bad", images / "bad.erofs", f"{images / 'bad.blob'}=bad-data")
+    # (the victims' chunks are unique to them, so damaging them harms no other image)
+    _import(store, "bad", images / "bad.erofs", f"{images / 'bad.blob'}=bad-data")
     damaged = {
-        "missing": _damage(bad, images / "bad.blob", bad_tree / "victim-missing.bin", "missing"),
-        "corrupt": _damage(bad, images / "bad.blob", bad_tree / "victim-corrupt.bin", "corrupt"),
+        "missing": _damage(store, images / "bad.blob", bad_tree / "victim-missing.bin", "missing"),
+        "corrupt": _damage(store, images / "bad.blob", bad_tree / "victim-corrupt.bin", "corrupt"),
     }
     manifest = {
-        "store": str(store), "store_bad": str(bad), "damaged": damaged,
+        "store": str(store), "damaged": damaged,
         "trees": {t.name: _manifest(t) for t in trees.iterdir()},
         "sources": {t.name: str(t) for t in trees.iterdir()},
     }
@@ -201,6 +202,11 @@ def test_eight_parallel_readers(checks: Any) -> None:
     checks.passed("check_parallel_readers")
 
 
+def test_shared_daemon_exits_0_on_sigterm(checks: Any) -> None:
+    """The daemon that served the first six checks drains and exits 0 on SIGTERM."""
+    assert checks.record("teardown").get("status") == "passed", checks.record("teardown")
+
+
 def test_daemon_killed_then_new_daemon(checks: Any) -> None:
     """Killed daemon: uncached reads error out (no hang); after remount a new daemon serves."""
     checks.passed("check_daemon_killed")
@@ -213,9 +219,37 @@ def _inputs(ctx: Any) -> dict[str, Any]:
     return json.loads((ctx.out.parent / "inputs" / "manifest.json").read_text())
 
 
-def _daemon(ctx: Any, store: str, tag: str | None = None, cache: Path | None = None) -> Daemon:
-    return Daemon(Path(store), cache or ctx.cache / "fscache", ctx.out / "daemon.log",
-                  tag=tag or ctx.name.replace("check_", "t-"))
+_SHARED: list[Daemon] = []
+
+
+def _shared(ctx: Any) -> Daemon:
+    """One daemon for the checks that need no restart (Python start-up under TCG costs 3-8 s).
+
+    Only one process may hold /dev/cachefiles, so checks that run their own daemons come last
+    and stop this one first. Its log is per-check via mark(); teardown() stops it (SIGTERM,
+    exit 0 expected).
+    """
+    inp = _inputs(ctx)
+    if not _SHARED or not _SHARED[0].alive():
+        cache = Path(os.environ.get("ODG_CACHE", "/mnt/cache")) / "shared-fscache"
+        _SHARED[:] = [Daemon(Path(inp["store"]), cache, ctx.out.parent / "shared-daemon.log",
+                             tag="shared").start()]
+    _SHARED[0].mark()
+    return _SHARED[0]
+
+
+def teardown() -> None:
+    """Stop the shared daemon: SIGTERM must drain and exit 0."""
+    if _SHARED and _SHARED[0].alive():
+        rc = _SHARED[0].stop()
+        assert rc == 0, f"shared daemon exited {rc} on SIGTERM"
+
+
+def _own_daemon(ctx: Any, log: str = "daemon.log") -> Daemon:
+    """A daemon of the check's own (stops the shared one: one device opener at a time)."""
+    teardown()
+    return Daemon(Path(_inputs(ctx)["store"]), ctx.cache / "fscache", ctx.out / log,
+                  tag=ctx.name.replace("check_", "t-"))
 
 
 def _check_tree(mnt: str, expected: dict[str, str]) -> int:
@@ -238,142 +272,176 @@ def _umount(target: str) -> None:
 
 
 def _log_tail(daemon: Daemon, n: int = 30) -> str:
-    return "\n".join(daemon.log.read_text(errors="replace").splitlines()[-n:])
+    return daemon.log_tail(n)
 
 
 @guard(120)
 def check_formats(ctx: Any) -> None:
     inp = _inputs(ctx)
     ctx.data["read"] = {}
-    with _daemon(ctx, inp["store"]) as daemon:
-        for name in ("flat", "noinline", "chunked", "blobdev"):
-            mnt = f"/mnt/{name}"
-            devices = (f"{name}-data",) if name == "blobdev" else ()
-            _mount(mnt, name, devices=devices)
-            try:
-                ctx.data["read"][name] = _check_tree(mnt, inp["trees"]["small"])
-                assert os.readlink(f"{mnt}/link") == "d0/e0/f0000.bin"
-                assert os.path.isdir(f"{mnt}/emptydir")
-            finally:
-                _umount(mnt)
-        assert daemon.alive()
-        ctx.data["events"] = len(daemon.events())
-        assert daemon.stop() == 0
+    daemon = _shared(ctx)
+    for name in ("flat", "noinline", "chunked", "blobdev"):
+        mnt = f"/mnt/{name}"
+        devices = (f"{name}-data",) if name == "blobdev" else ()
+        _mount(mnt, name, devices=devices)
+        try:
+            ctx.data["read"][name] = _check_tree(mnt, inp["trees"]["small"])
+            assert os.readlink(f"{mnt}/link") == "d0/e0/f0000.bin"
+            assert os.path.isdir(f"{mnt}/emptydir")
+        finally:
+            _umount(mnt)
+    ctx.data["events"] = len(daemon.events())
+    assert daemon.alive()
 
 
 @guard(90)
 def check_share_domain(ctx: Any) -> None:
     inp = _inputs(ctx)
-    with _daemon(ctx, inp["store"]) as daemon:
-        for name in ("dom-a", "dom-b"):
-            _mount(f"/mnt/{name}", name, domain="dom", devices=("shared-data",))
-        for name in ("dom-a", "dom-b"):
-            _check_tree(f"/mnt/{name}", inp["trees"]["small"])
-        opens = daemon.events("opened", key="shared-data")
-        ctx.data["shared_opens"] = len(opens)
-        assert len(opens) == 1, f"shared blob OPENed {len(opens)} times:\n{_log_tail(daemon)}"
-        shared_obj = opens[0]["object_id"]
-        _umount("/mnt/dom-a")
-        time.sleep(0.5)
-        closed = [e for e in daemon.events("closed") if e.get("object_id") == shared_obj]
-        assert not closed, f"shared blob CLOSEd while dom-b is mounted: {closed}"
-        _check_tree("/mnt/dom-b", inp["trees"]["small"])
-        _umount("/mnt/dom-b")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not [
-                e for e in daemon.events("closed") if e.get("object_id") == shared_obj]:
-            time.sleep(0.1)
-        closed = [e for e in daemon.events("closed") if e.get("object_id") == shared_obj]
-        assert len(closed) == 1, f"shared blob not CLOSEd after the last umount:\n" \
-                                 f"{_log_tail(daemon)}"
-        assert daemon.stop() == 0
+    daemon = _shared(ctx)
+    for name in ("dom-a", "dom-b"):
+        _mount(f"/mnt/{name}", name, domain="dom", devices=("shared-data",))
+    for name in ("dom-a", "dom-b"):
+        _check_tree(f"/mnt/{name}", inp["trees"]["small"])
+    opens = daemon.events("opened", key="shared-data")
+    ctx.data["shared_opens"] = len(opens)
+    assert len(opens) == 1, f"shared blob OPENed {len(opens)} times:\n{_log_tail(daemon)}"
+    shared_obj = opens[0]["object_id"]
+    _umount("/mnt/dom-a")
+    time.sleep(0.5)
+    closed = [e for e in daemon.events("closed") if e.get("object_id") == shared_obj]
+    assert not closed, f"shared blob CLOSEd while dom-b is mounted: {closed}"
+    _check_tree("/mnt/dom-b", inp["trees"]["small"])
+    _umount("/mnt/dom-b")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not [
+            e for e in daemon.events("closed") if e.get("object_id") == shared_obj]:
+        time.sleep(0.1)
+    closed = [e for e in daemon.events("closed") if e.get("object_id") == shared_obj]
+    assert len(closed) == 1, f"shared blob not CLOSEd after the last umount:\n" \
+                             f"{_log_tail(daemon)}"
+    assert daemon.alive()
 
 
 @guard(150)
 def check_many_and_remount(ctx: Any) -> None:
     inp = _inputs(ctx)
-    with _daemon(ctx, inp["store"]) as daemon:
-        for i in range(8):
-            _mount(f"/mnt/many{i}", f"many{i}")
-        for i in range(8):
-            _check_tree(f"/mnt/many{i}", inp["trees"][f"many{i}"])
-        # remount (MS_REMOUNT | MS_RDONLY) with the same fsid / domain_id options
-        ms_rdonly, ms_remount = 1, 32
-        rc = mount_in_child("none", "/mnt/many0", "erofs", "fsid=many0",
-                            flags=ms_remount | ms_rdonly)
-        ctx.data["remount_fsid"] = errname(rc)
-        _mount("/mnt/dom-a", "dom-a", domain="dom", devices=("shared-data",))
-        rc2 = mount_in_child("none", "/mnt/dom-a", "erofs",
-                             "fsid=dom-a,domain_id=dom,device=shared-data",
-                             flags=ms_remount | ms_rdonly)
-        ctx.data["remount_domain"] = errname(rc2)
-        _check_tree("/mnt/many0", inp["trees"]["many0"])
-        _check_tree("/mnt/dom-a", inp["trees"]["small"])
-        assert rc == 0 and rc2 == 0, ctx.data
-        # umount and mount again by fsid: served again
-        for target in ("/mnt/many0", "/mnt/dom-a"):
-            _umount(target)
-        _mount("/mnt/many0", "many0")
-        _mount("/mnt/dom-a", "dom-a", domain="dom", devices=("shared-data",))
-        drop_caches()
-        _check_tree("/mnt/many0", inp["trees"]["many0"])
-        _check_tree("/mnt/dom-a", inp["trees"]["small"])
-        for target in ["/mnt/dom-a", *(f"/mnt/many{i}" for i in range(8))]:
-            _umount(target)
-        assert daemon.stop() == 0
+    daemon = _shared(ctx)
+    for i in range(8):
+        _mount(f"/mnt/many{i}", f"many{i}")
+    for i in range(8):
+        _check_tree(f"/mnt/many{i}", inp["trees"][f"many{i}"])
+    # remount (MS_REMOUNT | MS_RDONLY) with the same fsid / domain_id options
+    ms_rdonly, ms_remount = 1, 32
+    rc = mount_in_child("none", "/mnt/many0", "erofs", "fsid=many0",
+                        flags=ms_remount | ms_rdonly)
+    ctx.data["remount_fsid"] = errname(rc)
+    _mount("/mnt/dom-a", "dom-a", domain="dom", devices=("shared-data",))
+    rc2 = mount_in_child("none", "/mnt/dom-a", "erofs",
+                         "fsid=dom-a,domain_id=dom,device=shared-data",
+                         flags=ms_remount | ms_rdonly)
+    ctx.data["remount_domain"] = errname(rc2)
+    _check_tree("/mnt/many0", inp["trees"]["many0"])
+    _check_tree("/mnt/dom-a", inp["trees"]["small"])
+    assert rc == 0 and rc2 == 0, ctx.data
+    # umount and mount again by fsid: served again
+    for target in ("/mnt/many0", "/mnt/dom-a"):
+        _umount(target)
+    _mount("/mnt/many0", "many0")
+    _mount("/mnt/dom-a", "dom-a", domain="dom", devices=("shared-data",))
+    drop_caches()
+    _check_tree("/mnt/many0", inp["trees"]["many0"])
+    _check_tree("/mnt/dom-a", inp["trees"]["small"])
+    for target in ["/mnt/dom-a", *(f"/mnt/many{i}" for i in range(8))]:
+        _umount(target)
+    assert daemon.alive()
 
 
 @guard(60)
 def check_unknown_fsid(ctx: Any) -> None:
     inp = _inputs(ctx)
-    with _daemon(ctx, inp["store"]) as daemon:
-        started = time.monotonic()
-        rc = mount_erofs("/mnt/nope", "no-such-image", timeout=20)
-        ctx.data["mount"] = errname(rc)
-        ctx.data["seconds"] = round(time.monotonic() - started, 2)
-        assert rc is not None, "mount of an unknown fsid hung"
-        assert rc != 0, "mount of an unknown fsid succeeded"
-        assert ctx.data["seconds"] < 10
-        named = [e for e in daemon.events() if e.get("key") == "no-such-image"]
-        assert named, f"the daemon log does not name the key:\n{_log_tail(daemon)}"
-        ctx.data["logged"] = named
-        assert daemon.alive()
-        _mount("/mnt/flat", "flat")     # and it still serves
-        _check_tree("/mnt/flat", inp["trees"]["small"])
-        _umount("/mnt/flat")
-        assert daemon.stop() == 0
+    daemon = _shared(ctx)
+    started = time.monotonic()
+    rc = mount_erofs("/mnt/nope", "no-such-image", timeout=20)
+    ctx.data["mount"] = errname(rc)
+    ctx.data["seconds"] = round(time.monotonic() - started, 2)
+    assert rc is not None, "mount of an unknown fsid hung"
+    assert rc != 0, "mount of an unknown fsid succeeded"
+    assert ctx.data["seconds"] < 10
+    named = [e for e in daemon.events() if e.get("key") == "no-such-image"]
+    assert named, f"the daemon log does not name the key:\n{_log_tail(daemon)}"
+    ctx.data["logged"] = named
+    assert daemon.alive()
+    _mount("/mnt/flat", "flat")     # and it still serves
+    _check_tree("/mnt/flat", inp["trees"]["small"])
+    _umount("/mnt/flat")
+    assert daemon.alive()
 
 
 @guard(120)
 def check_bad_chunks(ctx: Any) -> None:
     inp = _inputs(ctx)
     expected = inp["trees"]["bad"]
-    with _daemon(ctx, inp["store_bad"]) as daemon:
-        _mount("/mnt/bad", "bad", devices=("bad-data",))
-        for victim in ("victim-missing.bin", "victim-corrupt.bin"):
-            started = time.monotonic()
-            verdict, _ = read_in_child(f"/mnt/bad/{victim}", timeout=30)
-            seconds = round(time.monotonic() - started, 2)
-            ctx.data[victim] = {"verdict": verdict, "seconds": seconds}
-            assert verdict == "EIO", f"{victim}: {verdict} after {seconds} s\n{_log_tail(daemon)}"
-            assert seconds < 15
-        others = {k: v for k, v in expected.items() if not k.startswith("victim")}
-        got = {}
-        for rel in others:
-            got[rel] = hashlib.sha256(Path("/mnt/bad", rel).read_bytes()).hexdigest()
-        assert got == others, "files beside the damaged ones read wrong"
-        failed = [e for e in daemon.events("read_completed") if e.get("outcome") != "ok"]
-        ctx.data["failed_reads"] = len(failed)
-        assert failed, "no failed READ in the daemon log"
-        assert daemon.alive(), "daemon died on a bad chunk"
-        _umount("/mnt/bad")
-        assert daemon.stop() == 0
+    daemon = _shared(ctx)
+    _mount("/mnt/bad", "bad", devices=("bad-data",))
+    for victim in ("victim-missing.bin", "victim-corrupt.bin"):
+        started = time.monotonic()
+        verdict, _ = read_in_child(f"/mnt/bad/{victim}", timeout=30)
+        seconds = round(time.monotonic() - started, 2)
+        ctx.data[victim] = {"verdict": verdict, "seconds": seconds}
+        assert verdict == "EIO", f"{victim}: {verdict} after {seconds} s\n{_log_tail(daemon)}"
+        assert seconds < 15
+    others = {k: v for k, v in expected.items() if not k.startswith("victim")}
+    got = {}
+    for rel in others:
+        got[rel] = hashlib.sha256(Path("/mnt/bad", rel).read_bytes()).hexdigest()
+    assert got == others, "files beside the damaged ones read wrong"
+    failed = [e for e in daemon.events("read_completed") if e.get("outcome") != "ok"]
+    ctx.data["failed_reads"] = len(failed)
+    assert failed, "no failed READ in the daemon log"
+    assert daemon.alive(), "daemon died on a bad chunk"
+    _umount("/mnt/bad")
+    assert daemon.alive()
+
+
+@guard(240)
+def check_parallel_readers(ctx: Any) -> None:
+    inp = _inputs(ctx)
+    expected = inp["trees"]["big"]
+    daemon = _shared(ctx)
+    _mount("/mnt/big", "big", devices=("big-data",))
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        names = sorted(expected)
+        random.Random(seed).shuffle(names)
+        for rel in names:
+            try:
+                digest = hashlib.sha256(Path("/mnt/big", rel).read_bytes()).hexdigest()
+            except OSError as exc:
+                errors.append(f"{rel}: {exc}")
+                continue
+            if digest != expected[rel]:
+                errors.append(f"{rel}: wrong bytes")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ctx.data["seconds"] = round(time.monotonic() - started, 2)
+    ctx.data["files"] = len(expected)
+    ctx.data["bytes"] = sum(Path("/mnt/big", r).stat().st_size for r in expected)
+    ctx.data["reads"] = len(daemon.events("read_completed"))
+    assert not errors, errors[:10]
+    _umount("/mnt/big")
+    assert daemon.alive()
 
 
 @guard(120)
 def check_persistence(ctx: Any) -> None:
     inp = _inputs(ctx)
-    first = _daemon(ctx, inp["store"]).start()
+    first = _own_daemon(ctx).start()
     try:
         _mount("/mnt/p", "persist", devices=("persist-data",))
         _check_tree("/mnt/p", inp["trees"]["small"])
@@ -382,9 +450,7 @@ def check_persistence(ctx: Any) -> None:
         assert first.stop() == 0
     finally:
         first.kill()
-    second = _daemon(ctx, inp["store"])
-    second.log = ctx.out / "daemon2.log"
-    second.start()
+    second = _own_daemon(ctx, "daemon2.log").start()
     try:
         drop_caches()
         _mount("/mnt/p", "persist", devices=("persist-data",))
@@ -399,40 +465,6 @@ def check_persistence(ctx: Any) -> None:
         second.kill()
 
 
-@guard(240)
-def check_parallel_readers(ctx: Any) -> None:
-    inp = _inputs(ctx)
-    expected = inp["trees"]["big"]
-    with _daemon(ctx, inp["store"]) as daemon:
-        _mount("/mnt/big", "big", devices=("big-data",))
-        errors: list[str] = []
-
-        def reader(seed: int) -> None:
-            names = sorted(expected)
-            random.Random(seed).shuffle(names)
-            for rel in names:
-                try:
-                    digest = hashlib.sha256(Path("/mnt/big", rel).read_bytes()).hexdigest()
-                except OSError as exc:
-                    errors.append(f"{rel}: {exc}")
-                    continue
-                if digest != expected[rel]:
-                    errors.append(f"{rel}: wrong bytes")
-
-        started = time.monotonic()
-        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        ctx.data["seconds"] = round(time.monotonic() - started, 2)
-        ctx.data["files"] = len(expected)
-        ctx.data["bytes"] = sum(Path("/mnt/big", r).stat().st_size for r in expected)
-        ctx.data["reads"] = len(daemon.events("read_completed"))
-        assert not errors, errors[:10]
-        _umount("/mnt/big")
-        assert daemon.stop() == 0
-
 
 @guard(150)
 def check_daemon_killed(ctx: Any) -> None:
@@ -440,7 +472,7 @@ def check_daemon_killed(ctx: Any) -> None:
     expected = inp["trees"]["big"]
     names = sorted(expected, key=lambda r: -os.path.getsize(Path(inp["sources"]["big"], r)))
     cached, uncached = names[0], names[1]
-    daemon = _daemon(ctx, inp["store"]).start()
+    daemon = _own_daemon(ctx).start()
     try:
         _mount("/mnt/k", "killme", devices=("killme-data",))
         data = Path("/mnt/k", cached).read_bytes()
@@ -457,9 +489,7 @@ def check_daemon_killed(ctx: Any) -> None:
     rc = umount("/mnt/k")
     ctx.data["umount"] = errname(rc)
     assert rc == 0, f"umount after the daemon died: {errname(rc)}"
-    second = _daemon(ctx, inp["store"])
-    second.log = ctx.out / "daemon2.log"
-    second.start()
+    second = _own_daemon(ctx, "daemon2.log").start()
     try:
         _mount("/mnt/k", "killme", devices=("killme-data",))
         for rel in (cached, uncached):
