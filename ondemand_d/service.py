@@ -97,6 +97,7 @@ class Service:
         self._on_status = on_status
         self._tasks: set[asyncio.Task[None]] = set()
         self._blobs: dict[str, Blob] = {}
+        self._prefills: dict[int, asyncio.Task[None]] = {}  # object_id -> whole-blob write
         self._jobs: set[Future[Any]] = set()  # fast-path READ batches on the I/O pool
         self._batch: list[_Read] = []
         self._io_jobs = max(1, getattr(executor, "_max_workers", 4))
@@ -150,6 +151,9 @@ class Service:
             self.counters.opens += 1
         elif isinstance(req, wire.CloseRequest):
             self.counters.closes += 1
+            prefill = self._prefills.pop(req.object_id, None)
+            if prefill is not None:
+                prefill.cancel()
             obj = self.objects.get(req.object_id)
             log.info(
                 "closed",
@@ -186,7 +190,7 @@ class Service:
             elif isinstance(action, protocol.Fill):
                 self._start_read(action)
             elif isinstance(action, protocol.Prefill):
-                self._spawn(self._prefill(action))
+                self._start_prefill(action)
             elif isinstance(action, protocol.CloseFd):
                 _close_quietly(action.fd)
             else:
@@ -449,37 +453,50 @@ class Service:
         except OSError as exc:
             log.warning("complete_failed", msg_id=action.msg_id, errno=exc.errno)
 
+    def _start_prefill(self, action: protocol.Prefill) -> None:
+        task = asyncio.get_running_loop().create_task(self._prefill(action))
+        self._prefills[action.object_id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t: self._prefills.pop(action.object_id, None)
+                               if self._prefills.get(action.object_id) is t else None)
+
     async def _prefill(self, action: protocol.Prefill) -> None:
-        """Write a whole blob so the kernel never has to ask for it."""
+        """Write a whole blob so the kernel never has to ask for it.
+
+        Works on its own dup of the anon fd: a CLOSE may close the object's fd
+        (and the number be reused for another object) while this runs; the
+        CLOSE also cancels it. Remote data is fetched at prefetch priority.
+        """
         start = time.perf_counter()
         blob = self._blob(action.blob_id)
         written = 0
+        outcome, error = "ok", None
+        fd = os.dup(action.fd)
+        priority = getattr(self.fetcher.remote, "prefetching", None)
         try:
-            batch: list[Any] = []
-            for i, chunk in enumerate(blob.chunks):
-                batch.append(chunk)
-                size = sum(c.length for c in batch)
-                if size < PREFILL_BATCH and i < len(blob.chunks) - 1:
-                    continue
-                parts, _ = await self.fetcher.get(blob, batch)
-                data = b"".join(parts)
-                at = batch[0].offset
-                await self._in_thread(
-                    lambda d=data, a=at: self.backend.fill(action.fd, d, a, 0, complete=False)
-                )
-                written += _round_up(len(data))
-                batch = []
+            with priority() if priority is not None and blob.is_remote else contextlib.nullcontext():
+                for batch in _batches(blob.chunks, PREFILL_BATCH):
+                    parts, _ = await self.fetcher.get(blob, batch)
+                    data = b"".join(parts)
+                    at = batch[0].offset
+                    await self._in_thread(
+                        lambda d=data, a=at: self.backend.fill(fd, d, a, 0, complete=False)
+                    )
+                    written += _round_up(len(data))
         except (StoreError, OSError) as exc:
-            log.warning(
+            outcome, error = "error", str(exc)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            os.close(fd)
+            self.counters.bytes_written += written
+            (log.info if outcome == "ok" else log.warning)(
                 "prefilled", object_id=action.object_id, blob=blob.blob_id, bytes=written,
-                outcome="error", error=str(exc), duration_ms=_ms(start),
+                size=blob.size, outcome=outcome, duration_ms=_ms(start),
+                **({"error": error} if error else {}),
             )
-            return
-        self.counters.bytes_written += written
-        log.info(
-            "prefilled", object_id=action.object_id, blob=blob.blob_id, bytes=written,
-            outcome="ok", duration_ms=_ms(start),
-        )
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -494,6 +511,8 @@ class Service:
         """Stop reading, let in-flight work finish (up to `timeout`), close fds."""
         self._stopping = True
         self._pause()
+        for prefill in list(self._prefills.values()):
+            prefill.cancel()  # whole-blob writes are optional; READs are not
         pending: set[Any] = set(self._tasks)
         pending |= {asyncio.wrap_future(j) for j in self._jobs}
         if pending:
@@ -504,6 +523,22 @@ class Service:
             if late:
                 await asyncio.wait(late)
         self._perform(self.objects.drain())
+
+
+def _batches(chunks: tuple[Chunk, ...], limit: int) -> list[tuple[Chunk, ...]]:
+    """Consecutive runs of chunks of about `limit` bytes each."""
+    out: list[tuple[Chunk, ...]] = []
+    run: list[Chunk] = []
+    size = 0
+    for chunk in chunks:
+        run.append(chunk)
+        size += chunk.length
+        if size >= limit:
+            out.append(tuple(run))
+            run, size = [], 0
+    if run:
+        out.append(tuple(run))
+    return out
 
 
 def _text(key: bytes) -> str:

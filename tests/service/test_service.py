@@ -335,3 +335,40 @@ async def test_debug_log_follows_one_read(env):
     assert (planned["span_off"], planned["span_end"], planned["to_fetch"]) == (1 << 20, 2 << 20, 1)
     assert (writing["at"], writing["bytes"]) == (1 << 20, 1 << 20)
     assert done["key"] == "data" and done["source"] == "local" and done["bytes"] == 1 << 20
+
+
+async def test_prefetch_writes_data_blob_without_reads(make_env):
+    """With prefetch on, a data blob is written whole after its OPEN, before any READ."""
+    env = await make_env(prefetch=True)
+    blob, source = _ingest(env, (9 << 20) + 4321)
+    obj = await env.kernel.open(b"data")
+    for _ in range(500):
+        if _events(env, "prefilled"):
+            break
+        await asyncio.sleep(0.01)
+    (done,) = _events(env, "prefilled")
+    assert done["outcome"] == "ok" and done["bytes"] == -(-blob.size // PAGE) * PAGE
+    assert env.kernel.range_present(obj, 0, -(-blob.size // PAGE) * PAGE)
+    assert env.kernel.cache_bytes(obj)[: blob.size] == source
+    assert env.kernel.reads == {}
+
+
+async def test_close_cancels_prefetch_and_it_writes_no_more(make_env):
+    """A CLOSE stops a whole-blob prefetch; its fd is closed and nothing is written after."""
+    env = await make_env(prefetch=True)
+    blob, source, remote = _remote_blob(env, 12 << 20)
+    env.fetcher.remote = remote
+    obj = await env.kernel.open(b"data")
+    await asyncio.wait_for(remote.started.wait(), 5)
+    env.kernel.close(obj)
+    for _ in range(200):
+        if _events(env, "prefilled"):
+            break
+        await asyncio.sleep(0.01)
+    (done,) = _events(env, "prefilled")
+    assert done["outcome"] == "cancelled" and done["bytes"] == 0
+    remote.release.set()
+    await asyncio.sleep(0.05)
+    assert not env.kernel.fd_open(obj)
+    with open(obj.path, "rb") as f, pytest.raises(OSError):
+        os.lseek(f.fileno(), 0, os.SEEK_DATA)  # nothing was written
