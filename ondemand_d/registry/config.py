@@ -62,9 +62,20 @@ class RegistryConfig:
         if not 0 < self.prefetch_concurrency <= self.concurrency:
             msg = "registry.prefetch_concurrency must be in 1..concurrency"
             raise ConfigError(msg)
-        if self.retries < 0 or self.prefetch_bandwidth < 0 or self.max_range < 4096:  # noqa: PLR2004
-            msg = "registry.retries/prefetch_bandwidth/max_range out of range"
-            raise ConfigError(msg)
+        checks = {
+            "retries": self.retries >= 0,
+            "prefetch_bandwidth": self.prefetch_bandwidth >= 0,
+            "max_range": self.max_range >= 4096,  # noqa: PLR2004 - one page
+            "connect_timeout": self.connect_timeout > 0,
+            "read_timeout": self.read_timeout > 0,
+            "request_timeout": self.request_timeout > 0,
+            "fetch_deadline": self.fetch_deadline > 0,
+            "backoff_base": 0 <= self.backoff_base <= self.backoff_max,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                msg = f"registry.{key} is out of range: {getattr(self, key)!r}"
+                raise ConfigError(msg)
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any]) -> RegistryConfig:

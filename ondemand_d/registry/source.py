@@ -145,10 +145,21 @@ class RegistrySource:
         self.client = client or RegistryClient(config)
         self._bucket = TokenBucket(config.prefetch_bandwidth)
         self.mismatches = 0
+        self.chunks_fetched = 0
 
     @property
     def bytes_fetched(self) -> int:
+        """Body bytes received from registries for chunk ranges (the wire, compressed)."""
         return self.client.bytes_received
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the daemon's STATUS line and logs."""
+        return {
+            "registry_requests": self.client.requests,
+            "registry_bytes": self.client.bytes_received,
+            "registry_chunks": self.chunks_fetched,
+            "registry_mismatches": self.mismatches,
+        }
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -219,6 +230,7 @@ class RegistrySource:
             c = chunks[i]
             try:
                 out[i] = decode(blob, c, piece)
+                self.chunks_fetched += 1
             except DigestMismatch as exc:
                 self.mismatches += 1
                 log.warning(
@@ -333,12 +345,13 @@ async def _all_or_nothing(coros: list[Awaitable[None]]) -> None:
 
 
 def make_source(config: RegistryConfig | dict[str, Any] | object | None = None) -> RegistrySource:
-    """The factory the daemon calls.
+    """The factory the daemon calls. Creating the source does no I/O.
 
-    Accepts a RegistryConfig, a ``[registry]`` TOML table, or the daemon's own
-    Config (its ``registry_config``, ``ca_file`` and ``insecure_registries``
-    are mapped; other registry settings keep their defaults). Creating the
-    source does no I/O; the HTTP session starts with the first fetch.
+    Accepts a RegistryConfig, a ``[registry]`` TOML table (dict), or the daemon's
+    own Config object, from which it takes ``registry_config`` (docker
+    config.json), ``ca_file``, ``insecure_registries`` and any attribute named
+    ``registry_<field>`` for a RegistryConfig field (e.g.
+    ``registry_prefetch_bandwidth``, ``registry_concurrency``).
     """
     if config is None:
         config = RegistryConfig()
@@ -346,9 +359,14 @@ def make_source(config: RegistryConfig | dict[str, Any] | object | None = None) 
         config = RegistryConfig.from_mapping(config)
     elif not isinstance(config, RegistryConfig):
         docker = getattr(config, "registry_config", None)
-        config = RegistryConfig(
-            docker_config=docker if docker is not None else default_docker_config(),
-            ca_file=getattr(config, "ca_file", None),
-            insecure=frozenset(getattr(config, "insecure_registries", ()) or ()),
-        )
+        values: dict[str, Any] = {
+            "docker_config": docker if docker is not None else default_docker_config(),
+            "ca_file": getattr(config, "ca_file", None),
+            "insecure": list(getattr(config, "insecure_registries", ()) or ()),
+        }
+        for name in RegistryConfig.__dataclass_fields__:
+            value = getattr(config, f"registry_{name}", None)
+            if value is not None:
+                values[name] = value
+        config = RegistryConfig.from_mapping(values)
     return RegistrySource(config)
