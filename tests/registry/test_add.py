@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ondemand_d.errors import ImageError, StoreError
+from ondemand_d.errors import DigestMismatch, ImageError, StoreError
 from ondemand_d.registry import media, reference
 from ondemand_d.registry.add import add, default_name
 from ondemand_d.registry.client import RegistryClient
@@ -185,3 +185,44 @@ async def test_push_survives_upload_faults(registry: Registry, tmp_path: Path) -
     finally:
         await source.aclose()
     assert b"".join(data) == blob_bytes(src, blob.blob_id)
+
+
+@pytest.mark.parametrize("match", ["/manifests/", "/blobs/sha256:"])
+async def test_add_is_all_or_nothing_on_wrong_bytes(
+    registry: Registry, tmp_path: Path, match: str
+) -> None:
+    """A corrupted manifest (pinned by digest) or metadata blob fails add and writes nothing."""
+    src = LocalStore(tmp_path / "src")
+    make_image(src, tmp_path, "atomic", (4096, 60_000))
+    async with RegistryClient(RegistryConfig()) as client:
+        pushed = await push(
+            src, "atomic", reference.parse(f"{registry.host}/test/atomic:v1"), client
+        )
+    proxy = await FaultProxy(registry.host).start()
+    proxy.add(Fault("corrupt", match=match, times=100))
+    dst = LocalStore(tmp_path / "dst")
+    try:
+        ref = reference.parse(f"{proxy.host}/test/atomic@{pushed.manifest_digest}")
+        async with RegistryClient(RegistryConfig()) as client:
+            with pytest.raises((DigestMismatch, ImageError)):
+                await asyncio.wait_for(add(dst, ref, client, name="atomic"), 10)
+    finally:
+        await proxy.stop()
+    assert list(dst.images()) == [] and list(dst.blobs()) == []
+    assert not any((dst.root / "chunks").rglob("*")) and not any((dst.root / "names").iterdir())
+
+
+async def test_failed_add_takes_back_what_it_wrote(registry: Registry, tmp_path: Path) -> None:
+    """If the Image record cannot be written (name taken), the blobs and chunks written go."""
+    src = LocalStore(tmp_path / "src")
+    image = make_image(src, tmp_path, "undo", (4096, 60_000))
+    ref = reference.parse(f"{registry.host}/test/undo:v1")
+    dst = LocalStore(tmp_path / "dst")
+    make_image(dst, tmp_path, "taken", (4096, 8192))
+    before = sorted(p.name for p in (dst.root / "chunks").rglob("*") if p.is_file())
+    async with RegistryClient(RegistryConfig()) as client:
+        await push(src, "undo", ref, client)
+        with pytest.raises(StoreError, match="exists"):
+            await add(dst, ref, client, name="taken")
+    assert not dst.has_blob(image.bootstrap) and not dst.has_blob(image.devices[0][1])
+    assert sorted(p.name for p in (dst.root / "chunks").rglob("*") if p.is_file()) == before
