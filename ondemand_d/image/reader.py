@@ -54,6 +54,17 @@ class Inode:
         return self.nid * f.SLOT_SIZE + self.header.isize + xattr_size
 
 
+def device_tags(primary: bytes) -> list[bytes]:
+    """The device-slot tags of a bootstrap: the keys the kernel OPENs in fscache mode."""
+    sb = f.Superblock.from_bytes(primary[f.SB_OFFSET : f.SB_OFFSET + f.SUPERBLOCK_SIZE])
+    base = f.DEVT_SLOTOFF * f.DEVICE_SLOT_SIZE
+    size = f.DEVICE_SLOT_SIZE
+    return [
+        f.DeviceSlot.from_bytes(primary[base + i * size : base + (i + 1) * size]).tag
+        for i in range(sb.extra_devices)
+    ]
+
+
 class ImageReader:
     """Read a bootstrap (bytes) plus its data devices (readers in slot order)."""
 
@@ -73,11 +84,7 @@ class ImageReader:
         self.prefixes = self._prefixes()
 
     def device_tags(self) -> list[bytes]:
-        base = f.DEVT_SLOTOFF * f.DEVICE_SLOT_SIZE
-        return [
-            f.DeviceSlot.from_bytes(self.primary[base + i * 128 : base + (i + 1) * 128]).tag
-            for i in range(self.sb.extra_devices)
-        ]
+        return device_tags(self.primary)
 
     # -- inodes and directories -------------------------------------------------
 
