@@ -140,7 +140,7 @@ class Authenticator:
             return creds.basic()
         return None
 
-    async def answer(
+    async def answer(  # noqa: PLR0913 - the challenge and what answering it needs
         self,
         session: aiohttp.ClientSession,
         registry: str,
@@ -198,7 +198,7 @@ class Authenticator:
             )
         if status != 200:  # noqa: PLR2004
             msg = f"token server for {registry} answered HTTP {status}"
-            raise FetchError(msg, retryable=status >= 500)
+            raise FetchError(msg, retryable=status >= 500)  # noqa: PLR2004 - 5xx
         try:
             raw: Any = json.loads(body)
             value = raw.get("token") or raw.get("access_token")

@@ -21,7 +21,7 @@ import random
 import socket
 import ssl
 import time
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import aiohttp
 import structlog
@@ -50,6 +50,8 @@ log = structlog.get_logger()
 T = TypeVar("T")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 5
+_RETRY_STATUSES = {408, 429}  # request timeout, too many requests; and every 5xx
+_SERVER_ERROR = 500
 #: Bodies above this are handed to aiohttp as a file object.
 _INLINE_BODY = 1 << 20
 #: Seconds the https probe of an http-allowed registry may take.
@@ -69,13 +71,14 @@ class RegistryClient:
         self.bytes_received = 0  # body bytes of blob GETs, for counters and benches
         self.requests = 0
 
-    async def __aenter__(self) -> RegistryClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connection pool; the client may not be used afterwards."""
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -273,7 +276,7 @@ class RegistryClient:
                     )
                     answered = True
                     continue
-                if status == 429 or status == 408 or status >= 500:  # noqa: PLR2004
+                if status in _RETRY_STATUSES or status >= _SERVER_ERROR:
                     msg = f"HTTP {status}"
                     raise RetryableError(msg, retry_after(resp.headers.get("Retry-After")))
                 if status in (401, 403):
@@ -342,7 +345,7 @@ class RegistryClient:
                     raise RetryableError(msg)
                 data = await read_bounded(resp, length, where)
             elif resp.status == 200:  # noqa: PLR2004
-                data = await self._skip_to_range(resp, registry, offset, length, where)
+                data = await self._skip_to_range(resp, registry, offset, length)
             else:
                 expect(resp, (206,), where)
                 data = b""
@@ -365,7 +368,7 @@ class RegistryClient:
         return data
 
     async def _skip_to_range(
-        self, resp: aiohttp.ClientResponse, registry: str, offset: int, length: int, where: str
+        self, resp: aiohttp.ClientResponse, registry: str, offset: int, length: int
     ) -> bytes:
         # A server (or proxy) that ignores Range sends the whole blob: keep the
         # part we asked for and drop the connection as soon as we have it.

@@ -45,6 +45,7 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `push NAME REGISTRY/REPO:TAG` arguments to a subcommand parser."""
     parser.add_argument("name", help="image name in the local store")
     parser.add_argument("reference", help="REGISTRY/REPO:TAG to push to")
     parser.add_argument(
@@ -57,6 +58,7 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `add REGISTRY/REPO:TAG [--name NAME]` arguments to a subcommand parser."""
     parser.add_argument("reference", help="REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:... to add")
     parser.add_argument(
         "--name", default=None, help="local image name / fsid (default: from REPO:TAG)"
@@ -78,6 +80,7 @@ def _progress(line: str) -> None:
 
 
 def run_push(args: argparse.Namespace, store: LocalStore) -> int:
+    """Push image `args.name` from `store`; return the exit status."""
     try:
         ref = reference.parse(args.reference)
         result = asyncio.run(_push(args, store, ref))
@@ -101,6 +104,7 @@ async def _push(
 
 
 def run_add(args: argparse.Namespace, store: LocalStore) -> int:
+    """Register `args.reference` in `store` (metadata only); return the exit status."""
     try:
         ref = reference.parse(args.reference)
         result = asyncio.run(_add(args, store, ref))
