@@ -76,3 +76,27 @@ def test_bad_source_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["--store", store, "build", str(tmp_path / "junk.tar.gz"), "--name", "x"]) == 1
     assert "truncated or corrupt" in capsys.readouterr().err
     assert list(LocalStore(store).images()) == []
+
+
+def test_layers_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several tarballs are stacked in the order given."""
+    from tests.unit.test_image_source_tar import make_layer
+
+    lower = make_layer(tmp_path / "1.tar.gz", [("a", "f", b"lower"), ("b", "f", b"b")], "gzip")
+    upper = make_layer(tmp_path / "2.tar.zst", [("a", "f", b"upper"), (".wh.b", "f", b"")], "zstd")
+    store = tmp_path / "store"
+    assert main(["--store", str(store), "build", str(lower), str(upper), "--name", "l"]) == 0
+    assert "built image 'l': 1 files" in capsys.readouterr().out
+
+
+def test_progress_lines_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    """Long builds report progress on stderr, and say when they are done."""
+    import sys
+
+    progress = command._Progress("img", sys.stderr)
+    progress.INTERVAL = 0
+    progress(512 << 20, 1 << 30)
+    progress.done()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("building img: 512.0 MiB of 1.0 GiB (50%)")
+    assert err[1] == "building img: done"

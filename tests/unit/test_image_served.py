@@ -5,6 +5,7 @@ The kernel OPENs the fsid (the bootstrap) and each device-slot tag (a blob
 id), then READs 4 KiB-aligned ranges. Here the fake kernel does the same and
 the project's reader parses what landed in the cache files.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,13 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[LocalStore, FakeKernel]]
     kernel.start()
     executor = ThreadPoolExecutor(2)
     backend = RecordingBackend(load_backend("python"), kernel)
-    service = Service(Device(kernel.device_fd, Path("fake")), store,
-                      ChunkFetcher(store, executor), backend, executor)
+    service = Service(
+        Device(kernel.device_fd, Path("fake")),
+        store,
+        ChunkFetcher(store, executor),
+        backend,
+        executor,
+    )
     with structlog.testing.capture_logs():
         service.start()
         yield store, kernel
@@ -59,11 +65,13 @@ async def _fetch_whole(kernel: FakeKernel, key: bytes) -> bytes:
 
 def _tree(extra: bytes = b"") -> Node:
     root = directory(mtime_ns=10**18)
-    root.children.update({
-        b"big": regular(bytes(range(256)) * (12 * 1024), mtime_ns=10**18),  # 3 MiB
-        b"small": regular(b"s" * 20000, mtime_ns=10**18),
-        b"inline": regular(b"tiny", mtime_ns=10**18),
-    })
+    root.children.update(
+        {
+            b"big": regular(bytes(range(256)) * (12 * 1024), mtime_ns=10**18),  # 3 MiB
+            b"small": regular(b"s" * 20000, mtime_ns=10**18),
+            b"inline": regular(b"tiny", mtime_ns=10**18),
+        }
+    )
     if extra:
         root.children[b"added"] = regular(extra, mtime_ns=10**18)
     return root
