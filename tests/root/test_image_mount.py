@@ -348,3 +348,20 @@ def test_huge_sparse_file_over_4gib(tmp_path: Path) -> None:
         assert f.read(1 << 20) == bytes(1 << 20)
         f.seek(5 << 30)
         assert f.read() == b"the end"
+
+
+def test_three_blobs_in_device_order(tmp_path: Path) -> None:
+    """An image drawing on two earlier builds' blobs plus its own mounts with three devices."""
+    src = tmp_path / "src"
+    src.mkdir()
+    store = LocalStore(tmp_path / "store")
+    for i, name in enumerate(("one", "two", "three")):
+        (src / f"file{i}").write_bytes(os.urandom(MiB + i))
+        for p in (src / f"file{i}", src):
+            os.utime(p, ns=(T0, T0))
+        report = build_image(read_directory(src), store, name, BuildOptions())
+    assert len(report.blobs) == 3 and report.chunks_new == 1
+    files = materialize(store, "three", tmp_path / "blobs")
+    assert fsck(files).returncode == 0
+    with mounted(store, "three", tmp_path) as mnt:
+        assert diff(snapshot_dir(src), snapshot_dir(mnt)) == []
