@@ -35,19 +35,36 @@ DEFAULT_TOKEN_TTL = 60.0
 _PARAM = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^",\s]*))\s*,?')
 
 
+class Secret(str):
+    """A str whose repr is redacted.
+
+    Header values and passwords are held as Secret, so a traceback rendered
+    with its frames' locals (structlog's dict_tracebacks does that) shows
+    ``'<redacted>'`` where the value would be. str() and the bytes sent on the
+    wire are unchanged.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """A username and password (or identity token) for one registry host."""
 
     username: str
-    password: str = field(repr=False)
+    password: Secret = field(repr=False)
 
     def __repr__(self) -> str:
         return "Credentials(<redacted>)"
 
-    def basic(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
+    def basic(self) -> Secret:
+        """The value of an ``Authorization: Basic`` header."""
+        return Secret(
+            "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        )
 
 
 def _host_key(entry: str) -> str:
@@ -68,15 +85,26 @@ def load_docker_config(path: Path | None) -> dict[str, Credentials]:
     """
     if path is None or not path.exists():
         return {}
+    error: str | None = None
     try:
-        raw = json.loads(path.read_bytes())
-        auths = raw.get("auths", {}) if isinstance(raw, dict) else None
-        if not isinstance(auths, dict):
-            msg = f"{path}: 'auths' is not an object"
-            raise ConfigError(msg)
+        return _parse_auths(path.read_bytes(), str(path))
+    except ConfigError as exc:
+        error = str(exc)
+    # Raised here, from a frame that holds no part of the file: a traceback
+    # rendered with locals cannot show a secret.
+    raise ConfigError(error)
+
+
+def _parse_auths(data: bytes, where: str) -> dict[str, Credentials]:
+    try:
+        raw = json.loads(data)
     except ValueError:
-        msg = f"{path} is not valid JSON"
+        msg = f"{where} is not valid JSON"
         raise ConfigError(msg) from None
+    auths = raw.get("auths", {}) if isinstance(raw, dict) else None
+    if not isinstance(auths, dict):
+        msg = f"{where}: 'auths' is not an object"
+        raise ConfigError(msg)
     creds: dict[str, Credentials] = {}
     for host, entry in auths.items():
         if not isinstance(entry, dict):
@@ -87,14 +115,14 @@ def load_docker_config(path: Path | None) -> dict[str, Credentials]:
                     base64.b64decode(entry["auth"], validate=True).decode().partition(":")
                 )
             except (binascii.Error, UnicodeDecodeError, ValueError):
-                msg = f"{path}: auths[{host!r}].auth is not base64 user:password"
+                msg = f"{where}: auths[{host!r}].auth is not base64 user:password"
                 raise ConfigError(msg) from None
             if not sep:
-                msg = f"{path}: auths[{host!r}].auth has no ':'"
+                msg = f"{where}: auths[{host!r}].auth has no ':'"
                 raise ConfigError(msg)
-            creds[_host_key(host)] = Credentials(user, password)
+            creds[_host_key(host)] = Credentials(user, Secret(password))
         elif entry.get("username") and entry.get("password"):
-            creds[_host_key(host)] = Credentials(str(entry["username"]), str(entry["password"]))
+            creds[_host_key(host)] = Credentials(str(entry["username"]), Secret(entry["password"]))
     return creds
 
 
@@ -115,7 +143,7 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 
 @dataclass
 class _Token:
-    header: str = field(repr=False)
+    header: Secret = field(repr=False)
     expires: float
 
 
@@ -130,7 +158,7 @@ class Authenticator:
     def credentials_for(self, registry: str) -> Credentials | None:
         return self._credentials.get(registry.lower())
 
-    def header(self, registry: str, scope: str) -> str | None:
+    def header(self, registry: str, scope: str) -> Secret | None:
         """The Authorization header to send up front, if an earlier challenge taught us one."""
         token = self._tokens.get((registry, scope))
         if token is not None and token.expires > time.monotonic():
@@ -148,7 +176,7 @@ class Authenticator:
         challenge: str,
         timeout: aiohttp.ClientTimeout,
         plain_ok: Callable[[str], bool],
-    ) -> str:
+    ) -> Secret:
         """Turn a WWW-Authenticate challenge into an Authorization header value.
 
         `plain_ok(host)` says whether credentials may travel over plain http to
@@ -208,7 +236,7 @@ class Authenticator:
         if not isinstance(value, str) or not value:
             msg = f"token server for {registry} sent no token"
             raise FetchError(msg, retryable=False)
-        header = f"Bearer {value}"
+        header = Secret(f"Bearer {value}")
         # Renew a little early so a token never expires in flight.
         self._tokens[(registry, scope)] = _Token(header, time.monotonic() + max(ttl - 10, ttl / 2))
         log.debug("registry_token_issued", registry=registry, scope=scope, ttl_s=ttl)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from ondemand_d.errors import ConfigError, FetchError
@@ -89,8 +90,14 @@ async def test_wrong_password_is_a_clean_error(
             with pytest.raises(FetchError) as info:
                 await asyncio.wait_for(add(LocalStore(tmp_path / "dst"), ref, client), 20)
     assert not info.value.retryable
-    for secret in (*SECRET_FORMS, PASSWORD + "x"):
+    # Even a traceback rendered with every frame's locals (dict_tracebacks) shows none.
+    trace = structlog.tracebacks.extract(
+        type(info.value), info.value, info.value.__traceback__, show_locals=True
+    )
+    wrong = base64.b64encode(f"{USER}:{PASSWORD}x".encode()).decode()
+    for secret in (*SECRET_FORMS, PASSWORD + "x", wrong):
         assert secret not in str(info.value) and secret not in repr(logs)
+        assert secret not in repr(trace)
 
 
 async def test_anonymous_is_refused(token_registry: Registry, tmp_path: Path) -> None:
