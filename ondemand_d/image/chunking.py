@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ondemand_d.errors import ImageError
 from ondemand_d.image.blobwriter import BlobWriter
 from ondemand_d.image.dedup import NEW_BLOB, ChunkDictionary, Extent
 from ondemand_d.image.format import BLKSZBITS, BLOCK, MAX_CHUNKBITS
@@ -99,62 +100,67 @@ class ChunkPlanner:
             self._on_bytes(size)
             return FileChunks(chunkbits_for(size), (ref,), digest)
         pieces, whole, any_known, any_hole = self._survey(content)
-        whole_hex = whole.hex()
-        known = self.dictionary.lookup(whole_hex, size) if whole else None
+        known = self.dictionary.lookup(whole.hex(), size) if whole else None
         if known is not None:
-            self._count_reused(size)
-            return FileChunks(chunkbits_for(size), (ChunkRef(known.blob_id, known.offset),), whole)
+            return FileChunks(chunkbits_for(size), (self._reuse(known, size),), whole)
         if any_known or any_hole or chunkbits_for(size) == MAX_CHUNKBITS:
             refs = tuple(self._place_split(content, i, d) for i, d in enumerate(pieces))
             return FileChunks(self.base.bit_length() - 1, refs, whole)
-        ref = self._write_whole(content, pieces, whole_hex)
+        ref = self._write_whole(content, pieces, whole.hex())
         return FileChunks(chunkbits_for(size), (ref,), whole)
 
-    # -- the three shapes ---------------------------------------------------
+    # -- the shapes -------------------------------------------------------------
 
     def _place_piece(self, data: bytes, digest: str) -> ChunkRef | None:
         """One chunk with its bytes in hand: hole, reuse or write."""
-        self.stats.total += 1
         if not any(data):
-            self.stats.holes += 1
+            self._count_hole()
             return None
         known = self.dictionary.lookup(digest, len(data))
         if known is not None:
-            self._count_reused(len(data), counted=True)
-            return ChunkRef(known.blob_id, known.offset)
+            return self._reuse(known, len(data))
+        self._count_new(len(data))
         offset = self.writer.append(data)
         self._record(digest, offset, len(data))
-        self.stats.new += 1
-        self.stats.bytes_new += len(data)
         return ChunkRef(NEW_BLOB, offset)
 
     def _place_split(self, content: Content, index: int, digest: str | None) -> ChunkRef | None:
         start = index * self.base
         length = min(self.base, content.size - start)
         if digest is None:  # a hole found by the survey
-            self.stats.total += 1
-            self.stats.holes += 1
+            self._count_hole()
             return None
         known = self.dictionary.lookup(digest, length)
         if known is not None:
-            self._count_reused(length)
-            return ChunkRef(known.blob_id, known.offset)
-        return self._place_piece(content.read(start, length), digest)
+            return self._reuse(known, length)
+        return self._place_piece(self._reread(content, start, length, digest), digest)
 
     def _write_whole(self, content: Content, pieces: list[str | None], whole: str) -> ChunkRef:
         """One chunk for the whole file; its pieces stay findable in the dictionary."""
-        self.stats.total += 1
-        self.stats.new += 1
-        self.stats.bytes_new += content.size
+        self._count_new(content.size)
         start = self.writer.size
         for i, digest in enumerate(pieces):
+            assert digest is not None  # files with holes are split, never written whole
             length = min(self.base, content.size - i * self.base)
-            last = i == len(pieces) - 1
-            offset = self.writer.append(content.read(i * self.base, length), pad=last)
-            if digest is not None:
-                self._record(digest, offset, length)
+            data = self._reread(content, i * self.base, length, digest)
+            offset = self.writer.append(data, pad=i == len(pieces) - 1)
+            self._record(digest, offset, length)
         self._record(whole, start, content.size)
         return ChunkRef(NEW_BLOB, start)
+
+    @staticmethod
+    def _reread(content: Content, start: int, length: int, digest: str) -> bytes:
+        """Read a piece again and insist it is what the survey hashed.
+
+        A digest recorded for bytes that were not written would poison the
+        dictionary for every later build, so a file that changes under us fails.
+        """
+        data = content.read(start, length)
+        if hashlib.sha256(data).hexdigest() != digest:
+            label = getattr(content, "path", None) or getattr(content, "label", "a file")
+            msg = f"{label} changed while the image was built; build again"
+            raise ImageError(msg)
+        return data
 
     # -- helpers -------------------------------------------------------------
 
@@ -186,8 +192,17 @@ class ChunkPlanner:
         self.writer.record(digest, offset, length)
         self.dictionary.add(digest, Extent(NEW_BLOB, offset, length))
 
-    def _count_reused(self, length: int, *, counted: bool = False) -> None:
-        if not counted:
-            self.stats.total += 1
+    def _count_hole(self) -> None:
+        self.stats.total += 1
+        self.stats.holes += 1
+
+    def _reuse(self, extent: Extent, length: int) -> ChunkRef:
+        self.stats.total += 1
         self.stats.reused += 1
         self.stats.bytes_saved += length
+        return ChunkRef(extent.blob_id, extent.offset)
+
+    def _count_new(self, length: int) -> None:
+        self.stats.total += 1
+        self.stats.new += 1
+        self.stats.bytes_new += length

@@ -126,3 +126,29 @@ def test_bad_base_chunk_size(store: LocalStore) -> None:
     for size in (0, 1000, 3 * 4096):
         with pytest.raises(ValueError, match="power of two"):
             ChunkPlanner(ChunkDictionary(), BlobWriter(store), size)
+
+
+class _Shifting:
+    """A file whose bytes change between the planner's survey and its write."""
+
+    size = 3 * MiB
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        return bytes([1 + (self.reads > 3)]) * length  # the second pass sees new bytes
+
+    def has_data(self, offset: int, length: int) -> bool:  # noqa: ARG002
+        return True
+
+
+def test_file_changing_during_the_build_is_refused(store: LocalStore) -> None:
+    """A piece whose bytes differ from what was hashed never enters the dictionary."""
+    from ondemand_d.errors import ImageError
+
+    p = _planner(store)
+    with pytest.raises(ImageError, match="changed while the image was built"):
+        p.place(_Shifting())
+    assert len(p.dictionary) == 0
