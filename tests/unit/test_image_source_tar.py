@@ -170,3 +170,21 @@ def test_truncated_and_corrupt_archives(tmp_path: Path) -> None:
     for name in ("cut.tar.gz", "cut.tar", "junk.tar", "empty.tar"):
         with pytest.raises(ImageError, match=f"{name}.*(truncated or corrupt|truncated)"):
             read_layers([tmp_path / name])
+
+
+def test_non_utf8_names_and_binary_xattrs(tmp_path: Path) -> None:
+    """Names and xattr values are bytes: non-UTF-8 and NUL-containing values survive."""
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        info = tarfile.TarInfo("caf\udce9")
+        info.size = 3
+        value = b"\xff\x00\x01".decode("utf-8", "surrogateescape")
+        info.pax_headers = {"SCHILY.xattr.user.bin": value}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "l.tar").write_bytes(buf.getvalue())
+    with read_layers([tmp_path / "l.tar"]) as stack:
+        node = stack.root.children[b"caf\xe9"]
+        assert node.xattrs == {b"user.bin": b"\xff\x00\x01"}
+        assert read_all(stack.root, b"caf\xe9") == b"abc"
