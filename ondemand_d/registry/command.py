@@ -17,7 +17,7 @@ from ondemand_d.registry import reference
 from ondemand_d.registry.add import AddResult, add
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.config import RegistryConfig, default_docker_config
-from ondemand_d.registry.push import PushResult, push
+from ondemand_d.registry.push import PushResult, human_size, push
 from ondemand_d.store.local import LocalStore
 
 
@@ -90,8 +90,8 @@ def run_push(args: argparse.Namespace, store: LocalStore) -> int:
     print(
         f"pushed {args.name} to {ref.registry}/{ref.repository}@{result.manifest_digest}: "
         f"{result.layers} layers, {result.uploaded} uploaded "
-        f"({result.bytes_uploaded / (1 << 20):.1f} MiB), {len(result.skipped)} already present; "
-        f"image data {result.bytes_blobs / (1 << 20):.1f} MiB"
+        f"({human_size(result.bytes_uploaded)}), {len(result.skipped)} already present; "
+        f"image data {human_size(result.bytes_blobs)}"
     )
     return 0
 
@@ -113,8 +113,8 @@ def run_add(args: argparse.Namespace, store: LocalStore) -> int:
         return 1
     print(
         f"added {ref} as {result.name} ({result.manifest_digest}): {result.blobs} blobs, "
-        f"{result.bytes_downloaded / 1024:.1f} KiB downloaded, "
-        f"{result.bytes_remote / (1 << 20):.1f} MiB left in the registry to fetch on demand"
+        f"{human_size(result.bytes_downloaded)} downloaded, "
+        f"{human_size(result.bytes_remote)} left in the registry to fetch on demand"
     )
     return 0
 

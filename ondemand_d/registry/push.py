@@ -105,13 +105,13 @@ async def _ensure(  # noqa: PLR0913
     result.layers += 1
     if await client.has_blob(ref.registry, ref.repository, layer.digest, actions="pull,push"):
         result.skipped.append(layer.digest)
-        progress(f"  {what}: already in the registry ({_mib(layer.size)})")
+        progress(f"  {what}: already in the registry ({human_size(layer.size)})")
         return
     start = time.monotonic()
 
     def sent(done: int) -> None:
         if done < layer.size:
-            progress(f"  {what}: {_mib(done)} of {_mib(layer.size)} sent")
+            progress(f"  {what}: {human_size(done)} of {human_size(layer.size)} sent")
 
     await upload_blob(
         client, ref.registry, ref.repository, layer.digest, layer.size, read, progress=sent
@@ -119,7 +119,7 @@ async def _ensure(  # noqa: PLR0913
     result.uploaded += 1
     result.bytes_uploaded += layer.size
     seconds = time.monotonic() - start
-    progress(f"  {what}: uploaded {_mib(layer.size)} in {seconds:.1f} s")
+    progress(f"  {what}: uploaded {human_size(layer.size)} in {seconds:.1f} s")
     log.info(
         "registry_layer_uploaded",
         registry=ref.registry,
@@ -153,8 +153,8 @@ async def push(  # noqa: PLR0913
     for n, (key, blob_id) in enumerate(slots, 1):
         blob = store.get_blob(blob_id)
         result.bytes_blobs += blob.size
-        kind = "bootstrap" if n == 1 else f"device {key}"
-        progress(f"blob {n}/{len(slots)} ({kind}, {blob_id[:12]}, {_mib(blob.size)})")
+        kind = "bootstrap" if n == 1 else "data" if key == blob_id else f"device {key}"
+        progress(f"blob {n}/{len(slots)}: {kind} {blob_id[:12]}, {human_size(blob.size)}")
         with tempfile.TemporaryFile(dir=store.root / "tmp") as spool:
             layer, table = _spool(store, blob, spool, compress, progress)
 
@@ -194,5 +194,11 @@ def _reader(data: bytes) -> Callable[[int, int], bytes]:
     return lambda offset, size: data[offset : offset + size]
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+def human_size(n: int) -> str:
+    """A size for people: 512 B, 12.0 KiB, 3.4 MiB, 1.2 GiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:  # noqa: PLR2004
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

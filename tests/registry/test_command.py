@@ -26,7 +26,7 @@ def test_push_then_add_from_the_command_line(
         assert main(["--store", str(tmp_path / "src"), "push", "cli", ref, *cfg]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(f"pushed cli to {registry.host}/test/cli@sha256:")
-    assert "5 layers, 5 uploaded" in out and "blob 2/2" in err
+    assert "5 layers, 5 uploaded" in out and "blob 2/2: data" in err
     with capture_logs():
         assert main(["--store", str(tmp_path / "dst"), "add", ref, "--name", "web", *cfg]) == 0
     out, _ = capsys.readouterr()
