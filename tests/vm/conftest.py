@@ -45,11 +45,15 @@ VM_TEST_TIMEOUT = 1200
 _kernel_key = pytest.StashKey[Any]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: `-m "not vm"` builds nothing
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark vm tests, give them a longer timeout, and build the kernel once up front."""
+    """Give selected vm tests a longer timeout, and build the kernel once, up front.
+
+    The test modules mark themselves ``pytestmark = pytest.mark.vm`` (static, so that
+    ``-m "not vm"`` can deselect them before this hook runs).
+    """
     vm_items = [item for item in items if VM_DIR in Path(str(item.path)).resolve().parents]
     for item in vm_items:
-        item.add_marker(pytest.mark.vm)
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(VM_TEST_TIMEOUT))
     if not vm_items or _kernel_key in config.stash:
@@ -160,9 +164,10 @@ class Guest:
 
 
 def _module(test_file: str) -> Any:
-    return sys.modules.get(Path(test_file).stem) or next(
-        (m for m in sys.modules.values()
-         if getattr(m, "__file__", None) and os.path.samefile(m.__file__, test_file)), None)
+    wanted = os.path.realpath(test_file)
+    return next((m for m in list(sys.modules.values())
+                 if getattr(m, "__file__", None) and os.path.realpath(m.__file__) == wanted),
+                None)
 
 
 def _check_names(test_file: str) -> list[str]:

@@ -19,6 +19,8 @@ from guestlib import (
     guard, mount_in_child, tree_digests, umount,
 )
 
+pytestmark = pytest.mark.vm
+
 
 @pytest.fixture(scope="module")
 def checks(guest: Any) -> Any:

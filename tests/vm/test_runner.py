@@ -10,6 +10,8 @@ import pytest
 
 from ondemand_d.guest import kernel, runner
 
+pytestmark = pytest.mark.vm
+
 
 def test_fragment_hash_ignores_comments(tmp_path: Path) -> None:
     """Editing comments in the fragment does not change the cache key (no rebuild)."""

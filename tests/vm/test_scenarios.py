@@ -27,6 +27,8 @@ from guestlib import (
     read_in_child, tree_digests, umount,
 )
 
+pytestmark = pytest.mark.vm
+
 STORE_CHUNK = 1 << 20      # ondemand-d import's default chunk size
 EROFS_CHUNK = 64 << 10     # mkfs.erofs --chunksize for chunk-based / blobdev images
 MANY = 8
