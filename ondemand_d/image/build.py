@@ -115,18 +115,7 @@ def _build(
             placements[id(node)] = planner.place(node.content)
     new_blob = writer.finish({"kind": "erofs-data", EXTENTS_KEY: writer.extents})
 
-    # Device slots: blobs already in the store by first use, then the new one, so
-    # slot numbers are reproducible and a base layer keeps its slot as images grow.
-    order: list[str] = []
-    for placed in placements.values():
-        if isinstance(placed, FileChunks):
-            for ref in placed.refs:
-                if ref is not None and ref.blob_id not in order:
-                    order.append(ref.blob_id)
-    if NEW_BLOB in order:
-        assert new_blob is not None
-        order.remove(NEW_BLOB)
-        order.append(new_blob.blob_id)
+    order = _device_order(placements, new_blob.blob_id if new_blob else None)
     device_of = {blob_id: i + 1 for i, blob_id in enumerate(order)}
     if new_blob is not None:
         device_of[NEW_BLOB] = device_of[new_blob.blob_id]
@@ -155,6 +144,25 @@ def _build(
     report.holes, report.bytes_new, report.bytes_saved = s.holes, s.bytes_new, s.bytes_saved
     report.bootstrap_bytes = stats.bootstrap_bytes
     report.xattrs_dropped = stats.xattrs_dropped
+
+
+def _device_order(placements: dict[int, FileChunks | bytes], new_id: str | None) -> list[str]:
+    """Data blobs in device-slot order: stored ones by first use, then the new one.
+
+    Slots are then reproducible, and a base layer keeps its slot as images grow.
+    """
+    order: list[str] = []
+    for placed in placements.values():
+        if isinstance(placed, FileChunks):
+            for ref in placed.refs:
+                if ref is not None and ref.blob_id not in order:
+                    order.append(ref.blob_id)
+    if NEW_BLOB in order:
+        order.remove(NEW_BLOB)
+        assert new_id is not None
+        if new_id not in order:  # equal bytes may already be stored under that id
+            order.append(new_id)
+    return order
 
 
 def _regular_files(root: Node) -> list[Node]:

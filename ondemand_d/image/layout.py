@@ -79,6 +79,7 @@ def build_bootstrap(
     """Serialize the primary device for `root`.
 
     Args:
+        root: the tree's root directory.
         placements: per regular file (keyed by id(node)), its chunk map, or its
             bytes if it is small enough to live inline in the bootstrap.
         devices: the data blobs in device-table order (device_id = index + 1).
