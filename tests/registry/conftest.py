@@ -1,22 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Fixtures: a real CNCF distribution registry on 127.0.0.1, with and without auth.
+"""Fixtures: real registries on 127.0.0.1 (plain, htpasswd, token, TLS), images, a fault proxy.
 
-Each registry gets its own config file, storage directory and free port; the
-system's /etc/docker/registry is never read. The no-auth registry is shared by
-the module's tests (each test uses its own repository name).
+The plain registry is shared by the session's tests (each test uses its own
+repository name); see _server.py for how registries are started.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
-import socket
-import ssl
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,126 +24,41 @@ from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Image
 
 from ._proxy import FaultProxy
-from ._tls import make_tls
-from ._token_server import ISSUER, SERVICE, TokenServer
+from ._server import PASSWORD, USER, Registry, start_registry, stop_registry
 
-REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-USER, PASSWORD = "alice", "pa55-w0rd-never-logged"
-
-
-@dataclass
-class Registry:
-    host: str  # "127.0.0.1:PORT"
-    storage: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    tokens: TokenServer | None = None
-    ca_file: Path | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(workdir: Path, auth: str = "") -> Registry:
-    workdir.mkdir(parents=True, exist_ok=True)
-    storage = workdir / "storage"
-    port = _free_port()
-    config = [
-        "version: 0.1",
-        "log: {level: warn, accesslog: {disabled: true}}",
-        f"storage: {{filesystem: {{rootdirectory: {storage}}}, delete: {{enabled: true}}}}",
-        f"http: {{addr: '127.0.0.1:{port}', secret: test-secret}}",
-    ]
-    tokens = None
-    ca_file = None
-    if auth == "tls":
-        ca_file, cert, key = make_tls(workdir)
-        config[-1] = (
-            f"http: {{addr: '127.0.0.1:{port}', secret: test-secret, "
-            f"tls: {{certificate: {cert}, key: {key}}}}}"
-        )
-    if auth == "htpasswd":
-        htpasswd = workdir / "htpasswd"
-        subprocess.run(
-            ["htpasswd", "-Bbc", str(htpasswd), USER, PASSWORD], check=True, capture_output=True
-        )
-        config.append(f"auth: {{htpasswd: {{realm: ondemand-d-test, path: {htpasswd}}}}}")
-    elif auth == "token":
-        tokens = TokenServer(workdir, USER, PASSWORD).__enter__()
-        config.append(
-            f"auth: {{token: {{realm: '{tokens.realm}', service: {SERVICE}, issuer: {ISSUER}, "
-            f"rootcertbundle: {tokens.bundle}}}}}"
-        )
-    (workdir / "config.yml").write_text("\n".join(config) + "\n")
-    log_path = workdir / "registry.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [REGISTRY_BIN, "serve", str(workdir / "config.yml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    reg = Registry(f"127.0.0.1:{port}", storage, proc, log_path, tokens, ca_file)
-    scheme = "https" if ca_file else "http"
-    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:  # bounded: the registry starts in well under a second
-        if proc.poll() is not None:
-            raise RuntimeError(f"docker-registry exited: {log_path.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{scheme}://{reg.host}/v2/", timeout=1, context=context)  # noqa: S310
-            return reg
-        except urllib.error.HTTPError:
-            return reg  # 401 is an answer too
-        except OSError:
-            time.sleep(0.05)
-    _stop(reg)
-    raise RuntimeError("docker-registry did not start within 15 s")
-
-
-def _stop(reg: Registry) -> None:
-    reg.process.terminate()
-    try:
-        reg.process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        reg.process.kill()
-        reg.process.wait()
-    if reg.tokens is not None:
-        reg.tokens.__exit__()
+__all__ = ["PASSWORD", "USER", "Registry"]
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry without authentication."""
-    reg = _start(tmp_path_factory.mktemp("registry"))
+    reg = start_registry(tmp_path_factory.mktemp("registry"))
     yield reg
-    _stop(reg)
+    stop_registry(reg)
 
 
 @pytest.fixture(scope="session")
 def htpasswd_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry that wants HTTP basic credentials (htpasswd, bcrypt)."""
-    reg = _start(tmp_path_factory.mktemp("registry-htpasswd"), "htpasswd")
+    reg = start_registry(tmp_path_factory.mktemp("registry-htpasswd"), "htpasswd")
     yield reg
-    _stop(reg)
+    stop_registry(reg)
 
 
 @pytest.fixture(scope="session")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry that wants bearer tokens from the test token server."""
-    reg = _start(tmp_path_factory.mktemp("registry-token"), "token")
+    reg = start_registry(tmp_path_factory.mktemp("registry-token"), "token")
     yield reg
-    _stop(reg)
+    stop_registry(reg)
 
 
 @pytest.fixture(scope="session")
 def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry on 127.0.0.1 over TLS, its certificate signed by a throwaway CA."""
-    reg = _start(tmp_path_factory.mktemp("registry-tls"), "tls")
+    reg = start_registry(tmp_path_factory.mktemp("registry-tls"), "tls")
     yield reg
-    _stop(reg)
+    stop_registry(reg)
 
 
 def docker_config(path: Path, host: str, user: str = USER, password: str = PASSWORD) -> Path:
