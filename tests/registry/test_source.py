@@ -8,6 +8,7 @@ never wrong bytes and never a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -274,3 +275,22 @@ async def test_retry_after_is_honoured(remote: Remote) -> None:
         await source.aclose()
     assert got == _expected(remote, remote.blob.chunks[:1])
     assert 0.9 <= time.monotonic() - start < 3
+
+
+async def test_demand_is_not_stuck_behind_a_capped_prefetch(remote: Remote) -> None:
+    """While a slow (capped) prefetch walks the blob, a demand fetch completes at once."""
+    source = RegistrySource(RegistryConfig(prefetch_bandwidth=200_000, max_range=256 << 10))
+    prefetch = asyncio.create_task(source.prefetch(remote.blob))
+    try:
+        await asyncio.sleep(0.3)  # let it start and run into the cap
+        start = time.monotonic()
+        last = remote.blob.chunks[-2:]
+        got = await asyncio.wait_for(source.fetch(remote.blob, last), BOUND_S)
+        assert time.monotonic() - start < 1.0
+        assert got == _expected(remote, last)
+        assert not prefetch.done()
+    finally:
+        prefetch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await prefetch
+        await source.aclose()
