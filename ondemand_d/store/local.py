@@ -41,6 +41,7 @@ class _Undo:
     """What a transaction created, so a failed one can take it back."""
 
     paths: list[Path] = field(default_factory=list)
+    unsynced: bool = False  # files written without fsync since the last sync
 
 
 class LocalStore:
@@ -182,8 +183,13 @@ class LocalStore:
     # -- images -----------------------------------------------------------------
 
     def put_image(self, image: Image, *, replace: bool = False) -> None:
-        """Register an image and bind its fsid and device keys. Blobs must exist."""
+        """Register an image and bind its fsid and device keys. Blobs must exist.
+
+        The image record is what makes an import or build visible, so
+        everything written before it is made durable first.
+        """
         check_name(image.name)
+        self._make_durable()
         for blob_id in image.blob_ids:
             if not self.has_blob(blob_id):
                 raise UnknownName(f"image {image.name}: blob {blob_id} is not in the store")
@@ -257,6 +263,7 @@ class LocalStore:
             self._undo = _Undo()
             try:
                 yield self
+                self._make_durable()
             except BaseException:
                 for p in reversed(self._undo.paths):
                     with contextlib.suppress(FileNotFoundError):
@@ -268,14 +275,25 @@ class LocalStore:
         finally:
             os.close(lock)
 
+    def _make_durable(self) -> None:
+        """Flush what a transaction wrote without fsync (one sync instead of one per file)."""
+        if self._undo is not None and self._undo.unsynced:
+            os.sync()
+            self._undo.unsynced = False
+
     def _write_atomic(self, path: Path, data: bytes, mode: int = 0o644) -> None:
         existed = path.exists()
         tmp = self.root / "tmp" / f"{path.name}.{os.getpid()}.{id(data):x}"
+        # Inside a transaction, put_image() and the end sync once instead.
+        undo = self._undo
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if undo is not None:
+                    undo.unsynced = True
+                else:
+                    os.fsync(f.fileno())
             os.chmod(tmp, mode)
             os.replace(tmp, path)
         except OSError as exc:
