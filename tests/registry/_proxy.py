@@ -30,7 +30,8 @@ class Fault:
     Retry-After `retry_after` if set), "reset" (TCP RST, no answer), "truncate"
     (half the promised body, then close), "corrupt" (flip one body byte),
     "ignore_range" (forward without Range: the whole blob comes back with 200),
-    "redirect" (307 to the same path on localhost, as blob storage would).
+    "redirect" (307 to the same path on localhost, as blob storage would),
+    "widen" (forward a Range widened to 64 KiB alignment and 4 KiB more, as some CDNs do).
     """
 
     kind: str
@@ -161,6 +162,9 @@ class FaultProxy:
             forward["authorization"] = self.storage_authorization
         if kind == "ignore_range":
             forward.pop("range", None)
+        if kind == "widen" and "range" in forward:
+            lo, hi = (int(x) for x in forward["range"].removeprefix("bytes=").split("-"))
+            forward["range"] = f"bytes={lo - lo % 65536}-{hi + 4096}"
         assert self._session is not None
         async with self._session.request(
             method,

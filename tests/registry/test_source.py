@@ -129,9 +129,9 @@ async def test_corrupt_inside_a_merged_range(remote: Remote) -> None:
         await source.aclose()
 
 
-@pytest.mark.parametrize("kind", ["ignore_range", "redirect"])
+@pytest.mark.parametrize("kind", ["ignore_range", "redirect", "widen"])
 async def test_range_ignored_or_redirected_still_right(remote: Remote, kind: str) -> None:
-    """A 200 with the whole blob, or a 307 to storage, still yields exactly the asked chunks."""
+    """A 200 with the whole blob, a 307 to storage, or a wider 206 yield exactly our chunks."""
     remote.proxy.add(Fault(kind, times=100))
     source = RegistrySource(FAST)
     picks = remote.blob.chunks[10:12]
