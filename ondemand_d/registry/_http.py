@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Small HTTP helpers for the registry client: status checks, bounded bodies, headers."""
+"""Small HTTP helpers for the registry client: status checks, bounded bodies, headers, errors."""
 
 from __future__ import annotations
 
 import errno
+import io
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
@@ -19,6 +21,8 @@ T = TypeVar("T")
 RETRY_AFTER_CAP = 30.0
 Body = Callable[[], bytes] | None
 Handler = Callable[[aiohttp.ClientResponse], Awaitable[T]]
+#: Bodies above this are handed to aiohttp as a file object.
+INLINE_BODY = 1 << 20
 
 
 class RetryableError(Exception):
@@ -117,3 +121,18 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return f"connection error ({errno.errorcode.get(exc.errno, exc.errno)})"
     return type(exc).__name__
+
+
+def unreachable(err: OSError) -> bool:
+    """Refused, unroutable or unresolvable: says nothing about TLS."""
+    if isinstance(err, ConnectionRefusedError | socket.gaierror):
+        return True
+    return err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT)
+
+
+def payload(body: Body) -> bytes | io.BytesIO | None:
+    """Large bodies go as a file object, which aiohttp sends in pieces (sized, not chunked)."""
+    if body is None:
+        return None
+    data = body()
+    return io.BytesIO(data) if len(data) > INLINE_BODY else data

@@ -14,11 +14,8 @@ storage URLs put secrets there).
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import io
 import random
-import socket
 import ssl
 import time
 from typing import Self, TypeVar
@@ -37,9 +34,11 @@ from ondemand_d.registry._http import (
     describe,
     expect,
     iter_body,
+    payload,
     read_bounded,
     retry_after,
     scope,
+    unreachable,
 )
 from ondemand_d.registry._limiter import Priority, PriorityLimiter
 from ondemand_d.registry.auth import Authenticator, load_docker_config
@@ -52,8 +51,6 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 5
 _RETRY_STATUSES = {408, 429}  # request timeout, too many requests; and every 5xx
 _SERVER_ERROR = 500
-#: Bodies above this are handed to aiohttp as a file object.
-_INLINE_BODY = 1 << 20
 #: Seconds the https probe of an http-allowed registry may take.
 _PROBE_TIMEOUT = 3.0
 
@@ -137,7 +134,7 @@ class RegistryClient:
         except aiohttp.ClientConnectorCertificateError:
             chosen = secure  # TLS it is; the request itself reports the untrusted certificate
         except aiohttp.ClientConnectorError as exc:
-            if not isinstance(exc, aiohttp.ClientSSLError) and _unreachable(exc.os_error):
+            if not isinstance(exc, aiohttp.ClientSSLError) and unreachable(exc.os_error):
                 raise  # nobody there: decide next time, do not guess now
             chosen = plain  # the handshake failed or was cut: not a TLS server
         except (aiohttp.ClientError, TimeoutError):
@@ -244,7 +241,7 @@ class RegistryClient:
                 method,
                 url,
                 headers=send,
-                data=_payload(body),
+                data=payload(body),
                 allow_redirects=False,
                 timeout=self._timeout(),
             ) as resp:
@@ -404,18 +401,3 @@ class RegistryClient:
         return await self.request("HEAD", registry, url, handle, scope=scope(repository, actions))
 
     # -- writes -----------------------------------------------------------------
-
-
-def _unreachable(err: OSError) -> bool:
-    """Refused, unroutable or unresolvable: says nothing about TLS."""
-    if isinstance(err, ConnectionRefusedError | socket.gaierror):
-        return True
-    return err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT)
-
-
-def _payload(body: Body) -> bytes | io.BytesIO | None:
-    """Large bodies go as a file object, which aiohttp sends in pieces (sized, not chunked)."""
-    if body is None:
-        return None
-    data = body()
-    return io.BytesIO(data) if len(data) > _INLINE_BODY else data
