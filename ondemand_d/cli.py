@@ -135,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ondemand-d: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command != "serve":
+        # Other commands talk to a person: warnings on stderr, stdout keeps the result.
+        from ondemand_d import log  # noqa: PLC0415
+
+        log.configure("console" if sys.stderr.isatty() else "json", "warning", stream=sys.stderr)
     try:
         if args.command == "serve":
             return _serve(cfg)

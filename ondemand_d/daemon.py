@@ -53,7 +53,7 @@ def make_remote_source(cfg: Config) -> RemoteSource | None:
         from ondemand_d.registry.source import make_source  # noqa: PLC0415
     except ImportError:
         return None
-    return make_source(cfg)  # type: ignore[no-any-return]
+    return make_source(cfg)
 
 
 async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = None) -> Service:
