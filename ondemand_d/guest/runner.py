@@ -28,7 +28,7 @@ API::
 
 The command runs with ``cwd`` (default: the caller's cwd; it is visible in the guest
 read-only), an environment of ``PATH`` (the host's, minus pyenv shims, with the real
-interpreter's directory first), ``HOME=/tmp/home``, ``PYTHONDONTWRITEBYTECODE=1``,
+interpreter's directory first), ``HOME=/tmp``, ``PYTHONDONTWRITEBYTECODE=1``,
 ``PYTHONUNBUFFERED=1``, ``ONDEMAND_D_IN_GUEST=1``, ``ODG_RESULTS``, ``ODG_CACHE`` plus ``env``.
 Call Python by :func:`guest_python` (its real path): pyenv's shims fail in the guest.
 
@@ -155,7 +155,7 @@ def _command_script(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> st
 
 
 def qemu_argv(bzimage: Path, results_dir: Path, cache_disk: Path, *, memory_mb: int = 2048,
-              cpus: int = 2, path: str | None = None) -> list[str]:
+              cpus: int = 2, path: str | None = None, keep_cache: bool = False) -> list[str]:
     """Return the QEMU command line that boots the guest (see spec/vm.md)."""
     for value in (str(results_dir), str(init_script())):
         if not set(value) <= _SAFE:
@@ -163,9 +163,11 @@ def qemu_argv(bzimage: Path, results_dir: Path, cache_disk: Path, *, memory_mb: 
     accel = os.environ.get("ONDEMAND_D_GUEST_ACCEL", "tcg")
     append = " ".join([
         "console=ttyS0", "root=/dev/root", "rootfstype=9p",
-        "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose", "ro", "panic=-1", "quiet",
+        "rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose", "ro",
+        "panic=-1", "quiet",
         "init=/bin/sh", f"ODG_RESULTS={results_dir}", f"ODG_CACHE={GUEST_CACHE}",
-        f"PATH={path or guest_path()}", "--", str(init_script()),
+        f"PATH={path or guest_path()}", *(["ODG_KEEP_CACHE=1"] if keep_cache else []),
+        "--", str(init_script()),
     ])
     return [
         "qemu-system-x86_64", "-machine", f"q35,accel={accel}",
@@ -232,7 +234,8 @@ def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     (guest_dir / "cmd.sh").write_text(_command_script(argv, full_env, cwd or os.getcwd()))
     with tempfile.TemporaryDirectory(prefix="odg-disk-") as scratch:
         disk = cache_disk or make_cache_disk(Path(scratch) / "cache.img", cache_size)
-        cmd = qemu_argv(kernel, results, disk, memory_mb=memory_mb, cpus=cpus, path=path)
+        cmd = qemu_argv(kernel, results, disk, memory_mb=memory_mb, cpus=cpus, path=path,
+                        keep_cache=cache_disk is not None)
         (guest_dir / "qemu.argv").write_text(shlex.join(cmd) + "\n")
         started = time.monotonic()
         timed_out = False
