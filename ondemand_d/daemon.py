@@ -92,12 +92,15 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
         systemd.notify("STOPPING=1")
         log.info("stopping", in_flight=service.objects.reads_in_flight)
         await service.drain(cfg.shutdown_timeout)
+        remote_stats: dict[str, Any] = {}
         if remote is not None:
+            stats = getattr(remote, "stats", None)
+            remote_stats = stats() if stats is not None else {}
             await remote.aclose()
         executor.shutdown(wait=True)
         if owned:
             device.close()
-        log.info("stopped", **vars(service.counters))
+        log.info("stopped", **vars(service.counters), **remote_stats)
     return service
 
 
