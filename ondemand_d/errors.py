@@ -10,10 +10,15 @@ class OndemandError(Exception):
 class ProtocolError(OndemandError, ValueError):
     """The kernel sent bytes that do not form a valid cachefiles message."""
 
-    def __init__(self, reason: str, msg_id: int | None = None) -> None:
+    def __init__(
+        self, reason: str, msg_id: int | None = None, *, opcode: int | None = None,
+        fd: int | None = None,
+    ) -> None:
         super().__init__(reason if msg_id is None else f"msg_id {msg_id}: {reason}")
         self.reason = reason
-        self.msg_id = msg_id
+        self.msg_id = msg_id  # set when the header was readable: the request can be answered
+        self.opcode = opcode
+        self.fd = fd  # an OPEN's anon fd, installed by the kernel even if the keys are bad
 
 
 class ConfigError(OndemandError, ValueError):

@@ -139,7 +139,11 @@ class Service:
                 return
             if buf is None:
                 return
-            self._dispatch(buf)
+            try:
+                self._dispatch(buf)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the reader
+                self.counters.unexpected += 1
+                log.exception("dispatch_failed", error=repr(exc), raw=buf[:64].hex())
 
     def _dispatch(self, buf: bytes) -> None:
         try:
@@ -170,14 +174,23 @@ class Service:
         """Log and survive; answer what can be answered so nothing hangs."""
         self.counters.malformed += 1
         log.error("malformed_message", error=exc.reason, msg_id=exc.msg_id, raw=buf[:64].hex())
-        if exc.msg_id is None or len(buf) < wire.HEADER_SIZE:
-            return
-        opcode = int.from_bytes(buf[4:8], "little" if wire._E == "<" else "big")  # noqa: SLF001
-        if opcode == wire.Opcode.OPEN:
-            self._copen(exc.msg_id, -errno.EINVAL)
-            if len(buf) >= wire.OPEN_FIXED_SIZE:  # the fd is ours even if the keys are bad
-                fd = int.from_bytes(buf[24:28], "little" if wire._E == "<" else "big")  # noqa: SLF001
-                _close_quietly(fd)
+        if exc.msg_id is None or exc.opcode != wire.Opcode.OPEN:
+            return  # a READ we cannot parse has no object we could complete it on
+        self._copen(exc.msg_id, -errno.EINVAL)  # else the mount waits for it forever
+        if exc.fd is not None and self._is_anon_fd(exc.fd):
+            _close_quietly(exc.fd)
+
+    def _is_anon_fd(self, fd: int) -> bool:
+        """Whether `fd` may be an OPEN's anon fd: never one of ours (the device, stdio)."""
+        if fd <= 2 or fd == self.device.fd:  # noqa: PLR2004 - stdin, stdout, stderr
+            return False
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return False
+        # The kernel's anon fds, or (under the fake kernel) plain cache files.
+        return target == "anon_inode:[cachefiles]" or (
+            target.startswith("/") and not target.startswith("/dev/"))
 
     # -- carrying out actions -----------------------------------------------------
 
@@ -236,6 +249,9 @@ class Service:
             size, outcome, error = -errno.ENOENT, "unknown", str(exc)
         except (StoreError, OSError) as exc:
             size, outcome, error = -errno.EIO, "store_error", str(exc)
+        except Exception as exc:  # noqa: BLE001 - the OPEN must be answered whatever broke
+            self.counters.unexpected += 1
+            size, outcome, error = -errno.EIO, "internal_error", repr(exc)
         if blob is None:
             self.counters.opens_failed += 1
         prefill = blob is not None and (
@@ -280,7 +296,7 @@ class Service:
         read = _Read(action, time.perf_counter())
         try:
             read.blob = self._blob(action.blob_id)
-        except (StoreError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. a damaged chunk table: EIO, not a hang
             self._finish_read(read, exc)
             return
         read.chunks = read.blob.chunks_for(action.off, action.len)
@@ -323,7 +339,7 @@ class Service:
         for read in batch:
             try:
                 results.append(self._read_and_write(read))
-            except (StoreError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - reported per READ, which then gets EIO
                 results.append(exc)
         return results
 

@@ -98,11 +98,11 @@ def parse(buf: bytes | bytearray | memoryview) -> Request:
     msg_id, opcode, length, object_id = _HEADER.unpack_from(buf, 0)
     if length != n:
         msg = f"header says {length} bytes but read() returned {n}"
-        raise ProtocolError(msg, msg_id)
+        raise ProtocolError(msg, msg_id, opcode=opcode, fd=_open_fd(buf, opcode))
     if opcode == Opcode.READ:
         if n != READ_SIZE:
             msg = f"READ of {n} bytes, expected {READ_SIZE}"
-            raise ProtocolError(msg, msg_id)
+            raise ProtocolError(msg, msg_id, opcode=opcode)
         off, rlen = _READ.unpack_from(buf, HEADER_SIZE)
         return ReadRequest(msg_id, object_id, off, rlen)
     if opcode == Opcode.OPEN:
@@ -110,24 +110,31 @@ def parse(buf: bytes | bytearray | memoryview) -> Request:
     if opcode == Opcode.CLOSE:
         if n != HEADER_SIZE:
             msg = f"CLOSE of {n} bytes, expected {HEADER_SIZE}"
-            raise ProtocolError(msg, msg_id)
+            raise ProtocolError(msg, msg_id, opcode=opcode)
         return CloseRequest(msg_id, object_id)
     msg = f"unknown opcode {opcode}"
-    raise ProtocolError(msg, msg_id)
+    raise ProtocolError(msg, msg_id, opcode=opcode)
+
+
+def _open_fd(buf: bytes | bytearray | memoryview, opcode: int) -> int | None:
+    """An OPEN's fd field, if the message is long enough to hold it."""
+    if opcode != Opcode.OPEN or len(buf) < OPEN_FIXED_SIZE:
+        return None
+    return int(_OPEN.unpack_from(buf, HEADER_SIZE)[2])
 
 
 def _parse_open(buf: bytes | bytearray | memoryview, msg_id: int, object_id: int) -> OpenRequest:
     n = len(buf)
     if n < OPEN_FIXED_SIZE:
         msg = f"OPEN of {n} bytes is shorter than its {OPEN_FIXED_SIZE}-byte fixed part"
-        raise ProtocolError(msg, msg_id)
+        raise ProtocolError(msg, msg_id, opcode=Opcode.OPEN)
     vsize, csize, fd, flags = _OPEN.unpack_from(buf, HEADER_SIZE)
     if OPEN_FIXED_SIZE + vsize + csize != n:
         msg = f"OPEN key sizes {vsize}+{csize} do not fill the {n}-byte message"
-        raise ProtocolError(msg, msg_id)
+        raise ProtocolError(msg, msg_id, opcode=Opcode.OPEN, fd=fd)
     if vsize == 0 or buf[OPEN_FIXED_SIZE + vsize - 1] != 0:
         msg = "OPEN volume key does not end in NUL"
-        raise ProtocolError(msg, msg_id)
+        raise ProtocolError(msg, msg_id, opcode=Opcode.OPEN, fd=fd)
     volume = bytes(buf[OPEN_FIXED_SIZE : OPEN_FIXED_SIZE + vsize - 1])
     cookie = bytes(buf[OPEN_FIXED_SIZE + vsize : n])
     return OpenRequest(msg_id, object_id, volume, cookie, fd, flags)

@@ -372,3 +372,31 @@ async def test_close_cancels_prefetch_and_it_writes_no_more(make_env):
     assert not env.kernel.fd_open(obj)
     with open(obj.path, "rb") as f, pytest.raises(OSError):
         os.lseek(f.fileno(), 0, os.SEEK_DATA)  # nothing was written
+
+
+async def test_damaged_store_records_still_answer_the_open(env):
+    """A name or chunk table that is not valid JSON: the OPEN gets -EIO, never silence."""
+    blob, _ = _ingest(env, 5 * PAGE)
+    (env.tmp / "store" / "blobs" / f"{blob.blob_id}.json").write_text("{not json")
+    env.store._blob_cache.clear()
+    obj = await env.kernel.open(b"data")
+    assert obj.copen_result == -errno.EIO
+    assert not env.kernel.fd_open(obj)
+    env.store.bind_name("other", "f" * 64)
+    path = next(p for p in (env.tmp / "store" / "names").iterdir() if "other" in p.read_text())
+    path.write_bytes(b"\xff\xfe garbage")
+    assert (await env.kernel.open(b"other")).copen_result == -errno.EIO
+    assert env.service.counters.opens_failed == 2
+
+
+async def test_malformed_open_never_closes_the_device(env):
+    """Garbage whose fd field names the device itself: answered, and the device stays open."""
+    raw = bytearray(wire.build(wire.OpenRequest(950, 9, b"erofs,x", b"k", env.kernel.device_fd, 0)))
+    raw[20] = 99  # cookie size past the message
+    fut = asyncio.get_running_loop().create_future()
+    env.kernel._open_waiters[950] = fut
+    env.kernel._open_objects[950] = 9
+    env.kernel.send_raw(bytes(raw))
+    assert await asyncio.wait_for(fut, 5) == -errno.EINVAL
+    blob, _ = _ingest(env, PAGE)
+    assert (await env.kernel.open(b"data")).copen_result == PAGE  # still reading the device
