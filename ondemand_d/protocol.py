@@ -30,10 +30,15 @@ class Lookup:
 
 @dataclass(frozen=True, slots=True)
 class Copen:
-    """Write `copen msg_id,size` (size < 0 is -errno)."""
+    """Write `copen msg_id,size` (size < 0 is -errno).
+
+    If the kernel refuses it (the OPEN was cancelled meanwhile), call
+    `Objects.forget(object_id)` so the object's fd does not stay pinned.
+    """
 
     msg_id: int
     size: int
+    object_id: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +147,7 @@ class Objects:
             del self._objects[object_id]
             return [Copen(msg_id, size if size < 0 else -errno.ENOENT), CloseFd(object_id, obj.fd)]
         obj.blob_id, obj.size = blob_id, size
-        actions: list[Action] = [Copen(msg_id, size)]
+        actions: list[Action] = [Copen(msg_id, size, object_id)]
         if prefill:
             actions.append(Prefill(object_id, obj.fd, blob_id))
         return actions
@@ -182,6 +187,13 @@ class Objects:
             return []
         del self._objects[req.object_id]
         return [CloseFd(obj.object_id, obj.fd)]
+
+    def forget(self, object_id: int) -> list[Action]:
+        """The kernel refused our copen: drop the object as a CLOSE would."""
+        obj = self._objects.get(object_id)
+        if obj is None:
+            return []
+        return self._close(CloseRequest(0, object_id))
 
     def drain(self) -> list[Action]:
         """At shutdown, after in-flight READs ended: close every remaining fd."""

@@ -82,7 +82,6 @@ class Service:
         concurrency: int = 64,
         prefill_bootstrap: bool = True,
         prefetch: bool = False,
-        on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.device = device
         self.store = store
@@ -94,12 +93,12 @@ class Service:
         self._slots = concurrency
         self._prefill_bootstrap = prefill_bootstrap
         self._prefetch = prefetch
-        self._on_status = on_status
         self._tasks: set[asyncio.Task[None]] = set()
         self._blobs: dict[str, Blob] = {}
         self._prefills: dict[int, asyncio.Task[None]] = {}  # object_id -> whole-blob write
         self._jobs: set[Future[Any]] = set()  # fast-path READ batches on the I/O pool
         self._batch: list[_Read] = []
+        # One batch job per pool thread, so a burst of READs uses every thread.
         self._io_jobs = max(1, getattr(executor, "_max_workers", 4))
         # Debug lines build lists per READ: only when someone will read them.
         self._debug = structlog.get_logger().is_enabled_for(logging.DEBUG)
@@ -199,7 +198,8 @@ class Service:
             if isinstance(action, protocol.Lookup):
                 self._spawn(self._lookup(action))
             elif isinstance(action, protocol.Copen):
-                self._copen(action.msg_id, action.size)
+                if not self._copen(action.msg_id, action.size) and action.size >= 0:
+                    self._perform(self.objects.forget(action.object_id))
             elif isinstance(action, protocol.Fill):
                 self._start_read(action)
             elif isinstance(action, protocol.Prefill):
@@ -226,12 +226,14 @@ class Service:
             exc = task.exception()
             log.error("task_failed", error=repr(exc), exc_info=exc)
 
-    def _copen(self, msg_id: int, size: int) -> None:
+    def _copen(self, msg_id: int, size: int) -> bool:
         try:
             self.device.copen(msg_id, size)
         except OSError as exc:
             # EINVAL: the OPEN was cancelled (object dropped); nothing waits on it.
             log.warning("copen_failed", msg_id=msg_id, size=size, errno=exc.errno)
+            return False
+        return True
 
     async def _lookup(self, action: protocol.Lookup) -> None:
         start = time.perf_counter()

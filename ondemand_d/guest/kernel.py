@@ -20,7 +20,11 @@ the network; ``--refresh`` asks apt for the newest source version and builds if 
 
 Usage::
 
-    python3 -m ondemand_d.guest.kernel [--refresh] [--cache-dir DIR] [--no-install]
+    python3 -m ondemand_d.guest.kernel [--refresh] [--cache-dir DIR] [--no-install] [--prune]
+
+The source tree (1.7 GB) and the object dir (200 MB) are kept so that a changed fragment
+rebuilds incrementally (a new fragment's object dir is seeded from the previous one);
+``--prune`` deletes them and keeps only the built kernels.
 
 API: :func:`ensure_kernel` returns a :class:`Kernel` (bzImage path, version, whether it was
 built now). Missing build tools, ``qemu-system-x86`` and ``e2fsprogs`` are installed with
@@ -283,10 +287,38 @@ def _heartbeat(log: Path, stop: threading.Event, progress: Progress, started: fl
         progress(f"building ... {time.monotonic() - started:.0f} s, at: {last}")
 
 
+def _seed_objdir(objdir: Path, version: str, progress: Progress) -> None:
+    """Start a new fragment's build from the newest object dir of the same source version.
+
+    Kbuild rebuilds what the changed options touch, so a fragment tweak costs seconds, not
+    a full build. Nothing to copy (a fresh machine, or after --prune): a full build.
+    """
+    if objdir.exists():
+        return
+    previous = sorted((p for p in objdir.parent.parent.glob(f"{version}-*/build")
+                       if (p / ".config").is_file()), key=lambda p: p.stat().st_mtime)
+    if previous:
+        progress(f"seeding the build from {previous[-1]} (incremental)")
+        tmp = objdir.with_name("build.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(previous[-1], tmp, symlinks=True)
+        tmp.rename(objdir)
+
+
+def prune(root: Path, progress: Progress = _stderr) -> None:
+    """Delete sources, downloads and object dirs; keep each kernel's bzImage, config, logs."""
+    for path in [root / "src", root / "downloads", root / "apt", *root.glob("*/build")]:
+        if path.exists():
+            progress(f"pruning {path}")
+            shutil.rmtree(path)
+
+
 def build(src: Path, outdir: Path, version: str, progress: Progress = _stderr,
           fragment: Path = FRAGMENT) -> Path:
     """Configure and build bzImage out of tree in ``outdir/build``; return the cached bzImage."""
     objdir = outdir / "build"
+    outdir.mkdir(parents=True, exist_ok=True)
+    _seed_objdir(objdir, version, progress)
     objdir.mkdir(parents=True, exist_ok=True)
     log = outdir / "build.log"
     log.write_text("")
@@ -375,10 +407,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="check apt for a newer linux-source-6.12 and build it if so")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install missing build tools / qemu")
+    parser.add_argument("--prune", action="store_true",
+                        help="afterwards delete sources and object dirs (~2 GB), keeping the "
+                        "bzImages (e.g. before saving the cache dir in CI)")
     args = parser.parse_args(argv)
     try:
         kernel = ensure_kernel(cache_dir=args.cache_dir, refresh=args.refresh,
                                install=not args.no_install)
+        if args.prune:
+            with _locked(args.cache_dir):
+                prune(args.cache_dir)
     except KernelBuildError as exc:
         print(f"kernel: FAILED: {exc}", file=sys.stderr)
         return 1

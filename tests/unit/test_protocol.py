@@ -80,3 +80,12 @@ def test_drain_closes_everything():
     _opened(objs, 2, 11)
     assert sorted(a.fd for a in objs.drain()) == [10, 11]
     assert len(objs) == 0
+
+
+def test_forget_after_refused_copen_closes_fd():
+    objs = p.Objects()
+    objs.handle(OpenRequest(3, 1, b"erofs,d", b"img", 10, 0))
+    (copen,) = objs.opened(3, 1, BLOB, 4096, prefill=False)
+    assert copen.object_id == 1
+    assert objs.forget(1) == [p.CloseFd(1, 10)]
+    assert objs.forget(1) == []
