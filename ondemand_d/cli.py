@@ -189,9 +189,9 @@ def _import(args: argparse.Namespace, store: LocalStore) -> int:
 
 
 def _ls(args: argparse.Namespace, store: LocalStore) -> int:
-    images = []
+    images: list[dict[str, Any]] = []
     for image in store.images():
-        blobs = []
+        blobs: list[dict[str, Any]] = []
         for role, key, blob_id in [("bootstrap", image.name, image.bootstrap),
                                    *(("data", k, b) for k, b in image.devices)]:
             blob = store.get_blob(blob_id)

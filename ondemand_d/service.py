@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -241,10 +242,10 @@ class Service:
         blob: Blob | None = None
         bootstrap = False
         try:
-            blob, bootstrap = await asyncio.get_running_loop().run_in_executor(
+            found, bootstrap = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._resolve, action.cookie_key
             )
-            size, outcome = blob.size, "ok"
+            blob, size, outcome = found, found.size, "ok"
         except BadKey as exc:
             size, outcome, error = -errno.ENOENT, "bad_key", str(exc)
         except UnknownName as exc:
@@ -331,9 +332,13 @@ class Service:
             part = batch[i : i + per_job]
             job = self._executor.submit(self._run_batch, part)
             self._jobs.add(job)
-            job.add_done_callback(
-                lambda j, part=part: loop.call_soon_threadsafe(self._batch_done, part, j)
-            )
+            job.add_done_callback(functools.partial(self._batch_job_ended, loop, part))
+
+    def _batch_job_ended(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Read], job: Future[list[Any]]
+    ) -> None:
+        """I/O thread: hand the finished batch back to the loop."""
+        loop.call_soon_threadsafe(self._batch_done, batch, job)
 
     def _run_batch(self, batch: list[_Read]) -> list[tuple[list[bytes | None], int] | BaseException]:
         """I/O thread: each READ's owned chunks read and verified; all local ones written."""
@@ -352,7 +357,7 @@ class Service:
             return got, -1
         it = iter(got)
         parts = [d if d is not None else next(it) for d in read.claim.data]
-        return got, self._write_sync(read, parts)
+        return got, self._write_sync(read, [p for p in parts if p is not None])
 
     def _batch_done(self, batch: list[_Read], job: Future[list[Any]]) -> None:
         self._jobs.discard(job)
@@ -385,7 +390,8 @@ class Service:
     async def _gather_and_write(
         self, read: _Read, got: list[bytes | None] | None
     ) -> tuple[int, str]:
-        claim, source, parts = read.claim, "zero", []
+        claim, source = read.claim, "zero"
+        parts: list[bytes] = []
         if claim is not None:
             source = "cache"
             if claim.owned:
@@ -499,7 +505,7 @@ class Service:
                     data = b"".join(parts)
                     at = batch[0].offset
                     await self._in_thread(
-                        lambda d=data, a=at: self.backend.fill(fd, d, a, 0, complete=False)
+                        functools.partial(self.backend.fill, fd, data, at, 0, complete=False)
                     )
                     written += _round_up(len(data))
         except (StoreError, OSError) as exc:
