@@ -101,8 +101,9 @@ class Checks:
         """Fail the calling test unless the guest check passed; return its data."""
         rec = self.record(name)
         if rec.get("status") != "passed":
-            detail = rec.get("error") or "(no error recorded: the guest ended before the check "\
-                "finished; see below)"
+            statuses = {n: r.get("status") for n, r in self.records.items()}
+            detail = rec.get("error") or ("(no error recorded: the guest ended before this "
+                                          f"check finished; all checks: {statuses})")
             pytest.fail(f"guest check {name}: {rec.get('status')}\n{detail}\n"
                         f"data: {json.dumps(rec.get('data'), default=str)[:4000]}\n"
                         f"{self.result.summary(tail=30)}", pytrace=False)
