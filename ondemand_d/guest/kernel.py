@@ -27,8 +27,8 @@ rebuilds incrementally (a new fragment's object dir is seeded from the previous 
 ``--prune`` deletes them and keeps only the built kernels.
 
 API: :func:`ensure_kernel` returns a :class:`Kernel` (bzImage path, version, whether it was
-built now). Missing build tools, ``qemu-system-x86`` and ``e2fsprogs`` are installed with
-``apt-get`` (as root, or through ``sudo -n``) unless ``install=False``.
+built now). Missing build tools, ``qemu-system-x86``, ``e2fsprogs`` and ``erofs-utils`` are
+installed with ``apt-get`` (as root, or through ``sudo -n``) unless ``install=False``.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ HOST_PACKAGES: dict[str, str] = {
     "debian-archive-keyring": str(KEYRING),
     "qemu-system-x86": "qemu-system-x86_64",
     "e2fsprogs": "mkfs.ext4",
+    "erofs-utils": "mkfs.erofs",   # the vm tests build their images with it
 }
 
 Progress = Callable[[str], None]
