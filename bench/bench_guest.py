@@ -14,9 +14,10 @@ The host builds a tree of many small files and one large file, makes ``mkfs.erof
 
 It prints ``daemon/floor``, READs per MB, the median READ service time from the daemon's
 log, and what sha256 of the same bytes alone costs in this guest: under TCG hashing runs
-~20-45 MB/s (the host does ~1.4 GB/s), so verification weighs far more here than on hardware. TCG emulation makes absolute
-times meaningless; the ratio is the number to compare (spec/vm.md: a whole-chunk prototype
-reached about 1.3x). Not a pass/fail test.
+~20-45 MB/s (the host does ~1.4 GB/s), so verification weighs far more here than on
+hardware. TCG emulation makes absolute times meaningless; the ratio is the number to compare
+(spec/vm.md: a whole-chunk prototype without verification reached about 1.3x). Not a
+pass/fail test.
 """
 
 from __future__ import annotations

@@ -238,7 +238,8 @@ def _unpack(deb: Path, dest: Path, progress: Progress) -> Path:
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _run(["sh", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards "./usr/src/*.tar.xz"',
+    extract = 'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards "./usr/src/*.tar.xz"'
+    _run(["sh", "-c", extract,
           "sh", str(deb), str(tmp)])
     tarballs = list((tmp / "usr" / "src").glob("linux-source-*.tar.xz"))
     if len(tarballs) != 1:
@@ -350,7 +351,8 @@ def build(src: Path, outdir: Path, version: str, progress: Progress = _stderr,
     tmp.rename(outdir / "bzImage")
     (outdir / "meta.json").write_text(json.dumps({
         "source_package": SOURCE_PACKAGE, "version": version,
-        "fragment_hash": fragment_hash(fragment), "build_seconds": round(time.monotonic() - started),
+        "fragment_hash": fragment_hash(fragment),
+        "build_seconds": round(time.monotonic() - started),
     }) + "\n")
     progress(f"build done in {time.monotonic() - started:.0f} s")
     return outdir / "bzImage"

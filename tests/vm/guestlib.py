@@ -242,7 +242,8 @@ class Daemon:
 
     def __init__(self, store: Path, cache_dir: Path, log: Path, *, tag: str = "ondemand-d",
                  extra: tuple[str, ...] = ()) -> None:
-        self.store, self.cache_dir, self.log, self.tag, self.extra = store, cache_dir, log, tag, extra
+        self.store, self.cache_dir, self.log = store, cache_dir, log
+        self.tag, self.extra = tag, extra
         self.proc: Any = None
         self.stderr = log.with_suffix(".stderr")
 

@@ -6,8 +6,8 @@ Usage (inside the guest, started by conftest's ``guest_checks`` fixture)::
     python harness.py TEST_FILE OUT_JSON [CHECK ...]
 
 Checks run in definition order (all of them unless CHECKs are named), then the module's
-``teardown()`` if it has one (recorded as "teardown"). Each check runs as ``check(ctx)`` with a :class:`Ctx` and records passed / failed (with the
-traceback) / hung into OUT_JSON, rewritten after every check so a guest killed half-way
+``teardown()`` if it has one (recorded as "teardown"). Each check runs as ``check(ctx)``
+with a :class:`Ctx` and records passed / failed (with the traceback) / hung into OUT_JSON, rewritten after every check so a guest killed half-way
 still reports what ran. A check's wall-clock guard is ``check.timeout`` seconds (default 60,
 set with :func:`guestlib.guard`): a SIGALRM interrupts the check at that time; if it is
 stuck in the kernel even so, a watchdog thread records it as hung after 10 more seconds and
