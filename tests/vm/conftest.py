@@ -40,7 +40,7 @@ from ondemand_d.guest.runner import GuestResult, guest_python, run_in_guest
 VM_DIR = Path(__file__).resolve().parent
 PACKAGE_ROOT = Path(ondemand_d.__file__).resolve().parent.parent
 #: pytest-timeout limit for one vm test (its module's guest boot runs in its setup).
-VM_TEST_TIMEOUT = 1200
+VM_TEST_TIMEOUT = 1800  # above the sum of a module's check guards (scenarios: ~1230 s)
 
 _kernel_key = pytest.StashKey[Any]()
 
