@@ -21,10 +21,14 @@ G="$ODG_RESULTS/.guest"
 P9="trans=virtio,version=9p2000.L,msize=512000,cache=none"
 
 mount -t tmpfs -o mode=0755 tmpfs /run
+# /tmp: writable, yet what the host keeps there (a CI checkout, its venv, test inputs)
+# stays visible: an overlay whose lower layer is the host's /tmp, upper layer on /run.
+mkdir -m 1777 /run/tmp-upper /run/tmp-work
 {
     printf '%s\n' "proc /proc proc defaults 0 0" "sysfs /sys sysfs defaults 0 0"
     printf '%s\n' "devtmpfs /dev devtmpfs defaults 0 0"
-    printf '%s\n' "tmpfs /tmp tmpfs mode=1777 0 0" "tmpfs /mnt tmpfs mode=0755 0 0"
+    printf '%s\n' "overlay /tmp overlay lowerdir=/tmp,upperdir=/run/tmp-upper,workdir=/run/tmp-work 0 0"
+    printf '%s\n' "tmpfs /mnt tmpfs mode=0755 0 0"
     printf '%s\n' "tmpfs /dev/shm tmpfs mode=1777,X-mount.mkdir 0 0"
     printf '%s\n' "devpts /dev/pts devpts X-mount.mkdir 0 0"
     printf '%s\n' "results $ODG_RESULTS 9p $P9,X-mount.mkdir 0 0"
