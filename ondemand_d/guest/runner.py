@@ -4,7 +4,8 @@
 The guest (spec/vm.md) boots the kernel from :mod:`ondemand_d.guest.kernel` with:
 
 * the host's ``/`` as its root, read-only over virtio-9p: host binaries, the host's Python and
-  this package run unchanged; tmpfs covers ``/run``, ``/tmp``, ``/mnt`` and ``/dev/shm``.
+  this package run unchanged; tmpfs covers ``/run``, ``/mnt`` and ``/dev/shm``, and ``/tmp``
+  is an overlay (the host's ``/tmp`` below, writes kept in the guest's memory).
   The root is mounted ``cache=loose`` (Python start-up is about twice as fast under TCG), so
   a host file changed during a boot may be seen stale: put inputs in the results dir;
 * a fresh sparse ext4 disk (``/dev/vda``) mounted at ``/mnt/cache`` (cachefiles cannot bind
