@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ondemand_d import __version__
+import ondemand_d
 from ondemand_d.config import DEFAULT_CONFIG_PATH, Config, load
 from ondemand_d.errors import ConfigError, DeviceError, OndemandError
 from ondemand_d.store.local import DEFAULT_CHUNK_SIZE, LocalStore
@@ -30,6 +30,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(msg) from None
 
 
+class _Version(argparse.Action):
+    """--version, resolved only when asked for (the lookup is slow)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"ondemand-d {ondemand_d.__version__}")
+        parser.exit()
+
+
 def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ondemand-d",
@@ -37,7 +45,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         "content-addressed store of verified chunks.",
         epilog="Run 'ondemand-d COMMAND --help' for a command's options.",
     )
-    p.add_argument("--version", action="version", version=f"ondemand-d {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     p.add_argument(
         "--store", type=Path, default=None,
         help="store directory (default: $ONDEMAND_D_STORE, the config file's 'store', "
