@@ -66,6 +66,8 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     s.add_argument("--io-threads", type=int, help="threads for store and cache I/O (default 4)")
     s.add_argument("--prefetch", action="store_true", default=None,
                    help="write whole data blobs in the background after OPEN")
+    s.add_argument("--readahead", type=_size, metavar="SIZE",
+                   help="after each READ, write this much of what follows (default 4M; 0: off)")
     s.add_argument("--no-prefill-bootstrap", dest="prefill_bootstrap", action="store_false",
                    default=None, help="do not write bootstraps whole after OPEN")
     s.add_argument("--log-format", choices=("auto", "json", "console"),

@@ -32,6 +32,7 @@ class Config:
     io_threads: int = 4  # threads for store reads and anon-fd writes
     prefill_bootstrap: bool = True  # write a bootstrap whole right after its copen
     prefetch: bool = False  # write data blobs whole in the background after OPEN
+    readahead: int = 4 << 20  # bytes written past each READ before the kernel asks; 0: off
     write_through: bool = True  # keep remotely fetched chunks in the local store
     registry_config: Path | None = None  # Docker-style config.json with credentials
     ca_file: Path | None = None
@@ -124,6 +125,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(msg)
     if not 1 <= cfg.concurrency <= 4096:  # noqa: PLR2004
         msg = f"config key 'concurrency': {cfg.concurrency} is not in 1..4096"
+        raise ConfigError(msg)
+    if not 0 <= cfg.readahead <= 1 << 30:
+        msg = f"config key 'readahead': {cfg.readahead} is not in 0..1 GiB"
         raise ConfigError(msg)
     if not 1 <= cfg.io_threads <= 256:  # noqa: PLR2004
         msg = f"config key 'io_threads': {cfg.io_threads} is not in 1..256"

@@ -73,6 +73,7 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
         concurrency=cfg.concurrency,
         prefill_bootstrap=cfg.prefill_bootstrap,
         prefetch=cfg.prefetch,
+        readahead=cfg.readahead,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -31,8 +31,8 @@ from ondemand_d.store.model import PAGE, Blob, Chunk
 log = structlog.get_logger()
 T = TypeVar("T")
 
-#: Bytes written per anon-fd write while prefilling a whole blob.
-PREFILL_BATCH = 8 << 20
+#: Bytes per anon-fd write (and per verify job) when writing without a READ.
+BACKGROUND_BATCH = 1 << 20
 
 
 class DeviceLike(Protocol):
@@ -83,6 +83,7 @@ class Service:
         concurrency: int = 64,
         prefill_bootstrap: bool = True,
         prefetch: bool = False,
+        readahead: int = 0,
     ) -> None:
         self.device = device
         self.store = store
@@ -96,7 +97,10 @@ class Service:
         self._prefetch = prefetch
         self._tasks: set[asyncio.Task[None]] = set()
         self._blobs: dict[str, Blob] = {}
-        self._prefills: dict[int, asyncio.Task[None]] = {}  # object_id -> whole-blob write
+        self._readahead = readahead
+        # object_id -> the prefill or readahead writing into it, and what was written.
+        self._background: dict[int, asyncio.Task[None]] = {}
+        self._written: dict[int, set[int]] = {}
         self._jobs: set[Future[Any]] = set()  # fast-path READ batches on the I/O pool
         self._batch: list[_Read] = []
         # One batch job per pool thread, so a burst of READs uses every thread.
@@ -155,9 +159,10 @@ class Service:
             self.counters.opens += 1
         elif isinstance(req, wire.CloseRequest):
             self.counters.closes += 1
-            prefill = self._prefills.pop(req.object_id, None)
-            if prefill is not None:
-                prefill.cancel()
+            background = self._background.pop(req.object_id, None)
+            if background is not None:
+                background.cancel()
+            self._written.pop(req.object_id, None)
             obj = self.objects.get(req.object_id)
             log.info(
                 "closed",
@@ -446,6 +451,10 @@ class Service:
         if exc is None:
             self.counters.bytes_written += written
             log.info("read_completed", **fields, bytes=written, source=source, outcome="ok")
+            if obj is not None:
+                self._written.setdefault(obj.object_id, set()).update(
+                    c.offset for c in read.chunks)
+                self._start_readahead(read)
         else:
             self.counters.reads_failed += 1
             if not read.completed:
@@ -478,36 +487,70 @@ class Service:
             log.warning("complete_failed", msg_id=action.msg_id, errno=exc.errno)
 
     def _start_prefill(self, action: protocol.Prefill) -> None:
-        task = asyncio.get_running_loop().create_task(self._prefill(action))
-        self._prefills[action.object_id] = task
+        blob = self._blob(action.blob_id)
+        self._start_background(action.object_id, action.fd, blob, blob.chunks, "prefill")
+
+    def _start_readahead(self, read: _Read) -> None:
+        """After a READ, write the chunks that follow it before the kernel asks.
+
+        A sequential reader otherwise waits for one READ per chunk, and each
+        READ waits for its chunk to be read and verified. One readahead runs
+        per object at a time; chunks already written are skipped.
+        """
+        obj = self.objects.get(read.action.object_id)
+        if (not self._readahead or obj is None or obj.closing or not read.chunks
+                or read.blob is None or read.action.object_id in self._background):
+            return
+        written = self._written.setdefault(obj.object_id, set())
+        window = [c for c in read.blob.chunks_for(read.chunks[-1].end, self._readahead)
+                  if c.offset not in written]
+        if window:
+            self._start_background(obj.object_id, obj.fd, read.blob, tuple(window), "readahead")
+
+    def _start_background(
+        self, object_id: int, fd: int, blob: Blob, chunks: tuple[Chunk, ...], kind: str
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._write_background(object_id, fd, blob, chunks, kind))
+        self._background[object_id] = task
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        task.add_done_callback(lambda t: self._prefills.pop(action.object_id, None)
-                               if self._prefills.get(action.object_id) is t else None)
+        task.add_done_callback(lambda t: self._background.pop(object_id, None)
+                               if self._background.get(object_id) is t else None)
 
-    async def _prefill(self, action: protocol.Prefill) -> None:
-        """Write a whole blob so the kernel never has to ask for it.
+    async def _write_background(
+        self, object_id: int, fd: int, blob: Blob, chunks: tuple[Chunk, ...], kind: str
+    ) -> None:
+        """Write chunks no READ asked for: a whole bootstrap (prefill) or readahead.
 
         Works on its own dup of the anon fd: a CLOSE may close the object's fd
         (and the number be reused for another object) while this runs; the
-        CLOSE also cancels it. Remote data is fetched at prefetch priority.
+        CLOSE also cancels it. A prefill of a remote blob is fetched at
+        prefetch priority. Batches are read and verified concurrently, so
+        hashing uses every core.
         """
         start = time.perf_counter()
-        blob = self._blob(action.blob_id)
         written = 0
         outcome, error = "ok", None
-        fd = os.dup(action.fd)
+        fd = os.dup(fd)
+        done = self._written.setdefault(object_id, set())
         priority = getattr(self.fetcher.remote, "prefetching", None)
+        low = kind == "prefill" and priority is not None and blob.is_remote
+
+        async def write(batch: tuple[Chunk, ...]) -> int:
+            parts, _ = await self.fetcher.get(blob, batch)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            await self._in_thread(
+                functools.partial(self.backend.fill, fd, data, batch[0].offset, 0, complete=False))
+            done.update(c.offset for c in batch)
+            return _round_up(len(data))
+
         try:
-            with priority() if priority is not None and blob.is_remote else contextlib.nullcontext():
-                for batch in _batches(blob.chunks, PREFILL_BATCH):
-                    parts, _ = await self.fetcher.get(blob, batch)
-                    data = b"".join(parts)
-                    at = batch[0].offset
-                    await self._in_thread(
-                        functools.partial(self.backend.fill, fd, data, at, 0, complete=False)
-                    )
-                    written += _round_up(len(data))
+            with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
+                batches = _batches(chunks, BACKGROUND_BATCH)
+                for i in range(0, len(batches), self._io_jobs):
+                    sizes = await asyncio.gather(*map(write, batches[i : i + self._io_jobs]))
+                    written += sum(sizes)
         except (StoreError, OSError) as exc:
             outcome, error = "error", str(exc)
         except asyncio.CancelledError:
@@ -516,10 +559,11 @@ class Service:
         finally:
             os.close(fd)
             self.counters.bytes_written += written
+            event = "prefilled" if kind == "prefill" else "read_ahead"
             (log.info if outcome == "ok" else log.warning)(
-                "prefilled", object_id=action.object_id, blob=blob.blob_id, bytes=written,
-                size=blob.size, outcome=outcome, duration_ms=_ms(start),
-                **({"error": error} if error else {}),
+                event, object_id=object_id, blob=blob.blob_id, off=chunks[0].offset,
+                len=chunks[-1].end - chunks[0].offset, bytes=written, outcome=outcome,
+                duration_ms=_ms(start), **({"error": error} if error else {}),
             )
 
     # -- lifecycle ----------------------------------------------------------------
@@ -535,8 +579,8 @@ class Service:
         """Stop reading, let in-flight work finish (up to `timeout`), close fds."""
         self._stopping = True
         self._pause()
-        for prefill in list(self._prefills.values()):
-            prefill.cancel()  # whole-blob writes are optional; READs are not
+        for background in list(self._background.values()):
+            background.cancel()  # prefill and readahead are optional; READs are not
         pending: set[Any] = set(self._tasks)
         pending |= {asyncio.wrap_future(j) for j in self._jobs}
         if pending:

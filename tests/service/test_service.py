@@ -224,14 +224,18 @@ async def test_anon_fd_write_error_completes_without_data(env):
 class SlowRemote:
     """A remote source that holds every fetch until released (for CLOSE/drain ordering)."""
 
-    def __init__(self, data: dict[str, bytes]) -> None:
+    def __init__(self, data: dict[str, bytes], free: int = 0) -> None:
         self.data = data
         self.release = asyncio.Event()
         self.started = asyncio.Event()
+        self.free = free  # fetches served at once before the gate applies
 
     async def fetch(self, blob, chunks):
         self.started.set()
-        await self.release.wait()
+        if self.free > 0:
+            self.free -= 1
+        else:
+            await self.release.wait()
         return [self.data[c.digest] for c in chunks]
 
     async def aclose(self) -> None:
@@ -400,3 +404,53 @@ async def test_malformed_open_never_closes_the_device(env):
     assert await asyncio.wait_for(fut, 5) == -errno.EINVAL
     blob, _ = _ingest(env, PAGE)
     assert (await env.kernel.open(b"data")).copen_result == PAGE  # still reading the device
+
+
+async def test_readahead_writes_the_chunks_after_a_read(make_env):
+    """After a READ, the next `readahead` bytes are written before the kernel asks."""
+    env = await make_env(readahead=2 << 20)
+    blob, source = _ingest(env, 8 << 20)
+    obj = await env.kernel.open(b"data")
+    assert await env.kernel.read(obj, 0, PAGE)
+    for _ in range(300):
+        if _events(env, "read_ahead"):
+            break
+        await asyncio.sleep(0.01)
+    (ahead,) = _events(env, "read_ahead")
+    assert (ahead["off"], ahead["len"], ahead["outcome"]) == (1 << 20, 2 << 20, "ok")
+    assert env.kernel.range_present(obj, 0, 3 << 20)
+    assert not env.kernel.range_present(obj, 3 << 20, PAGE)
+    assert env.kernel.cache_bytes(obj)[: 3 << 20] == source[: 3 << 20]
+    # The next READ past the written part reads ahead again, skipping what is there.
+    assert await env.kernel.read(obj, 3 << 20, PAGE)
+    for _ in range(300):
+        if len(_events(env, "read_ahead")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert _events(env, "read_ahead")[1]["off"] == 4 << 20
+    assert env.kernel.cache_bytes(obj)[: 6 << 20] == source[: 6 << 20]
+    _all_complete_once(env.kernel)
+
+
+async def test_close_cancels_readahead(make_env):
+    env = await make_env(readahead=4 << 20)
+    blob, source, remote = _remote_blob(env, 8 << 20)
+    remote.free = 1  # the READ's fetch passes; the readahead's waits at the gate
+    env.fetcher.remote = remote
+    obj = await env.kernel.open(b"data")
+    first = env.kernel.send_read(obj, 0, PAGE)
+    await asyncio.wait_for(first.done.wait(), 5)
+    for _ in range(200):
+        if env.service._background:
+            break
+        await asyncio.sleep(0.01)
+    env.kernel.close(obj)
+    for _ in range(200):
+        if _events(env, "read_ahead"):
+            break
+        await asyncio.sleep(0.01)
+    assert _events(env, "read_ahead")[0]["outcome"] == "cancelled"
+    remote.release.set()
+    await asyncio.sleep(0.05)
+    assert not env.kernel.fd_open(obj)
+    assert not env.kernel.range_present(obj, 1 << 20, PAGE)
