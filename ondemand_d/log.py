@@ -11,15 +11,35 @@ import structlog
 LogFormat = Literal["auto", "json", "console"]
 
 
-def configure(fmt: LogFormat = "auto", level: str = "info", *, stream: object = None) -> None:
+class _Std:
+    """sys.stdout or sys.stderr as they are at each write, not at configure time.
+
+    Loggers are cached on first use; a cached logger must not keep writing to
+    a stream that was replaced (and closed) since, e.g. by a test runner.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return int(getattr(sys, self.name).write(text))
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(sys, self.name).isatty())
+
+
+def configure(fmt: LogFormat = "auto", level: str = "info", *, stream: str = "stdout") -> None:
     """Configure structlog once for the process.
 
     Args:
         fmt: "json", "console", or "auto" (console on a TTY, else JSON).
         level: "debug", "info", "warning" or "error"; debug shows each step of a READ.
-        stream: where lines go (default stdout).
+        stream: "stdout" (the daemon's log) or "stderr" (commands whose stdout is a result).
     """
-    out = stream if stream is not None else sys.stdout
+    out = _Std(stream)
     if fmt == "auto":
         fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
     try:
