@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Other commands talk to a person: warnings on stderr, stdout keeps the result.
         from ondemand_d import log  # noqa: PLC0415
 
-        log.configure("console" if sys.stderr.isatty() else "json", "warning", stream="stderr")
+        log.configure("console" if sys.stderr.isatty() else "json", "warning", stream="stderr",
+                      cache=False)
     try:
         if args.command == "serve":
             return _serve(cfg)

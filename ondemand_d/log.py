@@ -31,13 +31,17 @@ class _Std:
         return bool(getattr(sys, self.name).isatty())
 
 
-def configure(fmt: LogFormat = "auto", level: str = "info", *, stream: str = "stdout") -> None:
+def configure(
+    fmt: LogFormat = "auto", level: str = "info", *, stream: str = "stdout", cache: bool = True
+) -> None:
     """Configure structlog once for the process.
 
     Args:
         fmt: "json", "console", or "auto" (console on a TTY, else JSON).
         level: "debug", "info", "warning" or "error"; debug shows each step of a READ.
         stream: "stdout" (the daemon's log) or "stderr" (commands whose stdout is a result).
+        cache: cache each logger on first use (the daemon's hot path); short
+            commands skip it so a later configuration still applies.
     """
     out = _Std(stream)
     if fmt == "auto":
@@ -60,5 +64,5 @@ def configure(fmt: LogFormat = "auto", level: str = "info", *, stream: str = "st
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
