@@ -140,11 +140,12 @@ def report(log_path: Path, files: int, checked: int, elapsed: float) -> None:
     opened = Counter(e.get("key") for e in reqs if e["op"] == "OPEN")
     read_bytes = sum(e.get("bytes", 0) for e in reqs if e["op"] == "READ")
     prefilled = sum(e.get("bytes", 0) for e in lines if e.get("event") == "prefilled")
+    ahead = sum(e.get("bytes", 0) for e in lines if e.get("event") == "read_ahead")
     failed = sum(1 for e in reqs if e.get("outcome") not in (None, "ok"))
     print("\nSummary:")
     print(f"  OPENs  {ops['OPEN']:>6}  ({', '.join(f'{k[:16]} x{n}' for k, n in opened.items())})")
-    print(f"  READs  {ops['READ']:>6}  ({read_bytes} bytes written; {prefilled} bytes of "
-          "bootstrap prefilled)")
+    print(f"  READs  {ops['READ']:>6}  ({read_bytes} bytes written for them; {prefilled} bytes "
+          f"of bootstrap prefilled; {ahead} bytes read ahead)")
     print(f"  CLOSEs {ops['CLOSE']:>6}")
     print(f"  failed requests: {failed}")
     print(f"  files read and compared with the source: {checked}/{files} identical")
