@@ -176,6 +176,8 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=1200)
     parser.add_argument("--big-mb", type=int, default=64)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, store)")
+    parser.add_argument("--readahead", type=int, default=None,
+                        help="the daemon's readahead in bytes (default: its own default)")
     parser.add_argument("--guest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.guest:
@@ -189,7 +191,9 @@ def main() -> int:
     print(f"host: inputs ready in {time.monotonic() - t0:.1f} s ({base})", file=sys.stderr)
     result = run_in_guest(
         [guest_python(), str(Path(__file__).resolve()), "--guest", str(base)],
-        env={"PYTHONPATH": str(REPO)},
+        env={"PYTHONPATH": str(REPO),
+             **({"ONDEMAND_D_READAHEAD": str(args.readahead)} if args.readahead is not None
+                else {})},
         timeout=900,
         results_dir=base,
         cache_size="4G",
