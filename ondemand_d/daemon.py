@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from ondemand_d.device import Device, raise_nofile_limit
 from ondemand_d.service import Service
 from ondemand_d.store.fetch import ChunkFetcher, RemoteSource
 from ondemand_d.store.local import LocalStore
+from ondemand_d.store.model import Blob, Chunk
 
 log = structlog.get_logger()
 
@@ -47,13 +49,42 @@ def open_device(cfg: Config) -> tuple[Device, bool]:
     return device, False
 
 
-def make_remote_source(cfg: Config) -> RemoteSource | None:
-    """The registry source when the registry support is installed and configured."""
-    try:
-        from ondemand_d.registry.source import make_source  # noqa: PLC0415
-    except ImportError:
-        return None
-    return make_source(cfg)
+class LazyRemoteSource:
+    """The registry source, created on the first remote chunk.
+
+    The HTTP stack costs 0.4 s of start-up on the host and seconds under
+    emulation; a daemon that serves only local images never pays for it.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._source: Any = None
+
+    def _get(self) -> Any:
+        if self._source is None:
+            from ondemand_d.registry.source import make_source  # noqa: PLC0415
+
+            self._source = make_source(self._cfg)
+        return self._source
+
+    async def fetch(self, blob: Blob, chunks: Sequence[Chunk]) -> list[bytes]:
+        return await self._get().fetch(blob, chunks)  # type: ignore[no-any-return]
+
+    def prefetching(self) -> Any:
+        """The source's low-priority context for whole-blob prefetch."""
+        return self._get().prefetching()
+
+    def stats(self) -> dict[str, int]:
+        return {} if self._source is None else dict(self._source.stats())
+
+    async def aclose(self) -> None:
+        if self._source is not None:
+            await self._source.aclose()
+
+
+def make_remote_source(cfg: Config) -> RemoteSource:
+    """The source for chunks that live in OCI registries."""
+    return LazyRemoteSource(cfg)
 
 
 async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = None) -> Service:
