@@ -271,6 +271,7 @@ class Service:
             msg_id=action.msg_id,
             object_id=action.object_id,
             volume=_text(action.volume_key),
+            domain=_text(wire.split_volume_key(action.volume_key)),  # domain_id, else the fsid
             key=key,
             blob=blob.blob_id if blob else None,
             size=size,

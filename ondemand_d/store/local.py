@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ondemand_d.errors import ChunkNotFound, StoreError, UnknownName
 from ondemand_d.store.model import PAGE, Blob, Chunk, Image, check_digest, check_key, check_name
@@ -81,13 +81,6 @@ class LocalStore:
         path.parent.mkdir(exist_ok=True)
         self._write_atomic(path, bytes(data), mode=0o444)
         return digest
-
-    def open_chunk(self, digest: str) -> BinaryIO:
-        """Open a chunk file for reading; the caller verifies what it reads."""
-        try:
-            return self.chunk_path(digest).open("rb", buffering=0)
-        except FileNotFoundError:
-            raise ChunkNotFound(f"chunk {digest} is not in the store {self.root}") from None
 
     def read_chunk(self, chunk: Chunk) -> bytes:
         """Read a chunk's bytes and verify them against its digest.
