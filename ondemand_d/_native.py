@@ -122,7 +122,7 @@ def load_backend(choice: str | None = None) -> Backend:
     if choice in ("0", "python"):
         return PythonBackend()
     try:
-        from ondemand_d import _shim  # type: ignore[attr-defined]  # noqa: PLC0415
+        from ondemand_d import _shim  # type: ignore[attr-defined,unused-ignore]  # noqa: PLC0415
 
         return CffiBackend(_shim)
     except ImportError:

@@ -112,6 +112,10 @@ class Objects:
     def get(self, object_id: int) -> ObjectState | None:
         return self._objects.get(object_id)
 
+    def blob_ids(self) -> set[str]:
+        """The blobs that open objects are answered from."""
+        return {o.blob_id for o in self._objects.values() if o.blob_id is not None}
+
     @property
     def reads_in_flight(self) -> int:
         return len(self._reads)

@@ -212,6 +212,10 @@ class Service:
                 self._start_prefill(action)
             elif isinstance(action, protocol.CloseFd):
                 _close_quietly(action.fd)
+                self._written.pop(action.object_id, None)
+                if len(self._blobs) > 2 * len(self.objects) + 8:  # keep chunk tables in use
+                    keep = self.objects.blob_ids()
+                    self._blobs = {k: v for k, v in self._blobs.items() if k in keep}
             else:
                 log.warning(
                     "request_ignored",

@@ -89,3 +89,11 @@ def test_forget_after_refused_copen_closes_fd():
     assert copen.object_id == 1
     assert objs.forget(1) == [p.CloseFd(1, 10)]
     assert objs.forget(1) == []
+
+
+def test_blob_ids_of_open_objects():
+    objs = p.Objects()
+    _opened(objs, 1, 10)
+    assert objs.blob_ids() == {BLOB}
+    objs.handle(CloseRequest(7, 1))
+    assert objs.blob_ids() == set()
