@@ -400,25 +400,11 @@ class Service:
     async def _gather_and_write(
         self, read: _Read, got: list[bytes | None] | None
     ) -> tuple[int, str]:
-        claim, source = read.claim, "zero"
         parts: list[bytes] = []
-        if claim is not None:
-            source = "cache"
-            if claim.owned:
-                owned = [c for _, c, _ in claim.owned]
-                try:
-                    if got is None:
-                        got = await self._in_thread(lambda: self.fetcher.read_local(owned))
-                    source = "local"
-                    if any(d is None for d in got):
-                        assert read.blob is not None  # noqa: S101 - set by _start_read
-                        got = await self.fetcher.complete_remote(read.blob, owned, got)
-                        source = "remote"
-                except BaseException as exc:
-                    self.fetcher.settle(claim, exc)
-                    raise
-                self.fetcher.settle(claim, got)
-            parts, source = await self.fetcher.gather(claim, source)
+        source = "zero"
+        if read.claim is not None:
+            assert read.blob is not None  # noqa: S101 - set by _start_read
+            parts, source = await self.fetcher.fetch_claimed(read.blob, read.claim, got)
         return await self._in_thread(lambda: self._write_sync(read, parts)), source
 
     def _write_sync(self, read: _Read, parts: list[bytes]) -> int:

@@ -121,7 +121,15 @@ class ChunkFetcher:
 
         A chunk missing locally but fetchable remotely comes back as None.
         """
-        return self._read_local(list(chunks))
+        out: list[bytes | None] = []
+        for chunk in chunks:
+            try:
+                out.append(self.store.read_chunk(chunk))
+            except ChunkNotFound:
+                if chunk.remote is None or self.remote is None:
+                    raise
+                out.append(None)
+        return out
 
     async def get(self, blob: Blob, chunks: Sequence[Chunk]) -> tuple[list[bytes], str]:
         """The verified bytes of `chunks` of `blob`, and where they came from.
@@ -133,24 +141,32 @@ class ChunkFetcher:
         Raises:
             StoreError: a chunk is missing, corrupt or could not be fetched.
         """
-        claim = self.claim(chunks)
+        return await self.fetch_claimed(blob, self.claim(chunks))
+
+    async def fetch_claimed(
+        self, blob: Blob, claim: Claim, got: list[bytes | None] | None = None
+    ) -> tuple[list[bytes], str]:
+        """Fetch what `claim` owns (`got`: what read_local already returned), settle, gather."""
         source = "cache"
         if claim.owned:
             wanted = [c for _, c, _ in claim.owned]
             try:
-                loop = asyncio.get_running_loop()
-                got = await loop.run_in_executor(self._executor, self._read_local, wanted)
+                if got is None:
+                    loop = asyncio.get_running_loop()
+                    got = await loop.run_in_executor(self._executor, self.read_local, wanted)
                 source = "local"
                 if any(d is None for d in got):
-                    got = await self.complete_remote(blob, wanted, got)
+                    missing = [c for c, d in zip(wanted, got, strict=True) if d is None]
+                    fetched = iter(await self._fetch_remote(blob, missing))
+                    got = [next(fetched) if d is None else d for d in got]
                     source = "remote"
             except BaseException as exc:
                 self.settle(claim, exc)
                 raise
             self.settle(claim, got)
-        return await self.gather(claim, source)
+        return await self._gather(claim, source)
 
-    async def gather(self, claim: Claim, source: str) -> tuple[list[bytes], str]:
+    async def _gather(self, claim: Claim, source: str) -> tuple[list[bytes], str]:
         """Wait for the chunks other READs are fetching; all of the claim's bytes, in order."""
         for i, fut in claim.joined:
             claim.data[i] = await asyncio.shield(fut)
@@ -158,27 +174,8 @@ class ChunkFetcher:
                 source = "joined"
         return [d for d in claim.data if d is not None], source
 
-    async def complete_remote(
-        self, blob: Blob, chunks: list[Chunk], got: list[bytes | None]
-    ) -> list[bytes | None]:
-        """Fill the gaps `read_local` left with bytes from the remote source."""
-        missing = [c for c, d in zip(chunks, got, strict=True) if d is None]
-        fetched = iter(await self._fetch_remote(blob, missing))
-        return [next(fetched) if d is None else d for d in got]
-
-    def _read_local(self, chunks: list[Chunk]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for chunk in chunks:
-            try:
-                out.append(self.store.read_chunk(chunk))
-            except ChunkNotFound:
-                if chunk.remote is None or self.remote is None:
-                    raise
-                out.append(None)
-        return out
-
     async def _fetch_remote(self, blob: Blob, chunks: list[Chunk]) -> list[bytes]:
-        if self.remote is None:  # pragma: no cover - _read_local raised already
+        if self.remote is None:  # pragma: no cover - read_local raised already
             msg = f"blob {blob.blob_id}: chunks are remote but no remote source is configured"
             raise StoreError(msg)
         data = await self.remote.fetch(blob, chunks)
