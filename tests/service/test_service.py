@@ -44,6 +44,13 @@ def _events(env, name: str) -> list[dict]:
     return [e for e in env.logs if e["event"] == name]
 
 
+async def _until(condition, seconds: float) -> None:
+    """Poll for something the daemon does in the background; the assertion follows."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def test_image_open_read_sequence(env):
     """A mkfs.erofs image: bootstrap prefilled at OPEN, data READs fill the blob exactly."""
     src = env.tmp / "src"
@@ -57,10 +64,8 @@ async def test_image_open_read_sequence(env):
 
     boot = await env.kernel.open(b"img1", b"erofs,img1")
     assert boot.copen_result == meta.stat().st_size
-    for _ in range(200):  # the prefill runs in the background after the copen
-        if _events(env, "prefilled"):
-            break
-        await asyncio.sleep(0.01)
+    # The prefill runs in the background after the copen.
+    await _until(lambda: _events(env, "prefilled"), 2)
     assert env.kernel.range_present(boot, 0, meta.stat().st_size)
     assert env.kernel.cache_bytes(boot)[: meta.stat().st_size] == meta.read_bytes()
 
@@ -276,10 +281,7 @@ async def test_close_waits_for_inflight_reads(make_env):
     remote.release.set()
     await asyncio.wait_for(outcome.done.wait(), 5)
     assert outcome.present
-    for _ in range(100):
-        if not env.kernel.fd_open(obj):
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: not env.kernel.fd_open(obj), 1)
     assert not env.kernel.fd_open(obj)
     _all_complete_once(env.kernel)
 
@@ -329,10 +331,8 @@ async def test_debug_log_follows_one_read(env):
     obj = await env.kernel.open(b"data")
     assert await env.kernel.read(obj, (1 << 20) + 8192, PAGE)
     (msg_id,) = env.kernel.reads
-    for _ in range(100):  # the kernel saw the completion; the daemon logs right after
-        if env.service.objects.reads_in_flight == 0:
-            break
-        await asyncio.sleep(0.01)
+    # The kernel saw the completion; the daemon logs right after.
+    await _until(lambda: env.service.objects.reads_in_flight == 0, 1)
     steps = [e for e in env.logs if e.get("msg_id") == msg_id]
     assert [e["event"] for e in steps] == ["read_planned", "read_writing", "read_completed"]
     planned, writing, done = steps
@@ -346,10 +346,7 @@ async def test_prefetch_writes_data_blob_without_reads(make_env):
     env = await make_env(prefetch=True)
     blob, source = _ingest(env, (9 << 20) + 4321)
     obj = await env.kernel.open(b"data")
-    for _ in range(500):
-        if _events(env, "prefilled"):
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: _events(env, "prefilled"), 5)
     (done,) = _events(env, "prefilled")
     assert done["outcome"] == "ok" and done["bytes"] == -(-blob.size // PAGE) * PAGE
     assert env.kernel.range_present(obj, 0, -(-blob.size // PAGE) * PAGE)
@@ -365,10 +362,7 @@ async def test_close_cancels_prefetch_and_it_writes_no_more(make_env):
     obj = await env.kernel.open(b"data")
     await asyncio.wait_for(remote.started.wait(), 5)
     env.kernel.close(obj)
-    for _ in range(200):
-        if _events(env, "prefilled"):
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: _events(env, "prefilled"), 2)
     (done,) = _events(env, "prefilled")
     assert done["outcome"] == "cancelled" and done["bytes"] == 0
     remote.release.set()
@@ -412,10 +406,7 @@ async def test_readahead_writes_the_chunks_after_a_read(make_env):
     blob, source = _ingest(env, 8 << 20)
     obj = await env.kernel.open(b"data")
     assert await env.kernel.read(obj, 0, PAGE)
-    for _ in range(300):
-        if _events(env, "read_ahead"):
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: _events(env, "read_ahead"), 3)
     (ahead,) = _events(env, "read_ahead")
     assert (ahead["off"], ahead["len"], ahead["outcome"]) == (1 << 20, 2 << 20, "ok")
     assert env.kernel.range_present(obj, 0, 3 << 20)
@@ -423,10 +414,7 @@ async def test_readahead_writes_the_chunks_after_a_read(make_env):
     assert env.kernel.cache_bytes(obj)[: 3 << 20] == source[: 3 << 20]
     # The next READ past the written part reads ahead again, skipping what is there.
     assert await env.kernel.read(obj, 3 << 20, PAGE)
-    for _ in range(300):
-        if len(_events(env, "read_ahead")) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: len(_events(env, "read_ahead")) == 2, 3)
     assert _events(env, "read_ahead")[1]["off"] == 4 << 20
     assert env.kernel.cache_bytes(obj)[: 6 << 20] == source[: 6 << 20]
     _all_complete_once(env.kernel)
@@ -440,15 +428,9 @@ async def test_close_cancels_readahead(make_env):
     obj = await env.kernel.open(b"data")
     first = env.kernel.send_read(obj, 0, PAGE)
     await asyncio.wait_for(first.done.wait(), 5)
-    for _ in range(200):
-        if env.service._background:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: env.service._background, 2)
     env.kernel.close(obj)
-    for _ in range(200):
-        if _events(env, "read_ahead"):
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: _events(env, "read_ahead"), 2)
     assert _events(env, "read_ahead")[0]["outcome"] == "cancelled"
     remote.release.set()
     await asyncio.sleep(0.05)
