@@ -162,7 +162,6 @@ class Service:
             background = self._background.pop(req.object_id, None)
             if background is not None:
                 background.cancel()
-            self._written.pop(req.object_id, None)
             obj = self.objects.get(req.object_id)
             log.info(
                 "closed",
