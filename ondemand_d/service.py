@@ -584,11 +584,19 @@ class Service:
 
 
 def _batches(chunks: tuple[Chunk, ...], limit: int) -> list[tuple[Chunk, ...]]:
-    """Consecutive runs of chunks of about `limit` bytes each."""
+    """Contiguous runs of chunks of about `limit` bytes each.
+
+    A batch is written as one buffer at its first chunk's offset, so a gap
+    (a chunk already written) must end the run: otherwise every chunk after
+    the gap would land one slot early.
+    """
     out: list[tuple[Chunk, ...]] = []
     run: list[Chunk] = []
     size = 0
     for chunk in chunks:
+        if run and chunk.offset != run[-1].end:
+            out.append(tuple(run))
+            run, size = [], 0
         run.append(chunk)
         size += chunk.length
         if size >= limit:

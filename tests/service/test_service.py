@@ -436,3 +436,37 @@ async def test_close_cancels_readahead(make_env):
     await asyncio.sleep(0.05)
     assert not env.kernel.fd_open(obj)
     assert not env.kernel.range_present(obj, 1 << 20, PAGE)
+
+
+async def test_readahead_with_gaps_writes_each_chunk_at_its_offset(make_env):
+    """Issue 13: chunks written before the readahead leave gaps in its window.
+
+    With 64 KiB store chunks, a 1 MiB background batch holds 16 chunks; with a
+    gap at any position every chunk after it must still land at its own offset.
+    Each case uses a fresh object (its own cache file): READs of the gap chunks
+    first, without readahead, then a READ of chunk 0 whose readahead spans them.
+    """
+    chunk = 64 << 10
+    env = await make_env(readahead=16 * chunk)
+    blob, source = _ingest(env, 40 * chunk, chunk=chunk)
+    cases = [(g,) for g in range(1, 17)] + [(1, 3, 5, 7, 9, 11, 13, 15), (2, 16), (15, 16), (8, 9, 10)]
+    for gaps in cases:
+        obj = await env.kernel.open(b"data")
+        env.service._readahead = 0
+        for g in gaps:
+            assert await env.kernel.read(obj, g * chunk, PAGE)
+        # The kernel sees a completion just before the daemon finishes the READ.
+        await _until(lambda: env.service.objects.reads_in_flight == 0, 5)
+        env.service._readahead = 16 * chunk
+        assert await env.kernel.read(obj, 0, PAGE)
+
+        def ahead() -> list[dict]:
+            return [e for e in _events(env, "read_ahead") if e["object_id"] == obj.object_id]
+
+        await _until(ahead, 5)
+        assert [e["outcome"] for e in ahead()] == ["ok"], gaps
+        cache = env.kernel.cache_bytes(obj)
+        bad = [i for i in range(17) if cache[i * chunk : (i + 1) * chunk] != source[i * chunk : (i + 1) * chunk]]
+        assert bad == [], f"gaps at {gaps}: chunks {bad} hold the wrong bytes"
+        env.kernel.close(obj)
+    _all_complete_once(env.kernel)
