@@ -10,11 +10,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup kernel test test-fast demo bench clean
 
-$(PY):
-	python3 -m venv $(VENV)
-
-setup: $(PY)
+# The Debian packages come first: they include python3-venv, which `python3 -m venv` needs.
+# The base interpreter gets nothing: everything Python goes into $(VENV).
+setup:
 	scripts/install-deps
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@echo "setup: Debian packages and $(VENV) with ondemand-d (editable, C shim built) are ready"

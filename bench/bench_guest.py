@@ -70,7 +70,7 @@ def _mkfs_import(store: Path, images: Path, name: str, tree: Path, cli: list[str
 
 def prepare(base: Path, files: int, big_mb: int) -> None:
     """Host side: trees, images and the store under ``base``."""
-    from ondemand_d.guest.runner import guest_python
+    from ondemand_d.guest.runner import ondemand_d_argv
 
     rng = random.Random(7)
     tree = base / "trees" / "small"
@@ -84,7 +84,7 @@ def prepare(base: Path, files: int, big_mb: int) -> None:
     (big / "big.bin").write_bytes(rng.randbytes(big_mb << 20))
     images = base / "images"
     images.mkdir()
-    cli = [guest_python(), "-m", "ondemand_d"]
+    cli = ondemand_d_argv()
     for name in ("small", "big"):
         _mkfs_import(base / "store", images, name, base / "trees" / name, cli)
 

@@ -25,6 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ondemand_d.guest.runner import ondemand_d_argv
+
 DOMAIN = "demo"
 IMAGES = ("demo-a", "demo-b")
 # Stdlib packages copied into the sample trees: real files of many sizes.
@@ -48,7 +50,7 @@ def _say(text: str) -> None:
 
 
 def _cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ondemand_d", *args], text=True, check=True,
+    return subprocess.run([*ondemand_d_argv(), *args], text=True, check=True,
                           capture_output=True, **kw)
 
 
@@ -83,7 +85,7 @@ def inside(work: Path, cache_dir: Path) -> int:
     started = time.monotonic()
     with log_path.open("w") as log_file:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "ondemand_d", "--store", str(work / "store"), "serve",
+            [*ondemand_d_argv(), "--store", str(work / "store"), "serve",
              "--cache-dir", str(cache_dir), "--log-format", "json", "--tag", "demo"],
             stdout=log_file, stderr=subprocess.STDOUT)
     try:
@@ -166,12 +168,12 @@ def run(args: argparse.Namespace, cfg: Any) -> int:
         _say("this kernel has /dev/cachefiles: running here")
         rc = inside(work, work / "cache")
     else:
-        from ondemand_d.guest.runner import guest_python, run_in_guest  # noqa: PLC0415
+        from ondemand_d.guest.runner import run_in_guest  # noqa: PLC0415
 
         _say("no on-demand cachefiles in this kernel: booting the project's QEMU guest "
              "(the first run builds its kernel, about 8 minutes)")
         result = run_in_guest(
-            [guest_python(), "-m", "ondemand_d", "demo", "--inside", "--workdir", str(work)],
+            [*ondemand_d_argv(), "demo", "--inside", "--workdir", str(work)],
             timeout=args.timeout, results_dir=work, env={"PYTHONPATH": _package_root()})
         print(result.stdout, end="")
         if result.returncode != 0:

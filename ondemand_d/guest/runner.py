@@ -20,7 +20,7 @@ does not finish within ``timeout`` seconds is killed and reported with ``timed_o
 
 API::
 
-    from ondemand_d.guest.runner import run_in_guest, guest_python
+    from ondemand_d.guest.runner import run_in_guest, guest_python, ondemand_d_argv
 
     result = run_in_guest([guest_python(), "-c", "print(open('/proc/version').read())"],
                           env={"PYTHONPATH": "/work/main"}, timeout=120)
@@ -31,7 +31,8 @@ The command runs with ``cwd`` (default: the caller's cwd; it is visible in the g
 read-only), an environment of ``PATH`` (the host's, minus pyenv shims, with the real
 interpreter's directory first), ``HOME=/tmp``, ``PYTHONDONTWRITEBYTECODE=1``,
 ``PYTHONUNBUFFERED=1``, ``ONDEMAND_D_IN_GUEST=1``, ``ODG_RESULTS``, ``ODG_CACHE`` plus ``env``.
-Call Python by :func:`guest_python` (its real path): pyenv's shims fail in the guest.
+Call Python by :func:`guest_python` and ondemand-d by :func:`ondemand_d_argv`: pyenv's shims
+fail in the guest, and a resolved base interpreter has none of the project's packages.
 
 QEMU uses TCG (software emulation) unless ``ONDEMAND_D_GUEST_ACCEL`` says otherwise (e.g.
 ``kvm``): a /dev/kvm that exists is not necessarily usable (nested virtualisation here makes
@@ -118,6 +119,15 @@ def guest_python() -> str:
     if sys.prefix != sys.base_prefix:
         return os.path.abspath(sys.executable)
     return os.path.realpath(sys.executable)
+
+
+def ondemand_d_argv() -> list[str]:
+    """Return the command that runs ondemand-d, on the host or in the guest: one way for all.
+
+    It is :func:`guest_python` with ``-m ondemand_d``: the interpreter that has the project's
+    dependencies (the virtualenv's), never a resolved base interpreter that may have none.
+    """
+    return [guest_python(), "-m", "ondemand_d"]
 
 
 def guest_path() -> str:

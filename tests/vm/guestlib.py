@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Helpers for check_* functions that run inside the guest (as root, real kernel).
 
-Deliberately independent of ondemand_d: these talk to /dev/cachefiles and mount(2) directly
-so the tests check the kernel's behaviour, not the daemon's beliefs about it.
+The kernel helpers are deliberately independent of ondemand_d: they talk to /dev/cachefiles
+and mount(2) directly so the tests check the kernel's behaviour, not the daemon's beliefs about
+it. The daemon is started as users run it, by ``ondemand_d_argv()`` (from the guest runner).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from ondemand_d.guest.runner import ondemand_d_argv
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -224,17 +227,7 @@ def errname(code: int | None) -> str:
 
 
 # ------------------------------------------------------------------ ondemand-d as users run it
-
-
-def ondemand_d_argv() -> list[str]:
-    """The installed ``ondemand-d`` console script (beside the real interpreter), else -m."""
-    import shutil
-    import sys
-    script = Path(os.path.realpath(sys.executable)).parent / "ondemand-d"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("ondemand-d")
-    return [found] if found else [os.path.realpath(sys.executable), "-m", "ondemand_d"]
+# (always by ondemand_d.guest.runner.ondemand_d_argv: the virtualenv's interpreter, host and guest)
 
 
 class Daemon:

@@ -16,7 +16,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -132,7 +131,7 @@ def check_failover(ctx: Any) -> None:
     env2 = {**env, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "cachefiles"}
     with log2.open("wb") as out:
         second = subprocess.Popen(
-            [sys.executable, "-c", adopt, str(stored[0]), *_serve_argv(inp, ctx)],
+            [ondemand_d_argv()[0], "-c", adopt, str(stored[0]), *_serve_argv(inp, ctx)],
             stdout=out, stderr=subprocess.STDOUT, env=env2, pass_fds=(stored[0],))
     try:
         (line,) = _wait_for(lambda: _events(log2, "ready"), "the second instance's ready line")

@@ -2,6 +2,8 @@
 """The guest runner and kernel builder themselves: exit status, output, files, time limit."""
 from __future__ import annotations
 
+import json
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -60,3 +62,16 @@ def test_time_limit_kills_a_hung_guest(guest: Any) -> None:
     assert result.seconds < 40
     with pytest.raises(runner.GuestError, match="TIMED OUT"):
         result.check()
+
+
+def test_guest_runs_the_project_with_its_dependencies(guest: Any) -> None:
+    """In the guest, the launch interpreter imports ondemand_d and every declared dependency."""
+    from tests.unit.test_guest_launch import IMPORT_ALL
+
+    argv = runner.ondemand_d_argv()
+    result = guest.shell(f"{shlex.join([argv[0], '-c', IMPORT_ALL])} && "
+                         f"{shlex.join([*argv, '--version'])}", timeout=180)
+    assert result.returncode == 0, result.summary()
+    imported, version = result.stdout.splitlines()
+    assert "structlog" in json.loads(imported)["imported"]
+    assert version.startswith("ondemand-d ")
