@@ -108,7 +108,13 @@ _LAZY_COMMANDS = {
     "demo": ("ondemand_d.guest.demo", "add_arguments", "run",
              "show the whole flow end to end (in the test guest when this kernel "
              "lacks on-demand support)"),
+    "status": ("ondemand_d.control.commands", "add_status_arguments", "run_status",
+               "the running daemon: kernel features, images and bytes cached, counters"),
+    "inflight": ("ondemand_d.control.commands", "add_inflight_arguments", "run_inflight",
+                 "the running daemon's READs not yet completed, oldest first"),
 }
+# Commands that talk to a running daemon (or run the demo) and do not open the store.
+_NO_STORE = {"demo", "status", "inflight"}
 
 
 def _add_lazy_commands(sub: Any, argv: Sequence[str]) -> None:
@@ -119,7 +125,7 @@ def _add_lazy_commands(sub: Any, argv: Sequence[str]) -> None:
         if name in argv:
             mod = importlib.import_module(module)
             getattr(mod, add_args)(parser)
-            parser.set_defaults(run=getattr(mod, run), no_store=name == "demo")
+            parser.set_defaults(run=getattr(mod, run), no_store=name in _NO_STORE)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -179,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(cfg: Config) -> int:
     from ondemand_d import daemon, log  # noqa: PLC0415 - keep other commands light
 
-    log.configure(cfg.log_format, cfg.log_level)  # type: ignore[arg-type]
+    log.configure(cfg.log_format, cfg.log_level, observe=True)  # type: ignore[arg-type]
     return daemon.run(cfg)
 
 

@@ -41,6 +41,8 @@ class Config:
     log_format: str = "auto"
     log_level: str = "info"
     native: str = "auto"
+    control_socket: Path | None = Path("/run/ondemand-d/control.sock")  # root-only; "" = none
+    hung_read_after: float = 30.0  # seconds; older READs are flagged, and stop the watchdog
 
 
 _ENV_PREFIX = "ONDEMAND_D_"
@@ -134,6 +136,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(msg)
     if not cfg.tag or any(c.isspace() for c in cfg.tag) or len(cfg.tag) > 64:  # noqa: PLR2004
         msg = f"config key 'tag': {cfg.tag!r} must be 1-64 characters without spaces"
+        raise ConfigError(msg)
+    if cfg.hung_read_after <= 0:
+        msg = f"config key 'hung_read_after': {cfg.hung_read_after} must be above 0 seconds"
         raise ConfigError(msg)
     if not cfg.cache_dir.is_absolute():
         msg = f"config key 'cache_dir': {cfg.cache_dir} must be an absolute path"

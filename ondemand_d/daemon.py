@@ -14,7 +14,8 @@ import structlog
 
 from ondemand_d import _native, systemd
 from ondemand_d.config import Config
-from ondemand_d.device import Device, raise_nofile_limit
+from ondemand_d.device import Device, KernelFeatures, kernel_features, raise_nofile_limit
+from ondemand_d.errors import OndemandError
 from ondemand_d.service import Service
 from ondemand_d.store.fetch import ChunkFetcher, RemoteSource
 from ondemand_d.store.local import LocalStore
@@ -26,18 +27,15 @@ FDSTORE_NAME = "cachefiles"
 
 
 def open_device(cfg: Config) -> tuple[Device, bool]:
-    """The devnode: adopted from systemd's fd store (then `restore`), or opened and bound.
+    """The devnode: adopted from systemd's fd store, or opened, bound and stored there.
 
     Returns:
-        (device, restored): restored is True when a previous instance's device was adopted.
+        (device, adopted): adopted is True when a previous instance's device was handed over.
     """
     inherited = systemd.listen_fds().get(FDSTORE_NAME)
     if inherited is not None:
         os.set_blocking(inherited, False)
-        device = Device(inherited, cfg.device)
-        # Requests the previous instance read but never answered are queued again.
-        device.restore()
-        return device, True
+        return Device(inherited, cfg.device), True
     device = Device.open(cfg.device)
     try:
         device.bind(cfg.cache_dir, cfg.tag)
@@ -47,6 +45,25 @@ def open_device(cfg: Config) -> tuple[Device, bool]:
     # Keep the bound device across a crash or restart (Linux 6.8+ failover).
     systemd.store_fd(device.fd, FDSTORE_NAME)
     return device, False
+
+
+def start_device(device: Any, adopted: bool) -> KernelFeatures:  # noqa: FBT001
+    """Send `restore` (which also tells whether the kernel has failover); say once if not.
+
+    On an adopted device it makes the kernel resend the requests the dead instance
+    had read but not answered. On a fresh one nothing was read yet, so it only probes.
+    A kernel without it (before 6.8) still serves new mounts through the same device:
+    the daemon keeps serving, and says what is lost.
+    """
+    restore = device.try_restore()
+    if not restore:
+        log.warning(
+            "restore_unsupported", adopted=adopted,
+            consequence=("requests and images of the previous instance are lost: remount "
+                         "the images mounted before this restart") if adopted else
+            "a restarted daemon cannot take over mounted images (failover needs Linux 6.8+)",
+        )
+    return kernel_features(restore)
 
 
 class LazyRemoteSource:
@@ -90,11 +107,13 @@ def make_remote_source(cfg: Config) -> RemoteSource:
 async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = None) -> Service:
     """Run the daemon until `stop` is set (or SIGTERM/SIGINT); return the finished Service."""
     raise_nofile_limit()
-    store = LocalStore(cfg.store)
-    restored = False
+    store = LocalStore(cfg.store.absolute())  # `cull` changes the cwd for a moment
+    adopted = False
     owned = device is None  # close only a device we opened
     if device is None:
-        device, restored = open_device(cfg)
+        device, adopted = open_device(cfg)
+    features = start_device(device, adopted)
+    restored = adopted and features.restore
     backend = _native.load_backend(None if cfg.native == "auto" else cfg.native)
     executor = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ondemand-io")
     remote = make_remote_source(cfg)
@@ -109,14 +128,17 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     _install_signals(loop, stop)
+    # Before the first request: the control socket's counters see every line.
+    control = await start_control(
+        cfg, service, device, features, restored=restored, backend=backend.name)
     service.start()
     log.info(
         "ready", device=str(cfg.device), cache_dir=str(cfg.cache_dir), tag=cfg.tag,
         store=str(cfg.store), backend=backend.name, concurrency=cfg.concurrency,
-        restored=restored, pid=os.getpid(),
+        restored=restored, adopted=adopted, restore=features.restore, pid=os.getpid(),
     )
     systemd.notify(f"READY=1\nSTATUS=serving from {cfg.store}")
-    status = loop.create_task(_report_status(service))
+    status = loop.create_task(_report_status(service, cfg.hung_read_after))
     try:
         await stop.wait()
     finally:
@@ -124,6 +146,8 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
         systemd.notify("STOPPING=1")
         log.info("stopping", in_flight=service.objects.reads_in_flight)
         await service.drain(cfg.shutdown_timeout)
+        if control is not None:
+            await control.stop()
         remote_stats: dict[str, Any] = {}
         if remote is not None:
             stats = getattr(remote, "stats", None)
@@ -149,13 +173,41 @@ def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
             loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def _report_status(service: Service) -> None:
-    """STATUS= for `systemctl status`, and the watchdog ping when one is armed."""
-    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+async def _report_status(service: Service, hung_after: float) -> None:
+    """STATUS= for `systemctl status`, hung READs in the log, and the watchdog ping.
+
+    WATCHDOG=1 goes out only while the request loop is alive (watchdog.Liveness), so
+    systemd restarts a daemon that stopped serving even though its event loop runs.
+    """
+    from ondemand_d.control.inflight import HungReads  # noqa: PLC0415
+    from ondemand_d.watchdog import Liveness  # noqa: PLC0415
+
+    watchdog_usec = systemd.watchdog_usec()
     period = min(5.0, watchdog_usec / 2e6) if watchdog_usec else 5.0
+    liveness = Liveness(service, hung_after)
+    hung = HungReads(service, hung_after)
     while True:
         await asyncio.sleep(period)
-        systemd.notify(f"STATUS={service.status()}" + ("\nWATCHDOG=1" if watchdog_usec else ""))
+        hung.scan()
+        ping = bool(watchdog_usec) and liveness.check()
+        systemd.notify(f"STATUS={service.status()}" + ("\nWATCHDOG=1" if ping else ""))
+
+
+async def start_control(  # noqa: PLR0913 - what the views show
+    cfg: Config, service: Service, device: Any, features: KernelFeatures, *, restored: bool,
+    backend: str,
+) -> Any:
+    """The control socket, or None when it is off or cannot be served (said in the log)."""
+    if cfg.control_socket is None:
+        return None
+    from ondemand_d.control import views  # noqa: PLC0415 - aiohttp only when serving it
+
+    try:
+        return await views.start(cfg, service, device, features, restored=restored,
+                                 backend=backend)
+    except OndemandError as exc:
+        log.error("control_unavailable", socket=str(cfg.control_socket), error=str(exc))
+        return None
 
 
 def run(cfg: Config) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import os
 import resource
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -96,6 +98,20 @@ class Device:
         """Ask the kernel to resend requests a previous daemon read but never answered."""
         self.command(wire.format_restore())
 
+    def try_restore(self) -> bool:
+        """`restore`; False when the kernel does not know the command (before Linux 6.8).
+
+        On a bound on-demand device EOPNOTSUPP can only mean an unknown command. Sent
+        before any request was read, it changes nothing: every queued request is new.
+        """
+        try:
+            self.restore()
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                return False
+            raise
+        return True
+
     def read_message(self) -> bytes | None:
         """One message, or None when none is queued (the kernel's read returns 0)."""
         try:
@@ -106,6 +122,40 @@ class Device:
 
     def copen(self, msg_id: int, size_or_errno: int) -> None:
         self.command(wire.format_copen(msg_id, size_or_errno))
+
+
+TRACEFS_EVENTS = Path("/sys/kernel/tracing/events/cachefiles")
+#: Share domains (`domain_id=`) arrived in Linux 6.1; `restore` (failover) in 6.8.
+DOMAIN_SINCE = (6, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelFeatures:
+    """What the running kernel offers the daemon, as found at start-up."""
+
+    release: str
+    restore: bool  # failover: a successor gets the dead daemon's pending requests again
+    domain: bool  # share domains, from the release (no probe exists short of a mount)
+    tracing: bool  # tracefs is mounted and has the cachefiles_ondemand_* events
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def kernel_features(restore: bool, release: str | None = None) -> KernelFeatures:
+    release = release or os.uname().release
+    return KernelFeatures(
+        release=release, restore=restore, domain=_version(release) >= DOMAIN_SINCE,
+        tracing=(TRACEFS_EVENTS / "cachefiles_ondemand_read").is_dir(),
+    )
+
+
+def _version(release: str) -> tuple[int, int]:
+    parts = release.split("-", 1)[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
 
 
 def _bind_error(exc: OSError, cache_dir: Path, tag: str) -> str:

@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from collections.abc import Callable, MutableMapping
+from typing import Any, Literal
 
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
+#: Called with (method_name, event_dict) for every line at info and above, whatever the
+#: configured level: the control socket's counters and `trace` are built from them.
+Observer = Callable[[str, MutableMapping[str, Any]], None]
+_observers: list[Observer] = []
+
+
+def observe(observer: Observer) -> None:
+    """Call `observer` for each log line from now on (see `configure(observe=True)`)."""
+    _observers.append(observer)
+
+
+def unobserve(observer: Observer) -> None:
+    if observer in _observers:
+        _observers.remove(observer)
+
+
+def _dispatch(_logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    for observer in _observers:
+        observer(method, event)
+    return event
+
+
+def _drop_below(level: int) -> Callable[[Any, str, MutableMapping[str, Any]], Any]:
+    levels = logging.getLevelNamesMapping()
+
+    def drop(_logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        if levels.get(method.upper(), logging.INFO) < level:
+            raise structlog.DropEvent
+        return event
+    return drop
 
 
 class _Std:
@@ -32,7 +63,8 @@ class _Std:
 
 
 def configure(
-    fmt: LogFormat = "auto", level: str = "info", *, stream: str = "stdout", cache: bool = True
+    fmt: LogFormat = "auto", level: str = "info", *, stream: str = "stdout", cache: bool = True,
+    observe: bool = False,
 ) -> None:
     """Configure structlog once for the process.
 
@@ -42,6 +74,8 @@ def configure(
         stream: "stdout" (the daemon's log) or "stderr" (commands whose stdout is a result).
         cache: cache each logger on first use (the daemon's hot path); short
             commands skip it so a later configuration still applies.
+        observe: pass info lines and above to the observers even when `level` hides them
+            (the daemon's counters must not depend on its log level).
     """
     out = _Std(stream)
     if fmt == "auto":
@@ -51,8 +85,13 @@ def configure(
     except KeyError:
         msg = f"unknown log level {level!r} (use debug, info, warning or error)"
         raise ValueError(msg) from None
-    processors: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
+    processors: list[structlog.types.Processor] = [structlog.contextvars.merge_contextvars]
+    if observe:
+        processors.append(_dispatch)
+        if numeric > logging.INFO:
+            processors.append(_drop_below(numeric))
+            numeric = logging.INFO
+    processors += [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

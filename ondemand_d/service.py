@@ -55,6 +55,7 @@ class _Read:
     chunks: tuple[Chunk, ...] = ()
     claim: Claim | None = None
     completed: bool = False  # set once the kernel was told; never tell it twice
+    waits_on: str = "local"  # what it waits for: local (store), fetch (remote), joined
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Service:
         self._prefill_bootstrap = prefill_bootstrap
         self._prefetch = prefetch
         self._tasks: set[asyncio.Task[None]] = set()
+        self.reads: dict[int, _Read] = {}  # msg_id -> READ in flight (for `inflight`)
         self._blobs: dict[str, Blob] = {}
         self._readahead = readahead
         # object_id -> the prefill or readahead writing into it, and what was written.
@@ -305,7 +307,7 @@ class Service:
         remote) and writes them.
         """
         self.counters.reads += 1
-        read = _Read(action, time.perf_counter())
+        read = self.reads[action.msg_id] = _Read(action, time.perf_counter())
         try:
             read.blob = self._blob(action.blob_id)
         except Exception as exc:  # noqa: BLE001 - e.g. a damaged chunk table: EIO, not a hang
@@ -326,6 +328,7 @@ class Service:
                 if len(self._batch) == 1:
                     asyncio.get_running_loop().call_soon(self._submit_batch)
                 return
+            read.waits_on = "joined" if read.claim.joined else "fetch"
         self._spawn(self._slow_read(read, None))
 
     def _submit_batch(self) -> None:
@@ -380,6 +383,7 @@ class Service:
                 continue
             got, written = result
             if written < 0:  # some chunks must come from the remote source
+                read.waits_on = "fetch"
                 self._spawn(self._slow_read(read, got))
                 continue
             self.fetcher.settle(read.claim, got)
@@ -431,6 +435,7 @@ class Service:
     ) -> None:
         """Complete without data on failure, log the READ's one line, free its slot."""
         action = read.action
+        self.reads.pop(action.msg_id, None)
         obj = self.objects.get(action.object_id)
         fields: dict[str, Any] = {
             "op": "READ", "msg_id": action.msg_id, "object_id": action.object_id,

@@ -35,6 +35,18 @@ def store_fd(fd: int, name: str, environ: Mapping[str, str] | None = None) -> bo
     return notify(f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0", [fd], environ)
 
 
+def watchdog_usec(environ: Mapping[str, str] | None = None) -> int:
+    """The watchdog period systemd armed for us in µs, or 0 (not armed, or not for us)."""
+    env = os.environ if environ is None else environ
+    pid = env.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return 0
+    try:
+        return max(0, int(env.get("WATCHDOG_USEC", "0") or 0))
+    except ValueError:
+        return 0
+
+
 def listen_fds(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     """The fds systemd passed us (fd store or sockets), by name; {} if none are ours."""
     env = os.environ if environ is None else environ

@@ -60,8 +60,9 @@ class ReadOutcome:
 class FakeKernel:
     """The kernel's side of /dev/cachefiles, plus the cache files."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, *, layout: bool = False) -> None:
         self.cache_dir = cache_dir
+        self.layout = layout  # cache files where cachefiles puts them (else obj<N>)
         self.daemon_sock, self.kernel_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.daemon_sock.setblocking(False)
         self.kernel_sock.setblocking(False)
@@ -80,10 +81,48 @@ class FakeKernel:
         self.bad_commands: list[bytes] = []
         self.bad_completions: list[tuple[int, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.restore_supported = True  # False: a kernel before 6.8 (no `restore`)
+        self.commands: list[bytes] = []  # what FakeDevice wrote besides copen
 
     @property
     def device_fd(self) -> int:
         return self.daemon_sock.fileno()
+
+    def device(self) -> FakeDevice:
+        """The daemon's Device for this kernel: copen over the fd, other commands checked here."""
+        return FakeDevice(self)
+
+    def cache_path(self, volume: bytes, cookie: bytes) -> Path:
+        """Where cachefiles keeps an object: cache/I<volume>/@<xx>/D<cookie> (§2.4).
+
+        `xx` here is a stand-in for the kernel's fscache_hash; the layout is the same.
+        """
+        fan = f"@{sum(cookie) & 0xFF:02x}"
+        return (self.cache_dir / "cache" / f"I{volume.decode()}" / fan /
+                f"D{cookie.decode()}")
+
+    def write_command(self, cmd: bytes) -> None:
+        """cachefiles_daemon_write for the commands a bound on-demand cache takes besides copen."""
+        self.commands.append(cmd)
+        word, _, arg = cmd.partition(b" ")
+        if word == b"restore":
+            if not self.restore_supported:
+                raise OSError(errno.EOPNOTSUPP, "unknown command")  # before 6.8
+            return
+        if word in (b"inuse", b"cull"):
+            if b"/" in arg or not arg:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            path = Path(os.getcwd()) / arg.decode()  # relative to the writer's cwd
+            if not path.exists():
+                raise OSError(errno.ESTALE if word == b"cull" else errno.ENOENT, "no such object")
+            if any(o.path == path and not o.closed_sent for o in self.objects.values()):
+                raise OSError(errno.EBUSY, "object in use")
+            if word == b"cull":
+                graveyard = self.cache_dir / "graveyard"
+                graveyard.mkdir(exist_ok=True)
+                path.rename(graveyard / f"x{path.stat().st_ino}")
+            return
+        raise OSError(errno.EOPNOTSUPP, "unknown command")
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -125,7 +164,8 @@ class FakeKernel:
         """Send an OPEN and wait for its copen; return the object."""
         object_id = next(self._object_ids)
         msg_id = next(self._msg_ids)
-        path = self.cache_dir / f"obj{object_id}"
+        path = self.cache_path(volume, cookie) if self.layout else self.cache_dir / f"obj{object_id}"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         fd = os.open(path, os.O_WRONLY)  # like the anon fd: write-only, not cloexec
         obj = FakeObject(object_id, cookie, path, fd, os.fstat(fd).st_ino, os.open(path, os.O_RDONLY))
@@ -243,6 +283,38 @@ def _close_if_ours(obj: FakeObject, *, close: bool = True) -> bool:
     if ours and close:
         os.close(obj.fd)
     return ours
+
+
+class FakeDevice:
+    """What the daemon's Device does, against the fake kernel."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+        self.fd = kernel.device_fd
+        self.path = Path("fake")
+
+    def read_message(self) -> bytes | None:
+        try:
+            return os.read(self.fd, wire.CACHEFILES_MSG_MAX_SIZE) or None
+        except BlockingIOError:
+            return None
+
+    def copen(self, msg_id: int, size_or_errno: int) -> None:
+        os.write(self.fd, wire.format_copen(msg_id, size_or_errno))
+
+    def command(self, text: bytes) -> None:
+        self.kernel.write_command(text)
+
+    def restore(self) -> None:
+        self.command(wire.format_restore())
+
+    def try_restore(self) -> bool:
+        from ondemand_d.device import Device  # noqa: PLC0415
+
+        return Device.try_restore(self)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        pass
 
 
 class RecordingBackend:

@@ -28,7 +28,7 @@ async def test_serve_notifies_and_drains(tmp_path, monkeypatch):
     kernel = FakeKernel(tmp_path / "cache")
     kernel.start()
     cfg = load(None, {}, {"store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "c"),
-                          "native": "python"})
+                          "native": "python", "control_socket": str(tmp_path / "ctl")})
     stop = asyncio.Event()
     with capture_logs() as logs:
         task = asyncio.create_task(daemon.serve(cfg, Device(kernel.device_fd, cfg.device), stop))
@@ -50,3 +50,33 @@ async def test_serve_notifies_and_drains(tmp_path, monkeypatch):
     assert not kernel.fd_open(obj)  # drained: the object's fd was closed at exit
     kernel.stop()
     srv.close()
+
+
+async def test_adopted_device_without_restore_keeps_serving(tmp_path, monkeypatch):
+    """Kernel < 6.8: `restore` is refused; the successor says so once and serves new OPENs."""
+    from fakekernel import RecordingBackend
+    from ondemand_d import _native
+
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "f").write_bytes(b"z" * 10000)
+    store.bind_name("k", store.ingest_file(tmp_path / "f").blob_id)
+    (tmp_path / "cache").mkdir()
+    kernel = FakeKernel(tmp_path / "cache")
+    kernel.restore_supported = False
+    kernel.start()
+    monkeypatch.setattr(daemon, "open_device", lambda cfg: (kernel.device(), True))
+    real = _native.load_backend("python")
+    monkeypatch.setattr(_native, "load_backend", lambda _n: RecordingBackend(real, kernel))
+    cfg = load(None, {}, {"store": str(tmp_path / "store"), "cache_dir": str(tmp_path / "c"),
+                          "control_socket": ""})
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(daemon.serve(cfg, None, stop))
+        obj = await kernel.open(b"k")
+        assert await kernel.read(obj, 0, 4096)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert [e["event"] for e in logs].count("restore_unsupported") == 1
+    (ready,) = [e for e in logs if e["event"] == "ready"]
+    assert (ready["adopted"], ready["restore"], ready["restored"]) == (True, False, False)
+    kernel.stop()

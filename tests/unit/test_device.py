@@ -75,9 +75,12 @@ def test_adopted_device_sends_only_restore(tmp_path, monkeypatch):
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     monkeypatch.setattr(systemd, "listen_fds", lambda: {"cachefiles": a.fileno()})
     cfg = load(None, {}, {"cache_dir": str(tmp_path / "cache")})
-    device, restored = daemon.open_device(cfg)
-    assert restored and device.fd == a.fileno()
+    device, adopted = daemon.open_device(cfg)
+    assert adopted and device.fd == a.fileno()
     b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(100)  # nothing is written until start_device
+    assert daemon.start_device(device, adopted).restore is True
     assert b.recv(100) == b"restore"
     with pytest.raises(BlockingIOError):
         b.recv(100)
@@ -97,3 +100,42 @@ def test_fresh_device_is_bound_and_stored(tmp_path, monkeypatch):
     with pytest.raises(DeviceError):
         daemon.open_device(cfg)
     assert stored == []
+
+
+def test_try_restore_tells_a_kernel_without_it(monkeypatch):
+    """EOPNOTSUPP from `restore` (Linux < 6.8) is an answer, not an error; others propagate."""
+    errors = iter([OSError(errno.EOPNOTSUPP, "x"), OSError(errno.EIO, "dead")])
+
+    def refuse(self, text):
+        raise next(errors)
+
+    monkeypatch.setattr(dev.Device, "command", refuse)
+    device = dev.Device(-1, Path("x"))
+    assert device.try_restore() is False
+    with pytest.raises(OSError, match="dead"):
+        device.try_restore()
+
+
+def test_start_device_without_restore_logs_once_and_serves_on():
+    """An adopted device on a kernel without `restore`: one warning that says what is lost."""
+    from structlog.testing import capture_logs
+
+    from fakekernel import FakeKernel
+    from ondemand_d import daemon
+
+    kernel = FakeKernel(Path("/nonexistent"))
+    kernel.restore_supported = False
+    with capture_logs() as logs:
+        features = daemon.start_device(kernel.device(), adopted=True)
+    assert features.restore is False
+    (line,) = [e for e in logs if e["event"] == "restore_unsupported"]
+    assert "remount" in line["consequence"]
+    assert kernel.commands == [b"restore"]
+    kernel.daemon_sock.close()
+    kernel.kernel_sock.close()
+
+
+@pytest.mark.parametrize(("release", "domain"), [("6.12.117", True), ("6.1.0-28-amd64", True),
+                                                  ("5.19.17", False), ("weird", False)])
+def test_kernel_features_domain_from_release(release, domain):
+    assert dev.kernel_features(True, release).domain is domain

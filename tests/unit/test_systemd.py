@@ -39,3 +39,13 @@ def test_listen_fds():
     env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "cachefiles:other"}
     assert systemd.listen_fds(env) == {"cachefiles": 3, "other": 4}
     assert systemd.listen_fds({**env, "LISTEN_PID": "1"}) == {}
+
+
+def test_watchdog_usec_only_for_us():
+    """WATCHDOG_USEC counts only when WATCHDOG_PID is ours or unset; junk is 0."""
+    assert systemd.watchdog_usec({"WATCHDOG_USEC": "30000000"}) == 30_000_000
+    own = {"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}
+    assert systemd.watchdog_usec(own) == 4_000_000
+    assert systemd.watchdog_usec({**own, "WATCHDOG_PID": "1"}) == 0
+    assert systemd.watchdog_usec({"WATCHDOG_USEC": "soon"}) == 0
+    assert systemd.watchdog_usec({}) == 0

@@ -1,0 +1,152 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The cachefiles cache directory as the kernel lays it out: what is cached, and culling it.
+
+Layout (fs/cachefiles, cachefiles-ondemand.md §2.4)::
+
+    <dir>/cache/I<volume key>/@<xx>/D<cookie key>   one file per object (blob)
+    <dir>/graveyard/                                 culled files, for the daemon to delete
+
+Bytes cached are the data extents of a file (SEEK_DATA/SEEK_HOLE): the kernel treats a
+hole as "not cached" and a READ fills it. Files are culled only through the kernel's
+`inuse`/`cull` commands, which refuse files an object holds; this module never unlinks
+a file under `cache/`.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheFile:
+    path: Path
+    volume: str  # the volume key, "erofs,<domain or fsid>"
+    key: str | None  # the cookie key when the kernel stored it readable ("D" names)
+
+    @property
+    def domain(self) -> str:
+        return self.volume.partition(",")[2] or self.volume
+
+
+def data_bytes(fd: int) -> int:
+    """Bytes of data (not holes) in the open file `fd`: what the cache holds of it."""
+    size = os.fstat(fd).st_size
+    total = pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from here to the end
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        total += end - start
+        pos = end
+    return total
+
+
+def file_data_bytes(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return data_bytes(fd)
+    finally:
+        os.close(fd)
+
+
+def cache_files(cache_dir: Path) -> Iterator[CacheFile]:
+    """Every object file under `<cache_dir>/cache`, in no particular order."""
+    root = cache_dir / "cache"
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for volume in os.scandir(root):
+            if not volume.name.startswith("I") or not volume.is_dir(follow_symlinks=False):
+                continue
+            for fan in os.scandir(volume.path):
+                if not fan.name.startswith("@") or not fan.is_dir(follow_symlinks=False):
+                    continue
+                for obj in os.scandir(fan.path):
+                    if obj.is_file(follow_symlinks=False):
+                        key = obj.name[1:] if obj.name.startswith("D") else None
+                        yield CacheFile(Path(obj.path), volume.name[1:], key)
+
+
+@dataclass(frozen=True, slots=True)
+class CullResult:
+    path: Path
+    key: str | None
+    outcome: str  # "culled", "in_use" or "gone"
+    bytes: int  # disk bytes the file held (freed when culled)
+
+
+Command = Callable[[bytes], None]
+
+
+def cull(command: Command, cache_dir: Path, files: list[CacheFile]) -> list[CullResult]:
+    """Ask the kernel to cull each file, then empty the graveyard; what happened to each.
+
+    `command` writes one command to the bound device. `inuse` and `cull` name a file
+    relative to the process's working directory (cachefiles' protocol), so this changes
+    it per fan-out directory and restores it; call it from the thread that owns the cwd.
+    """
+    results: list[CullResult] = []
+    home = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for f in files:
+            try:
+                held = os.stat(f.path).st_blocks * 512
+            except FileNotFoundError:
+                results.append(CullResult(f.path, f.key, "gone", 0))
+                continue
+            os.chdir(f.path.parent)
+            name = f.path.name.encode()
+            try:
+                command(b"inuse " + name)
+                command(b"cull " + name)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    results.append(CullResult(f.path, f.key, "in_use", held))
+                elif exc.errno in (errno.ENOENT, errno.ESTALE):
+                    results.append(CullResult(f.path, f.key, "gone", 0))
+                else:
+                    raise
+            else:
+                results.append(CullResult(f.path, f.key, "culled", held))
+    finally:
+        os.fchdir(home)
+        os.close(home)
+    empty_graveyard(cache_dir)
+    return results
+
+
+def empty_graveyard(cache_dir: Path) -> int:
+    """Delete what the kernel moved to the graveyard (no object refers to it any more)."""
+    removed = 0
+    graveyard = cache_dir / "graveyard"
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(graveyard):
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    _remove_tree(path)
+                else:
+                    path.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("graveyard_remove_failed", path=str(path), error=exc.strerror)
+    return removed
+
+
+def _remove_tree(path: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+        for name in dirnames:
+            os.rmdir(os.path.join(dirpath, name))
+    os.rmdir(path)

@@ -1,0 +1,108 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The CLI commands that talk to a running daemon: status, inflight (and their output)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ondemand_d.config import Config
+from ondemand_d.control.client import ControlClient, ControlUnavailable
+
+
+def add_socket_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, metavar="PATH",
+                        help="the daemon's control socket (default: control_socket, "
+                        "/run/ondemand-d/control.sock)")
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    add_socket_argument(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+add_inflight_arguments = add_status_arguments
+
+
+def client(args: argparse.Namespace, cfg: Config) -> ControlClient:
+    path = args.socket or cfg.control_socket
+    if path is None:
+        msg = "the control socket is off (control_socket is empty): pass --socket PATH"
+        raise ControlUnavailable(msg)
+    return ControlClient(path)
+
+
+def size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def yes(flag: object) -> str:
+    return "yes" if flag else "no"
+
+
+def run_status(args: argparse.Namespace, cfg: Config) -> int:
+    st = client(args, cfg).get("/status")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    k = st["kernel"]
+    out = [
+        f"ondemand-d {st['version']}, pid {st['pid']}, up {duration(st['uptime_s'])}"
+        + (" (took over a previous instance's device: restored)" if st["restored"] else ""),
+        f"kernel {k['release']}: restore {yes(k['restore'])}, share domains {yes(k['domain'])}, "
+        f"tracing {yes(k['tracing'])}",
+        f"cache {st['cache_dir']} (tag {st['tag']}), store {st['store']}, "
+        f"backend {st['backend']}",
+        f"objects open {st['objects_open']}, READs in flight {st['reads_in_flight']}",
+        f"images ({len(st['images'])}):",
+    ]
+    for img in st["images"]:
+        share = f" ({100 * img['cached_bytes'] // img['size']}%)" if img["size"] else ""
+        out.append(f"  {img['name']}  {len(img['blobs'])} blob(s), {size(img['size'])}, "
+                   f"cached {size(img['cached_bytes'])}{share}")
+        for b in img["blobs"]:
+            out.append(f"    {b['role']:9} {b['blob'][:12]}  {size(b['size']):>10}  cached "
+                       f"{size(b['cached_bytes']):>10}  key={b['key']}"
+                       + ("  open" if b["open"] else ""))
+    c = st["counters"]
+    out.append("requests since start:")
+    for r in c["requests"]:
+        out.append(f"  {r['op']:5} {r['outcome']:14} {r['count']:>8}")
+    out.append("READs by source:")
+    for r in c["reads"]:
+        out.append(f"  {r['source']:7} {r['outcome']:14} {r['count']:>8}  {size(r['bytes'])}")
+    if c["read_errors"]:
+        out.append("READ errors: " + ", ".join(f"{k} {v}" for k, v in c["read_errors"].items()))
+    print("\n".join(out))
+    return 0
+
+
+def run_inflight(args: argparse.Namespace, cfg: Config) -> int:
+    view = client(args, cfg).get("/inflight")
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    rows: list[dict[str, Any]] = view["reads"]
+    if rows:
+        print(f"{'msg_id':>8} {'object':>6} {'age s':>8}  {'waits on':8} {'off':>12} "
+              f"{'len':>8}  blob          key")
+    for r in rows:
+        print(f"{r['msg_id']:>8} {r['object_id']:>6} {r['age_s']:>8.2f}  {r['waits_on']:8} "
+              f"{r['off']:>12} {r['len']:>8}  {r['blob'][:12]}  {r['key']}"
+              + ("  HUNG" if r["hung"] else ""))
+    print(f"{len(rows)} READ(s) in flight, {view['hung']} older than {view['hung_after_s']} s",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,64 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`GET /inflight`: every READ the kernel is waiting on, and what it waits for.
+
+A READ older than `hung_read_after` is flagged as hung, and logged once (`read_hung`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from ondemand_d.control.server import ControlServer, json_ok
+from ondemand_d.control.status import runtime
+
+log = structlog.get_logger()
+
+
+def inflight(service: Any, hung_after: float) -> list[dict[str, Any]]:
+    """The READs in flight, oldest first (loop thread only)."""
+    now = time.perf_counter()
+    rows = []
+    for msg_id, read in list(service.reads.items()):
+        action = read.action
+        obj = service.objects.get(action.object_id)
+        age = now - read.start
+        rows.append({
+            "msg_id": msg_id, "object_id": action.object_id,
+            "key": obj.cookie_key.decode("utf-8", "backslashreplace") if obj else None,
+            "blob": action.blob_id, "off": action.off, "len": action.len,
+            "chunks": len(read.chunks), "age_s": round(age, 3), "waits_on": read.waits_on,
+            "hung": age >= hung_after,
+        })
+    rows.sort(key=lambda r: -r["age_s"])
+    return rows
+
+
+class HungReads:
+    """Logs each READ once when it passes the threshold (call `scan` periodically)."""
+
+    def __init__(self, service: Any, hung_after: float) -> None:
+        self.service = service
+        self.hung_after = hung_after
+        self._logged: set[int] = set()
+
+    def scan(self) -> int:
+        rows = [r for r in inflight(self.service, self.hung_after) if r["hung"]]
+        for row in rows:
+            if row["msg_id"] not in self._logged:
+                log.warning("read_hung", op="READ", **row, threshold_s=self.hung_after)
+        self._logged = {r["msg_id"] for r in rows}  # forget the finished ones
+        return len(rows)
+
+
+async def inflight_view(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    rows = inflight(rt.service, rt.cfg.hung_read_after)
+    return json_ok({"hung_after_s": rt.cfg.hung_read_after, "reads": rows,
+                    "hung": sum(r["hung"] for r in rows)})
+
+
+def add_routes(server: ControlServer) -> None:
+    server.add_route("GET", "/inflight", inflight_view)

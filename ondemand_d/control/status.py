@@ -1,0 +1,136 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`GET /status`: what the daemon is, what the kernel offers, what is cached, what it did."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+import ondemand_d
+from ondemand_d import cachedir
+from ondemand_d.config import Config
+from ondemand_d.control.observe import Observer
+from ondemand_d.control.server import ControlServer, json_ok, state
+from ondemand_d.device import KernelFeatures
+from ondemand_d.errors import StoreError
+
+
+@dataclass
+class Runtime:
+    """The running daemon as the views see it (`server.state["runtime"]`)."""
+
+    cfg: Config
+    service: Any  # ondemand_d.service.Service
+    device: Any  # ondemand_d.device.Device, or a test's fake
+    features: KernelFeatures
+    observer: Observer
+    restored: bool = False
+    backend: str = ""
+    frontends: dict[str, Any] = field(default_factory=dict)  # e.g. fanotify's mounts
+    started: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+
+def runtime(request: web.Request) -> Runtime:
+    return state(request)["runtime"]  # type: ignore[no-any-return]
+
+
+def open_objects(service: Any) -> list[dict[str, Any]]:
+    """The objects the kernel holds open now: id, fd, blob, key (loop thread only)."""
+    return [
+        {"object_id": o.object_id, "fd": o.fd, "blob": o.blob_id, "size": o.size,
+         "key": o.cookie_key.decode("utf-8", "backslashreplace"),
+         "volume": o.volume_key.decode("utf-8", "backslashreplace")}
+        for o in list(service.objects._objects.values())  # noqa: SLF001 - until Core v2's table
+        if o.blob_id is not None
+    ]
+
+
+def cached_by_blob(rt: Runtime, objects: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """blob id -> bytes cached and cache files (I/O: run in a thread).
+
+    Open objects are measured through their anon fds (the kernel forwards lseek to the
+    cache file, which may not be linked into the tree yet); the others through the
+    files under `cache/`, matched to blobs by cookie key.
+    """
+    out: dict[str, dict[str, int]] = {}
+
+    def note(blob_id: str, cached: int) -> None:
+        entry = out.setdefault(blob_id, {"cached_bytes": 0, "cache_files": 0})
+        entry["cached_bytes"] = max(entry["cached_bytes"], cached)
+        entry["cache_files"] += 1
+
+    open_keys = set()
+    for obj in objects:
+        try:
+            note(obj["blob"], cachedir.data_bytes(obj["fd"]))
+            open_keys.add((obj["volume"], obj["key"]))
+        except OSError:
+            continue  # closed meanwhile; the file below counts it
+    store = rt.service.store
+    for f in cachedir.cache_files(rt.cfg.cache_dir):
+        if f.key is None or (f.volume, f.key) in open_keys:
+            continue
+        try:
+            blob_id = store.resolve(f.key.encode()).blob_id
+            note(blob_id, cachedir.file_data_bytes(f.path))
+        except (StoreError, OSError):
+            continue  # a key the store no longer knows, or a file culled meanwhile
+    return out
+
+
+def images(rt: Runtime, cached: dict[str, dict[str, int]],
+           open_blobs: set[str]) -> list[dict[str, Any]]:
+    out = []
+    store = rt.service.store
+    for image in store.images():
+        blobs = []
+        for role, key, blob_id in [("bootstrap", image.name, image.bootstrap),
+                                   *(("data", k, b) for k, b in image.devices)]:
+            try:
+                size = store.get_blob(blob_id).size
+            except (StoreError, OSError):
+                size = -1
+            c = cached.get(blob_id, {"cached_bytes": 0, "cache_files": 0})
+            blobs.append({"role": role, "key": key, "blob": blob_id, "size": size,
+                          "open": blob_id in open_blobs, **c})
+        out.append({"name": image.name, "blobs": blobs,
+                    "size": sum(b["size"] for b in blobs if b["size"] > 0),
+                    "cached_bytes": sum(b["cached_bytes"] for b in blobs)})
+    return out
+
+
+async def status_view(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    objects = open_objects(rt.service)
+    open_blobs = {o["blob"] for o in objects}
+
+    def collect() -> list[dict[str, Any]]:
+        return images(rt, cached_by_blob(rt, objects), open_blobs)
+
+    found = await asyncio.get_running_loop().run_in_executor(None, collect)
+    return json_ok({
+        "version": ondemand_d.__version__,
+        "pid": os.getpid(),
+        "started": rt.started,
+        "uptime_s": round(time.monotonic() - rt.started_monotonic, 3),
+        "kernel": rt.features.as_dict(),
+        "device": str(rt.cfg.device),
+        "cache_dir": str(rt.cfg.cache_dir),
+        "tag": rt.cfg.tag,
+        "store": str(rt.cfg.store),
+        "backend": rt.backend,
+        "restored": rt.restored,
+        "objects_open": len(objects),
+        "reads_in_flight": rt.service.objects.reads_in_flight,
+        "images": found,
+        "counters": rt.observer.snapshot(),
+    })
+
+
+def add_routes(server: ControlServer) -> None:
+    server.add_route("GET", "/status", status_view)
