@@ -141,7 +141,8 @@ def _build(
     report.files = len(files)
     report.bytes = total
     report.chunks_total, report.chunks_new, report.chunks_reused = s.total, s.new, s.reused
-    report.holes, report.bytes_new, report.bytes_saved = s.holes, s.bytes_new, s.bytes_saved
+    report.holes, report.zero_chunks = s.holes, s.zero_chunks
+    report.bytes_new, report.bytes_saved = s.bytes_new, s.bytes_saved
     report.bootstrap_bytes = stats.bootstrap_bytes
     report.xattrs_dropped = stats.xattrs_dropped
 

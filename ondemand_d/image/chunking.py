@@ -14,7 +14,14 @@ not span two blobs if a file is to share page cache, so
 
 Whatever the chunk size, every base-size piece of new data is recorded in the
 dictionary, so a later image can still reuse slices of a big single chunk.
-An all-zero piece or chunk is a hole: no blob bytes, an unmapped index.
+
+All-zero pieces: only those with nothing but zeros after them in the file
+become holes (unmapped indexes, no blob bytes). A zero piece followed by data
+points at one real all-zero chunk instead, written once per base size and
+deduplicated like any other: on the fscache path the kernel (5.19 to at least
+6.12, `erofs_fscache_data_read_slice`) zero-fills the *whole rest of the read
+request* when it meets an unmapped chunk, so data after a hole would read as
+zeros. A trailing hole is safe: a request never extends past end of file.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ from ondemand_d.image.format import BLKSZBITS, BLOCK, MAX_CHUNKBITS
 from ondemand_d.image.tree import Content
 
 DEFAULT_BASE_CHUNK = 1 << 20
+#: Zero chunks are hashed and written in slices of this size (a base chunk may be huge).
+_ZERO_SLICE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,7 @@ class ChunkStats:
     new: int = 0
     reused: int = 0
     holes: int = 0
+    zero_chunks: int = 0  # indexes pointing at a real all-zero chunk
     bytes_new: int = 0
     bytes_saved: int = 0
 
@@ -89,6 +99,7 @@ class ChunkPlanner:
         self.whole_digests = whole_digests
         self.stats = ChunkStats()
         self._on_bytes = on_bytes or (lambda _n: None)
+        self._zero_digests: dict[int, str] = {}
 
     def place(self, content: Content) -> FileChunks:
         """Decide and write the chunks of one non-empty file."""
@@ -104,7 +115,11 @@ class ChunkPlanner:
         if known is not None:
             return FileChunks(chunkbits_for(size), (self._reuse(known, size),), whole)
         if any_known or any_hole or chunkbits_for(size) == MAX_CHUNKBITS:
-            refs = tuple(self._place_split(content, i, d) for i, d in enumerate(pieces))
+            last_data = max((i for i, d in enumerate(pieces) if d is not None), default=-1)
+            refs = tuple(
+                self._place_split(content, i, d, trailing=i > last_data)
+                for i, d in enumerate(pieces)
+            )
             return FileChunks(self.base.bit_length() - 1, refs, whole)
         ref = self._write_whole(content, pieces, whole.hex())
         return FileChunks(chunkbits_for(size), (ref,), whole)
@@ -112,28 +127,63 @@ class ChunkPlanner:
     # -- the shapes -------------------------------------------------------------
 
     def _place_piece(self, data: bytes, digest: str) -> ChunkRef | None:
-        """One chunk with its bytes in hand: hole, reuse or write."""
+        """A file's only chunk, bytes in hand: hole (all zero, so trailing), reuse or write."""
         if not any(data):
             self._count_hole()
             return None
         known = self.dictionary.lookup(digest, len(data))
         if known is not None:
             return self._reuse(known, len(data))
+        return self._write_new(data, digest)
+
+    def _place_split(
+        self, content: Content, index: int, digest: str | None, *, trailing: bool
+    ) -> ChunkRef | None:
+        start = index * self.base
+        length = min(self.base, content.size - start)
+        if digest is None and trailing:  # zeros up to end of file: a hole is safe
+            self._count_hole()
+            return None
+        if digest is None:  # zeros with data after them: never a hole (module docstring)
+            return self._zero_chunk(length)
+        known = self.dictionary.lookup(digest, length)
+        if known is not None:
+            return self._reuse(known, length)
+        return self._write_new(self._reread(content, start, length, digest), digest)
+
+    def _write_new(self, data: bytes, digest: str) -> ChunkRef:
         self._count_new(len(data))
         offset = self.writer.append(data)
         self._record(digest, offset, len(data))
         return ChunkRef(NEW_BLOB, offset)
 
-    def _place_split(self, content: Content, index: int, digest: str | None) -> ChunkRef | None:
-        start = index * self.base
-        length = min(self.base, content.size - start)
-        if digest is None:  # a hole found by the survey
-            self._count_hole()
-            return None
+    def _zero_chunk(self, length: int) -> ChunkRef:
+        """The all-zero chunk of `length` bytes (only base-size ones are asked for).
+
+        Found in the dictionary like any chunk (this build's or an earlier
+        one's); written once, in slices, if it is new.
+        """
+        self.stats.zero_chunks += 1
+        digest = self._zero_digest(length)
         known = self.dictionary.lookup(digest, length)
         if known is not None:
             return self._reuse(known, length)
-        return self._place_piece(self._reread(content, start, length, digest), digest)
+        self._count_new(length)
+        offset = self.writer.size
+        for start in range(0, length, _ZERO_SLICE):
+            self.writer.append(bytes(min(_ZERO_SLICE, length - start)), pad=False)
+        self.writer.append(b"")  # pad to 4 KiB (a no-op for whole blocks)
+        self._record(digest, offset, length)
+        return ChunkRef(NEW_BLOB, offset)
+
+    def _zero_digest(self, length: int) -> str:
+        digest = self._zero_digests.get(length)
+        if digest is None:
+            h = hashlib.sha256()
+            for start in range(0, length, _ZERO_SLICE):
+                h.update(bytes(min(_ZERO_SLICE, length - start)))
+            digest = self._zero_digests[length] = h.hexdigest()
+        return digest
 
     def _write_whole(self, content: Content, pieces: list[str | None], whole: str) -> ChunkRef:
         """One chunk for the whole file; its pieces stay findable in the dictionary."""

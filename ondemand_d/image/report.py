@@ -32,6 +32,7 @@ class BuildReport:
     chunks_new: int = 0
     chunks_reused: int = 0
     holes: int = 0
+    zero_chunks: int = 0
     bytes_new: int = 0
     bytes_saved: int = 0
     bootstrap_bytes: int = 0
@@ -59,7 +60,8 @@ class BuildReport:
         return (
             f"built image {self.name!r}: {self.files} files, {human_bytes(self.bytes)}; "
             f"chunks {self.chunks_total} total, {self.chunks_new} new, {self.chunks_reused} reused "
-            f"({human_bytes(self.bytes_saved)} saved), {self.holes} holes; {new}, "
+            f"({human_bytes(self.bytes_saved)} saved), {self.holes} holes, "
+            f"{self.zero_chunks} zero-chunk refs; {new}, "
             f"{self.blobs_reused} existing blob(s) referenced; "
             f"bootstrap {self.bootstrap[:12]} ({human_bytes(self.bootstrap_bytes)}) "
             f"in {self.seconds:.1f}s"

@@ -139,7 +139,9 @@ def test_rich_tree_mounts_and_matches(tmp_path: Path) -> None:
     src = make_rich_tree(tmp_path)
     store = LocalStore(tmp_path / "store")
     report = _build_and_compare(store, src, "rich", tmp_path)
-    assert report["holes"] >= 60  # the 64 MiB sparse file and the zero file stay unmapped
+    # Trailing zeros (sparse.bin's last 23 MiB, all of zeros.bin) stay unmapped; the
+    # 39 MiB of zeros before sparse.bin's middle point at the one zero chunk.
+    assert (report["holes"], report["zero_chunks"]) == (23 + 3, 39)
     assert report["new_blob"] is not None
 
 
@@ -327,7 +329,7 @@ def test_report_json_is_plain(tmp_path: Path) -> None:
 
 
 def test_huge_sparse_file_over_4gib(tmp_path: Path) -> None:
-    """A 5 GiB sparse file needs an extended inode; its holes cost no blob bytes."""
+    """A 5 GiB sparse file needs an extended inode; its zeros cost one zero chunk."""
     src = tmp_path / "src"
     src.mkdir()
     huge = src / "huge"
@@ -339,8 +341,10 @@ def test_huge_sparse_file_over_4gib(tmp_path: Path) -> None:
     os.utime(src, ns=(T0, T0))
     store = LocalStore(tmp_path / "store")
     report = build_image(read_directory(src), store, "huge", BuildOptions())
-    # Only the two 1 MiB pieces holding data are written (the last one is 7 bytes + pad).
-    assert report.new_blob_bytes == (1 << 20) + 4096 and report.holes == 5 * 1024 - 1
+    # Written: the first 1 MiB piece, one 1 MiB zero chunk every zero piece points at
+    # (data follows, so no holes), and the 7-byte last piece padded to 4 KiB.
+    assert report.new_blob_bytes == 2 * (1 << 20) + 4096 and report.holes == 0
+    assert report.zero_chunks == 5 * 1024 - 1
     with mounted(store, "huge", tmp_path) as mnt, (mnt / "huge").open("rb") as f:
         assert os.fstat(f.fileno()).st_size == (5 << 30) + 7
         assert f.read(5) == b"start"

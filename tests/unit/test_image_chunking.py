@@ -81,14 +81,28 @@ def test_shareable_large_file_is_split_and_reuses_pieces(store: LocalStore) -> N
     assert (p.stats.new, p.stats.reused, p.stats.bytes_new) == (2, 1, 2 * MiB)
 
 
-def test_sparse_large_file_splits_around_holes(store: LocalStore) -> None:
-    """Holes in a big file become unmapped base-size chunks."""
+def test_zero_pieces_before_data_share_one_zero_chunk(store: LocalStore) -> None:
+    """Zero pieces with data after them point at one written zero chunk, never a hole.
+
+    (The fscache read path zero-fills the rest of a request at an unmapped chunk.)
+    """
     data = b"a" * 100 + bytes(4 * MiB) + b"z"
     p = _planner(store)
     placed = p.place(BytesContent(data))
     assert placed.chunkbits == 20 and len(placed.refs) == 5
-    assert placed.refs[1:4] == (None, None, None) and None not in (placed.refs[0], placed.refs[4])
-    assert p.writer.size == MiB + 4096  # the data pieces: a full first one, a padded last one
+    zero = ChunkRef(NEW_BLOB, MiB)  # written right after the first data piece
+    assert placed.refs[1:4] == (zero, zero, zero) and None not in placed.refs
+    assert (p.stats.zero_chunks, p.stats.holes) == (3, 0)
+    # a full first data piece, the one zero chunk, a padded last piece
+    assert p.writer.size == 2 * MiB + 4096
+
+
+def test_trailing_zero_pieces_stay_holes(store: LocalStore) -> None:
+    """Zeros up to end of file cost nothing: unmapped chunks, no blob bytes."""
+    p = _planner(store)
+    placed = p.place(BytesContent(b"a" * 100 + bytes(3 * MiB)))
+    assert placed.refs[1:] == (None, None, None) and placed.refs[0] is not None
+    assert (p.stats.zero_chunks, p.stats.holes) == (0, 3) and p.writer.size == MiB
 
 
 def test_whole_file_known_is_one_reused_chunk(store: LocalStore) -> None:
