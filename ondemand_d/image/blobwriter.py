@@ -1,9 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Stream bytes into the store as one blob: 4 KiB aligned pieces, <= 1 MiB store chunks.
+"""Stream bytes into the store as one blob: 4 KiB aligned pieces, fixed-size store chunks.
 
-The daemon answers a kernel READ by filling whole store chunks, so store
-chunks are cut at fixed 1 MiB boundaries of the blob whatever the EROFS chunk
-sizes are; a 64 MiB EROFS chunk becomes 64 store chunks.
+Store chunks are the unit the daemon fetches, verifies and fills: a kernel
+READ is answered with the whole store chunks around it, and a lazily pulled
+image is fetched from its registry in store chunks. They are cut at fixed
+boundaries of the blob, whatever the EROFS chunk sizes are, at the build's
+base chunk size (`store_chunk_for`): `--chunk-size 64K` means 64 KiB fetch
+units, so a start-up that reads a few KiB of many files fetches little more
+than it reads. Larger base sizes are capped at 1 MiB: a 64 MiB EROFS chunk
+becomes 64 store chunks, and no READ waits for more than 1 MiB.
 """
 from __future__ import annotations
 
@@ -13,7 +18,13 @@ from typing import Any
 from ondemand_d.image.format import BLOCK, align
 from ondemand_d.store import Blob, Chunk, LocalStore
 
+#: The largest store chunk (and the bootstrap's store chunk size).
 STORE_CHUNK = 1 << 20
+
+
+def store_chunk_for(base_chunk: int) -> int:
+    """The store chunk size of a build whose base chunk size is `base_chunk`."""
+    return min(base_chunk, STORE_CHUNK)
 
 
 class BlobWriter:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ondemand_d.errors import ImageError, StoreError, UnknownName
-from ondemand_d.image.blobwriter import BlobWriter, put_bytes
+from ondemand_d.image.blobwriter import BlobWriter, put_bytes, store_chunk_for
 from ondemand_d.image.chunking import DEFAULT_BASE_CHUNK, ChunkPlanner, FileChunks, check_base_chunk
 from ondemand_d.image.dedup import EXTENTS_KEY, NEW_BLOB, ChunkDictionary
 from ondemand_d.image.format import BLOCK
@@ -98,7 +98,7 @@ def _build(
         if progress is not None:
             progress(done, total)
 
-    writer = BlobWriter(store)
+    writer = BlobWriter(store, store_chunk_for(options.base_chunk))
     planner = ChunkPlanner(
         ChunkDictionary.from_store(store), writer, options.base_chunk, on_bytes,
         whole_digests=options.fingerprint is not None,

@@ -280,3 +280,20 @@ def test_invalid_ids_and_targets_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="uid/gid"):
         build_image(root, store, "bad")
     assert files_of(tmp_path / "store") == []
+
+
+@pytest.mark.parametrize(
+    ("base", "store_chunk"), [(4096, 4096), (64 << 10, 64 << 10), (4 * MiB, MiB)]
+)
+def test_store_chunks_follow_the_base_chunk_size(
+    tmp_path: Path, base: int, store_chunk: int
+) -> None:
+    """`--chunk-size 64K` means 64 KiB store chunks (fetch units); at most 1 MiB."""
+    store = LocalStore(tmp_path / "store")
+    report = build_image(sample_tree(), store, "sample", BuildOptions(base_chunk=base))
+    assert report.new_blob is not None
+    chunks = store.get_blob(report.new_blob).chunks
+    assert {c.length for c in chunks[:-1]} == {store_chunk}
+    assert 0 < chunks[-1].length <= store_chunk
+    boot = store.get_blob(report.bootstrap).chunks  # the bootstrap is prefilled whole anyway
+    assert all(c.length == MiB for c in boot[:-1])
