@@ -76,6 +76,9 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                    help="debug shows each step of every READ")
     s.add_argument("--native", choices=("auto", "cffi", "python"),
                    help="READ fill backend (default auto: the C shim when built)")
+    s.add_argument("--images", dest="images_dir", type=Path, metavar="DIR",
+                   help="serve the EROFS image files in DIR by name (fsid=FILE), without "
+                   "importing and WITHOUT verifying anything (for debugging kernels and images)")
 
     i = sub.add_parser("import", help="ingest an EROFS image made by mkfs.erofs",
                        description="Ingest an EROFS image (and the data blobs of a --blobdev "
@@ -112,9 +115,15 @@ _LAZY_COMMANDS = {
                "the running daemon: kernel features, images and bytes cached, counters"),
     "inflight": ("ondemand_d.control.commands", "add_inflight_arguments", "run_inflight",
                  "the running daemon's READs not yet completed, oldest first"),
+    "metrics": ("ondemand_d.control.commands", "add_metrics_arguments", "run_metrics",
+                "the running daemon's counters in the Prometheus text format"),
+    "trace": ("ondemand_d.control.trace_cli", "add_arguments", "run",
+              "the running daemon's request flow, live (--kernel: with the kernel's side)"),
+    "cull": ("ondemand_d.control.cull", "add_arguments", "run",
+             "free the cache files of an image, or of every unused blob (--unused)"),
 }
 # Commands that talk to a running daemon (or run the demo) and do not open the store.
-_NO_STORE = {"demo", "status", "inflight"}
+_NO_STORE = {"demo", "status", "inflight", "metrics", "trace", "cull"}
 
 
 def _add_lazy_commands(sub: Any, argv: Sequence[str]) -> None:

@@ -42,6 +42,7 @@ class Config:
     log_level: str = "info"
     native: str = "auto"
     control_socket: Path | None = Path("/run/ondemand-d/control.sock")  # root-only; "" = none
+    images_dir: Path | None = None  # serve plain image files named by cookie key, unverified
     hung_read_after: float = 30.0  # seconds; older READs are flagged, and stop the watchdog
 
 

@@ -107,7 +107,15 @@ def make_remote_source(cfg: Config) -> RemoteSource:
 async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = None) -> Service:
     """Run the daemon until `stop` is set (or SIGTERM/SIGINT); return the finished Service."""
     raise_nofile_limit()
-    store = LocalStore(cfg.store.absolute())  # `cull` changes the cwd for a moment
+    store: Any
+    if cfg.images_dir is None:
+        store = LocalStore(cfg.store.absolute())  # `cull` changes the cwd for a moment
+    else:
+        from ondemand_d.imagesdir import ImagesDir  # noqa: PLC0415
+
+        store = ImagesDir(cfg.images_dir)
+        log.warning("images_unverified", images=str(store.root),
+                    note="serving image files as they are: nothing is verified in this mode")
     adopted = False
     owned = device is None  # close only a device we opened
     if device is None:

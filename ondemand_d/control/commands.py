@@ -25,6 +25,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 add_inflight_arguments = add_status_arguments
+add_metrics_arguments = add_socket_argument
 
 
 def client(args: argparse.Namespace, cfg: Config) -> ControlClient:
@@ -105,4 +106,10 @@ def run_inflight(args: argparse.Namespace, cfg: Config) -> int:
               + ("  HUNG" if r["hung"] else ""))
     print(f"{len(rows)} READ(s) in flight, {view['hung']} older than {view['hung_after_s']} s",
           file=sys.stderr)
+    return 0
+
+
+def run_metrics(args: argparse.Namespace, cfg: Config) -> int:
+    """Print /metrics (e.g. for node_exporter's textfile collector)."""
+    sys.stdout.write(client(args, cfg).text("/metrics"))
     return 0

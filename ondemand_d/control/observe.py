@@ -27,6 +27,8 @@ BACKGROUND_EVENTS = {"prefilled": "prefill", "read_ahead": "readahead"}
 TRACE_EVENTS = {*REQUEST_EVENTS, *BACKGROUND_EVENTS, "request_ignored", "malformed_message",
                 "copen_failed", "complete_failed", "read_hung", "ready", "stopping", "stopped",
                 "restore_unsupported", "culled"}
+#: Lines only counted (not traced).
+COUNTED_EVENTS = {"registry_retry", "chunk_digest_mismatch", "prefetch_failed"}
 SUBSCRIBER_QUEUE = 10_000  # lines a slow `trace` client may lag before lines are dropped
 
 
@@ -43,7 +45,7 @@ class Histogram:
         self.n += 1
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: kept in a set
 class Subscriber:
     """One `trace` client: a bounded queue of lines."""
 
@@ -71,18 +73,25 @@ class Observer:
         self.background_bytes: collections.Counter[str] = collections.Counter()
         self.read_latency = Histogram()
         self.hung_reads = 0
+        self.fetch_retries = 0
+        self.fetch_mismatches = 0
+        self.prefetch_failures = 0
         self._subscribers: set[Subscriber] = set()
         self._lock = threading.Lock()
 
     def __call__(self, _method: str, event: MutableMapping[str, Any]) -> None:
         name = event.get("event")
         if name not in TRACE_EVENTS:
+            if name in COUNTED_EVENTS:
+                with self._lock:
+                    self._count(str(name), event)
             return
         with self._lock:
             self._count(str(name), event)
         if self._subscribers:
             line = {k: v for k, v in event.items() if not k.startswith("_")}
-            line["ts"] = time.time()
+            # mono: CLOCK_MONOTONIC, the clock `trace --kernel` sets for the tracepoints.
+            line["ts"], line["mono"] = time.time(), time.monotonic()
             for sub in list(self._subscribers):
                 sub.loop.call_soon_threadsafe(sub.put, line)
 
@@ -105,6 +114,12 @@ class Observer:
             self.background_bytes[kind] += int(event.get("bytes") or 0)
         elif name == "read_hung":
             self.hung_reads += 1
+        elif name == "registry_retry":
+            self.fetch_retries += 1
+        elif name == "chunk_digest_mismatch":
+            self.fetch_mismatches += 1
+        elif name == "prefetch_failed":
+            self.prefetch_failures += 1
 
     def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE) -> Subscriber:
         sub = Subscriber(asyncio.get_running_loop(), asyncio.Queue(maxsize))
@@ -113,6 +128,16 @@ class Observer:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
+
+    def close(self) -> None:
+        """End every subscriber's stream (the daemon is stopping)."""
+        for sub in list(self._subscribers):
+            sub.loop.call_soon_threadsafe(sub.put, {"event": "_end"})
+
+    def histogram(self) -> Histogram:
+        with self._lock:
+            h = self.read_latency
+            return Histogram(h.buckets, list(h.counts), h.total, h.n)
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain JSON values."""
@@ -128,4 +153,7 @@ class Observer:
                                for (k, oc), n in sorted(self.background.items())],
                 "background_bytes": dict(self.background_bytes),
                 "hung_reads": self.hung_reads,
+                "fetch_retries": self.fetch_retries,
+                "fetch_mismatches": self.fetch_mismatches,
+                "prefetch_failures": self.prefetch_failures,
             }

@@ -88,7 +88,8 @@ class ControlServer:
             app.router.add_route(method, path, handler)
         app.router.add_get("/", self._index)
         sock = _bind_private(self.path)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A stopping daemon waits this long for open views (a `trace` ends at once).
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         self._runner = runner

@@ -104,15 +104,23 @@ def images(rt: Runtime, cached: dict[str, dict[str, int]],
     return out
 
 
-async def status_view(request: web.Request) -> web.Response:
-    rt = runtime(request)
+async def images_now(rt: Runtime) -> tuple[list[dict[str, Any]], int]:
+    """Every image with its blobs and bytes cached, and the number of open objects.
+
+    The object table is read here, on the loop; the files in a thread.
+    """
     objects = open_objects(rt.service)
     open_blobs = {o["blob"] for o in objects}
 
     def collect() -> list[dict[str, Any]]:
         return images(rt, cached_by_blob(rt, objects), open_blobs)
 
-    found = await asyncio.get_running_loop().run_in_executor(None, collect)
+    return await asyncio.get_running_loop().run_in_executor(None, collect), len(objects)
+
+
+async def status_view(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    found, n_open = await images_now(rt)
     return json_ok({
         "version": ondemand_d.__version__,
         "pid": os.getpid(),
@@ -125,7 +133,7 @@ async def status_view(request: web.Request) -> web.Response:
         "store": str(rt.cfg.store),
         "backend": rt.backend,
         "restored": rt.restored,
-        "objects_open": len(objects),
+        "objects_open": n_open,
         "reads_in_flight": rt.service.objects.reads_in_flight,
         "images": found,
         "counters": rt.observer.snapshot(),

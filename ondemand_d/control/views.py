@@ -21,6 +21,9 @@ from ondemand_d.device import KernelFeatures
 ROUTE_MODULES = [
     "ondemand_d.control.status",
     "ondemand_d.control.inflight",
+    "ondemand_d.control.metrics",
+    "ondemand_d.control.trace",
+    "ondemand_d.control.cull",
 ]
 
 
@@ -31,6 +34,7 @@ class DaemonControl(ControlServer):
 
     async def stop(self) -> None:
         log.unobserve(self.observer)
+        self.observer.close()
         await super().stop()
 
 

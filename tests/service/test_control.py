@@ -108,7 +108,7 @@ async def test_status_counts_requests_and_cached_bytes(tmp_path):
         assert obj.copen_result == 3 * CHUNK + 5000
         assert await d.kernel.read(obj, 0, 4096)  # fills the first whole chunk
         assert await d.kernel.read(obj, 2 * CHUNK, 4096)
-        st = await d.get("/status")
+        st = await d.until_counted("READ", 2)
     assert st["kernel"]["restore"] is True
     assert st["cache_dir"] == str(tmp_path / "cache")
     assert st["objects_open"] == 1
@@ -213,3 +213,126 @@ async def test_second_daemon_does_not_steal_the_socket(tmp_path):
     assert any(e["event"] == "control_unavailable" for e in events)
     with pytest.raises(ControlUnavailable):
         ControlClient(d.socket).get("/status")
+
+
+async def test_metrics_pass_promtool(tmp_path):
+    """/metrics after OPENs, READs (one failing) and a CLOSE: promtool accepts it, values add up."""
+    import shutil
+    import subprocess
+
+    async with Running(tmp_path) as d:
+        d.add_image("img", os.urandom(2 * CHUNK))
+        obj = await d.kernel.open(b"img-data", b'erofs,dom"with\\quote')
+        assert await d.kernel.read(obj, 0, 4096)
+        assert await d.kernel.read(obj, CHUNK, 4096)
+        bad = await d.kernel.open(b"nosuchkey")
+        assert bad.copen_result < 0
+        await d.until_counted("READ", 2)
+        text = await asyncio.to_thread(d.client.text, "/metrics")
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is needed: scripts/install-deps"
+    checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                             capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode() + text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert samples['ondemand_requests_total{op="READ",outcome="ok"}'] == "2"
+    assert samples['ondemand_requests_total{op="OPEN",outcome="ok"}'] == "1"
+    assert samples['ondemand_requests_total{op="OPEN",outcome="unknown"}'] == "1"
+    assert samples['ondemand_read_bytes_total{source="local"}'] == str(2 * CHUNK)
+    assert samples['ondemand_read_duration_seconds_count'] == "2"
+    assert samples['ondemand_read_duration_seconds_bucket{le="+Inf"}'] == "2"
+    assert samples['ondemand_cache_bytes{image="img"}'] == str(2 * CHUNK)
+    assert samples['ondemand_kernel_feature{feature="restore"}'] == "1"
+
+
+async def test_trace_streams_the_request_flow(tmp_path):
+    """/trace streams each request line as it happens; ?op= and ?image= filter them."""
+    async with Running(tmp_path) as d:
+        d.add_image("img", os.urandom(2 * CHUNK))
+        d.add_image("other", os.urandom(CHUNK))
+        reads = d.client.lines("/trace?op=READ&image=img")
+        everything = ControlClient(d.socket).lines("/trace")
+        assert (await asyncio.to_thread(next, reads))["event"] == "_subscribed"
+        assert (await asyncio.to_thread(next, everything))["event"] == "_subscribed"
+        obj = await d.kernel.open(b"img-data", b"erofs,dom")
+        other = await d.kernel.open(b"other-data", b"erofs,dom")
+        assert await d.kernel.read(other, 0, 4096)
+        assert await d.kernel.read(obj, CHUNK, 8192)
+        line = await asyncio.to_thread(next, reads)
+        first = [await asyncio.to_thread(next, everything) for _ in range(4)]
+    assert (line["op"], line["key"], line["off"], line["len"]) == ("READ", "img-data", CHUNK, 8192)
+    assert line["outcome"] == "ok" and line["source"] == "local" and line["mono"] > 0
+    assert [(x["op"], x["key"]) for x in first] == [
+        ("OPEN", "img-data"), ("OPEN", "other-data"), ("READ", "other-data"),
+        ("READ", "img-data")]
+    with pytest.raises(StopIteration):  # the daemon stopped: the stream ends
+        next(reads)
+
+
+async def test_trace_command_prints_a_table(tmp_path, capsys, monkeypatch):
+    """`ondemand-d trace --duration` prints the header and a row per request, then a count."""
+    # In one process the command's own logging set-up would replace the daemon's.
+    monkeypatch.setattr(log, "configure", lambda *a, **k: None)
+    async with Running(tmp_path) as d:
+        d.add_image("img", os.urandom(CHUNK))
+        cmd = asyncio.create_task(asyncio.to_thread(
+            cli.main, ["trace", "--socket", str(d.socket), "--duration", "1.5"]))
+        await asyncio.sleep(0.5)
+        obj = await d.kernel.open(b"img-data")
+        assert await d.kernel.read(obj, 0, 4096)
+        assert await cmd == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()
+    assert rows[0].split()[:3] == ["time", "op", "msg"]
+    assert [r.split()[1] for r in rows[1:]] == ["OPEN", "READ"]
+    assert "trace: 2 line(s) shown" in err
+    rc = cli.main(["trace", "--socket", str(tmp_path / "none"), "--duration", "1"])
+    assert rc == 1
+
+
+async def test_cull_unused_frees_closed_blobs_and_keeps_open_ones(tmp_path, capsys):
+    """cull --unused: the kernel culls the closed object's file and refuses the open one."""
+    async with Running(tmp_path) as d:
+        d.add_image("a", os.urandom(2 * CHUNK))
+        d.add_image("b", os.urandom(CHUNK))
+        kept = await d.kernel.open(b"a-data", b"erofs,dom")
+        gone = await d.kernel.open(b"b-data", b"erofs,dom")
+        assert await d.kernel.read(kept, 0, 4096)
+        assert await d.kernel.read(gone, 0, 4096)
+        held = os.stat(gone.path).st_blocks * 512
+        d.kernel.close(gone)
+        await d.until_counted("CLOSE", 1)
+        result = await asyncio.to_thread(d.client.post, "/cull", {"unused": True})
+        with pytest.raises(ControlUnavailable, match="no image 'nope'"):
+            await asyncio.to_thread(d.client.post, "/cull", {"image": "nope"})
+        st = await d.get("/status")
+    by_key = {f["key"]: f for f in result["files"]}
+    assert by_key["b-data"]["outcome"] == "culled" and by_key["b-data"]["bytes"] == held
+    assert by_key["a-data"]["outcome"] == "in_use"
+    assert result["bytes_freed"] == held and held >= CHUNK
+    assert not gone.path.exists() and kept.path.exists()
+    assert list((tmp_path / "cache" / "graveyard").iterdir()) == []  # emptied
+    # inuse first, then cull, for each file; the kernel refused the open one.
+    assert sorted(c for c in d.kernel.commands if c.startswith((b"cull", b"inuse"))) == [
+        b"cull Db-data", b"inuse Da-data", b"inuse Db-data"]
+    images = {i["name"]: i for i in st["images"]}
+    assert images["b"]["cached_bytes"] == 0 and images["a"]["cached_bytes"] == CHUNK
+
+
+async def test_cull_image_through_the_command(tmp_path, capsys, monkeypatch):
+    """`ondemand-d cull IMAGE` culls only that image's files and says how much it freed."""
+    monkeypatch.setattr(log, "configure", lambda *a, **k: None)
+    async with Running(tmp_path) as d:
+        d.add_image("a", os.urandom(CHUNK))
+        d.add_image("b", os.urandom(CHUNK))
+        for key in (b"a-data", b"b-data"):
+            obj = await d.kernel.open(key)
+            assert await d.kernel.read(obj, 0, 4096)
+            d.kernel.close(obj)
+        await d.until_counted("CLOSE", 2)
+        rc = await asyncio.to_thread(cli.main, ["cull", "a", "--socket", str(d.socket)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "culled 1 cache file(s), freed 1.0 MiB" in out
+    assert d.kernel.cache_path(b"erofs,dom", b"b-data").exists()
+    assert not d.kernel.cache_path(b"erofs,dom", b"a-data").exists()

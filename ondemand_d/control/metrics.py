@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`GET /metrics`: the daemon's counters in the Prometheus text format (version 0.0.4)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+
+from ondemand_d.control.observe import Histogram
+from ondemand_d.control.server import ControlServer
+from ondemand_d.control.status import Runtime, images_now, runtime
+
+#: Not "ondemand_d_": promtool's lint reads "_d_" as an abbreviated unit (days).
+PREFIX = "ondemand_"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _label(value: object) -> str:
+    text = str(value)
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, object]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
+
+
+class Exposition:
+    """Families in order, each with its HELP and TYPE once."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, text: str,
+               samples: Iterable[tuple[dict[str, object], float]]) -> None:
+        full = PREFIX + name + ("_total" if kind == "counter" else "")
+        self.lines += [f"# HELP {full} {text}", f"# TYPE {full} {kind}"]
+        for labels, value in samples:
+            self.lines.append(f"{full}{_labels(labels)} {_number(value)}")
+
+    def histogram(self, name: str, text: str, h: Histogram) -> None:
+        self.lines += [f"# HELP {PREFIX}{name} {text}", f"# TYPE {PREFIX}{name} histogram"]
+        running = 0
+        for bound, count in zip(h.buckets, h.counts, strict=False):
+            running += count
+            self.lines.append(f'{PREFIX}{name}_bucket{{le="{_number(bound)}"}} {running}')
+        self.lines.append(f'{PREFIX}{name}_bucket{{le="+Inf"}} {h.n}')
+        self.lines.append(f"{PREFIX}{name}_sum {_number(h.total)}")
+        self.lines.append(f"{PREFIX}{name}_count {h.n}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def render(rt: Runtime, cache: list[dict[str, Any]], now: float | None = None) -> str:
+    """The exposition for one scrape; `cache` is status.images() of this moment."""
+    obs = rt.observer
+    snap = obs.snapshot()
+    out = Exposition()
+    out.family("info", "gauge", "The daemon's version and kernel release (always 1).",
+               [({"version": _version(), "kernel": rt.features.release}, 1)])
+    out.family("kernel_feature", "gauge", "Kernel features found at start-up (1 yes, 0 no).",
+               [({"feature": k}, int(bool(v))) for k, v in rt.features.as_dict().items()
+                if k != "release"])
+    out.family("uptime_seconds", "gauge", "Seconds since the daemon started.",
+               [({}, round((now or time.monotonic()) - rt.started_monotonic, 3))])
+    out.family("requests", "counter", "Requests from the kernel answered, by op and outcome.",
+               [({"op": r["op"], "outcome": r["outcome"]}, r["count"])
+                for r in snap["requests"]])
+    out.family("reads", "counter", "READs completed, by where the bytes came from and outcome.",
+               [({"source": r["source"], "outcome": r["outcome"]}, r["count"])
+                for r in snap["reads"]])
+    out.family("read_bytes", "counter", "Bytes written into cache files for READs, by source.",
+               [({"source": r["source"]}, r["bytes"]) for r in snap["reads"]
+                if r["outcome"] == "ok"])
+    out.histogram("read_duration_seconds", "Time from a READ's arrival to its completion.",
+                  obs.histogram())
+    out.family("read_errors", "counter", "READs answered with EIO, by error type.",
+               [({"error_type": k}, v) for k, v in snap["read_errors"].items()])
+    joins = sum(r["count"] for r in snap["reads"] if r["source"] == "joined")
+    out.family("single_flight_joins", "counter",
+               "READs that waited for another READ's fetch of the same chunk.", [({}, joins)])
+    fetch_errors = snap["read_errors"].get("FetchError", 0) + snap["prefetch_failures"]
+    out.family("fetch_errors", "counter", "Registry fetches that failed (READs and prefetch).",
+               [({}, fetch_errors)])
+    out.family("fetch_retries", "counter", "Registry requests retried.",
+               [({}, snap["fetch_retries"])])
+    out.family("fetch_digest_mismatches", "counter",
+               "Chunks from a registry whose bytes did not match their digest.",
+               [({}, snap["fetch_mismatches"])])
+    out.family("background", "counter", "Prefills and readaheads, by kind and outcome.",
+               [({"kind": b["kind"], "outcome": b["outcome"]}, b["count"])
+                for b in snap["background"]])
+    out.family("background_bytes", "counter", "Bytes written without a READ, by kind.",
+               [({"kind": k}, v) for k, v in snap["background_bytes"].items()])
+    out.family("reads_in_flight", "gauge", "READs the kernel is waiting on.",
+               [({}, rt.service.objects.reads_in_flight)])
+    out.family("hung_reads", "counter", "READs that passed hung_read_after.",
+               [({}, snap["hung_reads"])])
+    out.family("objects_open", "gauge", "Cache objects (blobs) the kernel holds open.",
+               [({}, len(rt.service.objects))])
+    out.family("cache_bytes", "gauge", "Bytes the cache files of an image's blobs hold.",
+               [({"image": img["name"]}, img["cached_bytes"]) for img in cache])
+    return out.text()
+
+
+def _version() -> str:
+    import ondemand_d  # noqa: PLC0415
+
+    return str(ondemand_d.__version__)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    rt = runtime(request)
+    cache, _ = await images_now(rt)
+    return web.Response(body=render(rt, cache).encode(),
+                        headers={"Content-Type": CONTENT_TYPE})
+
+
+def add_routes(server: ControlServer) -> None:
+    server.add_route("GET", "/metrics", metrics_view)
