@@ -1,80 +1,197 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Daemon configuration: defaults < TOML file < ONDEMAND_D_* environment < CLI flags.
+"""The configuration: defaults < TOML file < ONDEMAND_D_* environment < command-line flags.
 
-`load` is pure: it gets the file's text, the environment and the flags, and
-returns a frozen Config. Every error names the key that is wrong.
+One typed key, three spellings. ``readahead`` is ``readahead = "4M"`` in the file,
+``ONDEMAND_D_READAHEAD=4M`` in the environment and ``--readahead 4M`` on ``serve``; a key of
+the ``[registry]`` table, e.g. ``concurrency``, is ``ONDEMAND_D_REGISTRY_CONCURRENCY`` and
+``--registry-concurrency``. Every spelling goes through the same :func:`convert`, so a value
+means the same wherever it is written, and every error names the key and where it came from.
+
+**Adding a key is a one-place change**: add a field with :func:`setting` to :class:`Config`
+(or to :class:`~ondemand_d.registry.config.RegistryConfig` for the ``[registry]`` table)::
+
+    control_socket: Path = setting(Path("/run/ondemand-d/control"),
+                                   "the control socket's path")
+
+The type annotation decides the parsing (``Path``, ``Path | None``, ``int``, ``float``, ``bool``,
+``str``, ``tuple[str, ...]``/``frozenset[str]`` as a TOML list or a comma-separated string);
+``size=True`` also accepts ``64K``/``4M``/``1G``; ``choices`` and ``between`` check the value.
+The file, the environment variable and the ``serve`` flag (``flag=False`` for none) then exist
+without further code; add the key to ``systemd/config.toml.example`` (a test checks that every
+key is there) and a line to ``tests/unit/test_config.py``'s table of keys.
+
+`load` is pure: it gets the file's text, the environment and the flags, and returns a frozen
+Config.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ondemand_d.errors import ConfigError
+from ondemand_d.errors import ConfigError, UsageError
+from ondemand_d.registry.config import RegistryConfig
+from ondemand_d.setting import parse_size, setting, show_size
+
+__all__ = ["DEFAULT_CONFIG_PATH", "KEYS", "Config", "ConfigError", "Key", "convert", "load",
+           "parse_size", "setting"]
 
 DEFAULT_CONFIG_PATH = Path("/etc/ondemand-d/config.toml")
-LOG_FORMATS = ("auto", "json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-NATIVE = ("auto", "cffi", "python")
+ENV_PREFIX = "ONDEMAND_D_"
+#: Tables of the TOML file: each is one dataclass field of Config holding a settings dataclass.
+TABLES = ("registry",)
+#: Keys that moved, so an old config file gets a hint instead of a bare "unknown key".
+MOVED = {"registry_config": "[registry] docker_config", "ca_file": "[registry] ca_file",
+         "insecure_registries": "[registry] insecure"}
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Everything `ondemand-d serve` needs to know."""
+    """Everything the commands and `ondemand-d serve` need to know (see the module doc)."""
 
-    store: Path = Path("/var/lib/ondemand-d/store")
-    cache_dir: Path = Path("/var/cache/ondemand-d")
-    tag: str = "ondemand-d"
-    device: Path = Path("/dev/cachefiles")
-    concurrency: int = 64  # READs filled at once; more wait in the kernel's queue
-    io_threads: int = 4  # threads for store reads and anon-fd writes
-    prefill_bootstrap: bool = True  # write a bootstrap whole right after its copen
-    prefetch: bool = False  # write data blobs whole in the background after OPEN
-    readahead: int = 4 << 20  # bytes written past each READ before the kernel asks; 0: off
-    write_through: bool = True  # keep remotely fetched chunks in the local store
-    registry_config: Path | None = None  # Docker-style config.json with credentials
-    ca_file: Path | None = None
-    insecure_registries: tuple[str, ...] = ()
-    shutdown_timeout: float = 30.0
-    log_format: str = "auto"
-    log_level: str = "info"
-    native: str = "auto"
-    control_socket: Path | None = Path("/run/ondemand-d/control.sock")  # root-only; "" = none
-    images_dir: Path | None = None  # serve plain image files named by cookie key, unverified
-    hung_read_after: float = 30.0  # seconds; older READs are flagged, and stop the watchdog
+    store: Path = setting(Path("/var/lib/ondemand-d/store"), "the store directory", flag=False)
+    cache_dir: Path = setting(Path("/var/cache/ondemand-d"),
+                              "cachefiles cache directory (ext4, xfs or btrfs; not tmpfs)")
+    tag: str = setting("ondemand-d", "cachefiles cache tag (1-64 characters, no spaces)")
+    device: Path = setting(Path("/dev/cachefiles"), "the cachefiles devnode")
+    concurrency: int = setting(64, "READs filled at once; more wait in the kernel's queue",
+                               between=(1, 4096))
+    io_threads: int = setting(4, "threads for store reads and cache writes", between=(1, 256))
+    prefill_bootstrap: bool = setting(True, "write a bootstrap whole right after its OPEN")
+    prefetch: bool = setting(False, "write data blobs whole in the background after OPEN")
+    readahead: int = setting(4 << 20, "after each READ, write this much of what follows "
+                             "(0: off)", size=True, between=(0, 1 << 30))
+    write_through: bool = setting(True, "keep chunks fetched from a registry in the store")
+    shutdown_timeout: float = setting(30.0, "seconds SIGTERM waits for READs in flight",
+                                      between=(0, 3600))
+    log_format: str = setting("auto", "auto: readable on a TTY, JSON lines otherwise",
+                              choices=("auto", "json", "console"))
+    log_level: str = setting("info", "debug shows each step of every READ",
+                             choices=("debug", "info", "warning", "error"), flag=False)
+    native: str = setting("auto", "READ fill backend: the C shim (cffi) or pure Python",
+                          choices=("auto", "cffi", "python"))
+    control_socket: Path | None = setting(Path("/run/ondemand-d/control.sock"),
+                                          'the control socket (root only; "" turns it off)')
+    hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "
+                                     "stops the watchdog", between=(0.001, 86400))
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
-_ENV_PREFIX = "ONDEMAND_D_"
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One key as the three places spell it."""
+
+    name: str            # flat name: "readahead", "registry_concurrency"
+    table: str | None    # "registry" for a key of the [registry] table
+    field: dataclasses.Field[Any]
+
+    @property
+    def toml(self) -> str:
+        return f"[{self.table}] {self.field.name}" if self.table else self.name
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self.field.metadata
+
+    @property
+    def default(self) -> Any:
+        f = self.field
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _convert(name: str, raw: Any, default: Any) -> Any:  # noqa: PLR0911 - one branch per type
-    """Turn a TOML, env or CLI value into the type of the field's default."""
-    kind = Config.__dataclass_fields__[name].type
+def keys() -> Iterator[Key]:
+    """Every key: Config's own, then each table's."""
+    for f in fields(Config):
+        if f.name in TABLES:
+            for sub in fields(f.default_factory()):  # type: ignore[misc]
+                yield Key(f"{f.name}_{sub.name}", f.name, sub)
+        else:
+            yield Key(f.name, None, f)
+
+
+KEYS = {k.name: k for k in keys()}
+
+
+def convert(key: Key, raw: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch per type
+    """Turn a TOML, environment or flag value into the key's type, checked.
+
+    Raises:
+        ValueError: with the reason (the caller adds the key and where it came from).
+    """
+    kind = str(key.field.type)
+    meta = key.meta
+    if "Path" in kind:
+        if raw in (None, ""):
+            if "None" in kind:
+                return None
+            raise ValueError("needs a path")
+        if not isinstance(raw, str | Path):
+            raise ValueError("needs a path as a string")
+        return Path(raw)
+    if "tuple" in kind or "frozenset" in kind:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple | frozenset) or not all(
+                isinstance(i, str) for i in items):
+            raise ValueError("needs a list of strings")
+        values = tuple(i.strip() for i in items if i.strip())
+        return frozenset(values) if "frozenset" in kind else values
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("needs true or false")
+    if kind in ("int", "float"):
+        value = _number(raw, kind, size=meta.get("size", False))
+        lo_hi = meta.get("between")
+        if lo_hi and not lo_hi[0] <= value <= lo_hi[1]:
+            lo, hi = (show_size(x) if meta.get("size") else f"{x:g}" for x in lo_hi)
+            raise ValueError(f"must be in {lo}..{hi}")
+        return value
+    if not isinstance(raw, str):
+        raise ValueError("needs a string")
+    choices = meta.get("choices")
+    if key.name == "native":
+        raw = {"0": "python", "1": "cffi"}.get(raw, raw)  # ONDEMAND_D_NATIVE's old spelling
+    if choices and raw not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}")
+    if key.name == "tag" and (not raw or len(raw) > 64 or any(c.isspace() for c in raw)):  # noqa: PLR2004
+        raise ValueError("must be 1-64 characters without spaces")
+    return raw
+
+
+def _number(raw: Any, kind: str, *, size: bool) -> int | float:
+    if isinstance(raw, bool):
+        raise ValueError("needs a number, not true/false")
+    if size:
+        try:
+            return parse_size(raw)
+        except ValueError:
+            raise ValueError("needs a size such as 1048576, 64K, 4M or 1G") from None
+    if kind == "int" and isinstance(raw, float):
+        raise ValueError("needs an integer")
     try:
-        if "Path" in str(kind):
-            return None if raw in (None, "") else Path(str(raw))
-        if "tuple" in str(kind):
-            if isinstance(raw, str):
-                return tuple(s.strip() for s in raw.split(",") if s.strip())
-            return tuple(str(s) for s in raw)
-        if isinstance(default, bool):
-            if isinstance(raw, bool):
-                return raw
-            if str(raw).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(raw).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        return str(raw)
+        value = int(raw) if kind == "int" else float(raw)
     except (TypeError, ValueError):
-        msg = f"config key {name!r}: cannot use {raw!r} (expected {kind})"
-        raise ConfigError(msg) from None
+        raise ValueError(f"needs {'an integer' if kind == 'int' else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("needs a finite number")
+    return value
 
 
 def load(
@@ -86,61 +203,77 @@ def load(
 ) -> Config:
     """Merge the layers into a Config and check it.
 
+    Args:
+        flags: flat key names (``readahead``, ``registry_concurrency``) to values as typed
+            on the command line or already converted; None means "not given".
+
     Raises:
-        ConfigError: unknown key, bad value or bad TOML; the message names it.
+        ConfigError: unknown key, bad value or bad TOML in the file or the environment; the
+            message names the key and where it came from.
+        UsageError: a bad flag value (exit status 2, as for any malformed command line).
     """
-    names = {f.name: f.default for f in fields(Config)}
     values: dict[str, Any] = {}
     if file_text is not None:
-        try:
-            table = tomllib.loads(file_text)
-        except tomllib.TOMLDecodeError as exc:
-            msg = f"{source}: {exc}"
-            raise ConfigError(msg) from None
-        for key, raw in table.items():
-            name = key.replace("-", "_")
-            if name not in names:
-                msg = f"{source}: unknown key {key!r} (known: {', '.join(sorted(names))})"
-                raise ConfigError(msg)
-            values[name] = _convert(name, raw, names[name])
-    for key, raw in (environ or {}).items():
-        if key.startswith(_ENV_PREFIX):
-            name = key[len(_ENV_PREFIX) :].lower()
-            if name in names and name != "native":  # ONDEMAND_D_NATIVE is read by _native
-                values[name] = _convert(name, raw, names[name])
+        for name, raw in _file_values(file_text, source):
+            values[name] = _converted(KEYS[name], raw, f"{source}: key {KEYS[name].toml!r}")
+    for var, raw in (environ or {}).items():
+        key = KEYS.get(var[len(ENV_PREFIX):].lower()) if var.startswith(ENV_PREFIX) else None
+        if key is not None:
+            values[key.name] = _converted(key, raw, f"environment variable {key.env}")
     for name, raw in (flags or {}).items():
         if raw is not None:
-            values[name] = _convert(name, raw, names[name])
-    cfg = replace(Config(), **values)
-    _check(cfg)
+            values[name] = _converted(KEYS[name], raw, KEYS[name].flag, UsageError)
+    top = {n: v for n, v in values.items() if KEYS[n].table is None}
+    tables: dict[str, Any] = {}
+    for table in TABLES:
+        sub = {KEYS[n].field.name: v for n, v in values.items() if KEYS[n].table == table}
+        try:
+            tables[table] = type(Config.__dataclass_fields__[table].default_factory())(**sub)  # type: ignore[misc]
+        except ConfigError as exc:
+            raise ConfigError(f"[{table}]: {exc}") from None
+    cfg = Config(**top, **tables)
+    if not cfg.cache_dir.is_absolute():
+        msg = f"key 'cache_dir': {cfg.cache_dir} must be an absolute path"
+        raise ConfigError(msg)
     return cfg
 
 
-def _check(cfg: Config) -> None:
-    if cfg.log_format not in LOG_FORMATS:
-        msg = f"config key 'log_format': {cfg.log_format!r} is not one of {LOG_FORMATS}"
-        raise ConfigError(msg)
-    if cfg.log_level not in LOG_LEVELS:
-        msg = f"config key 'log_level': {cfg.log_level!r} is not one of {LOG_LEVELS}"
-        raise ConfigError(msg)
-    if cfg.native not in NATIVE:
-        msg = f"config key 'native': {cfg.native!r} is not one of {NATIVE}"
-        raise ConfigError(msg)
-    if not 1 <= cfg.concurrency <= 4096:  # noqa: PLR2004
-        msg = f"config key 'concurrency': {cfg.concurrency} is not in 1..4096"
-        raise ConfigError(msg)
-    if not 0 <= cfg.readahead <= 1 << 30:
-        msg = f"config key 'readahead': {cfg.readahead} is not in 0..1 GiB"
-        raise ConfigError(msg)
-    if not 1 <= cfg.io_threads <= 256:  # noqa: PLR2004
-        msg = f"config key 'io_threads': {cfg.io_threads} is not in 1..256"
-        raise ConfigError(msg)
-    if not cfg.tag or any(c.isspace() for c in cfg.tag) or len(cfg.tag) > 64:  # noqa: PLR2004
-        msg = f"config key 'tag': {cfg.tag!r} must be 1-64 characters without spaces"
-        raise ConfigError(msg)
-    if cfg.hung_read_after <= 0:
-        msg = f"config key 'hung_read_after': {cfg.hung_read_after} must be above 0 seconds"
-        raise ConfigError(msg)
-    if not cfg.cache_dir.is_absolute():
-        msg = f"config key 'cache_dir': {cfg.cache_dir} must be an absolute path"
-        raise ConfigError(msg)
+def _file_values(text: str, source: str) -> Iterator[tuple[str, Any]]:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"{source} is not valid TOML ({exc}): fix the line it names"
+        raise ConfigError(msg) from None
+    for key, raw in document.items():
+        name = key.replace("-", "_")
+        if name in TABLES:
+            if not isinstance(raw, dict):
+                msg = f"{source}: '{key}' must be a table ([{name}])"
+                raise ConfigError(msg)
+            for sub, value in raw.items():
+                flat = f"{name}_{sub.replace('-', '_')}"
+                if flat not in KEYS:
+                    known = ", ".join(k.field.name for k in KEYS.values() if k.table == name)
+                    msg = f"{source}: unknown key {sub!r} in [{name}] (known: {known})"
+                    raise ConfigError(msg)
+                yield flat, value
+        elif name in KEYS and KEYS[name].table is None:
+            yield name, raw
+        elif name in MOVED:
+            msg = f"{source}: key {key!r} is now {MOVED[name]}: move it there"
+            raise ConfigError(msg)
+        else:
+            known = ", ".join([k.name for k in KEYS.values() if k.table is None] +
+                              [f"[{t}]" for t in TABLES])
+            msg = f"{source}: unknown key {key!r} (known: {known})"
+            raise ConfigError(msg)
+
+
+def _converted(key: Key, raw: Any, where: str,
+               error: type[ConfigError | UsageError] = ConfigError) -> Any:
+    try:
+        return convert(key, raw)
+    except ValueError as exc:
+        shown = raw if isinstance(raw, str | int | float | bool) else type(raw).__name__
+        msg = f"{where}: {shown!r} {exc}"
+        raise error(msg) from None

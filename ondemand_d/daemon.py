@@ -81,7 +81,7 @@ class LazyRemoteSource:
         if self._source is None:
             from ondemand_d.registry.source import make_source  # noqa: PLC0415
 
-            self._source = make_source(self._cfg)
+            self._source = make_source(self._cfg)  # its [registry] table
         return self._source
 
     async def fetch(self, blob: Blob, chunks: Sequence[Chunk]) -> list[bytes]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import select
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import structlog
 
 from ondemand_d import wire
-from ondemand_d.errors import DeviceError
+from ondemand_d.errors import CacheDirError, DeviceError
 
 log = structlog.get_logger()
 
@@ -60,6 +61,11 @@ class Device:
             else:
                 msg = f"cannot open {path}: {exc.strerror}"
             raise DeviceError(msg) from exc
+        try:
+            _check_pollable(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(fd, path)
 
     def close(self) -> None:
@@ -92,7 +98,9 @@ class Device:
         try:
             self.command(b"bind ondemand")
         except OSError as exc:
-            raise DeviceError(_bind_error(exc, cache_dir, tag)) from exc
+            # A cache directory on the wrong filesystem is a setting to change, not the device.
+            error = CacheDirError if exc.errno in (errno.EOPNOTSUPP, errno.EROFS) else DeviceError
+            raise error(_bind_error(exc, cache_dir, tag)) from exc
 
     def restore(self) -> None:
         """Ask the kernel to resend requests a previous daemon read but never answered."""
@@ -158,6 +166,19 @@ def _version(release: str) -> tuple[int, int]:
         return (0, 0)
 
 
+def _check_pollable(fd: int, path: Path) -> None:
+    """The daemon waits for requests with epoll: a file that cannot be polled is not the device."""
+    poller = select.epoll()
+    try:
+        poller.register(fd, select.EPOLLIN)
+    except OSError:
+        msg = (f"{path} cannot be polled, so it is not the cachefiles device: give its devnode "
+               "(--device /dev/cachefiles)")
+        raise DeviceError(msg) from None
+    finally:
+        poller.close()
+
+
 def _bind_error(exc: OSError, cache_dir: Path, tag: str) -> str:
     if exc.errno == errno.EINVAL:
         return (
@@ -184,13 +205,13 @@ def check_cache_dir(cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         msg = f"cannot create the cache directory {cache_dir}: {exc.strerror}"
-        raise DeviceError(msg) from exc
+        raise CacheDirError(msg) from exc
     if _fs_type(cache_dir) == TMPFS_MAGIC:
         msg = (
             f"the cache directory {cache_dir} is on tmpfs, which cachefiles rejects "
             "(no sync_fs): put it on ext4, xfs or btrfs"
         )
-        raise DeviceError(msg)
+        raise CacheDirError(msg)
 
 
 def _fs_type(path: Path) -> int | None:

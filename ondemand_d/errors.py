@@ -1,10 +1,25 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The exception tree. OndemandError is the root and is never raised itself."""
+"""The exception tree. OndemandError is the root and is never raised itself.
+
+Each class carries the exit status the command line gives it (README, "Exit codes"):
+1 failed, 2 usage, 3 configuration, 4 device. A message is one sentence: what is wrong and
+what to do about it.
+"""
 from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_DEVICE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 class OndemandError(Exception):
     """Root of every error this package raises on purpose."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(OndemandError, ValueError):
+    """The command line is wrong: a missing or malformed argument or flag value."""
+
+    exit_code = EXIT_USAGE
 
 
 class ProtocolError(OndemandError, ValueError):
@@ -22,11 +37,21 @@ class ProtocolError(OndemandError, ValueError):
 
 
 class ConfigError(OndemandError, ValueError):
-    """A configuration value is missing or wrong; the message names the key."""
+    """A setting (config file, environment, or what it names, e.g. the store) is wrong."""
+
+    exit_code = EXIT_CONFIG
 
 
 class DeviceError(OndemandError):
     """/dev/cachefiles could not be set up; the message says what to do about it."""
+
+    exit_code = EXIT_DEVICE
+
+
+class CacheDirError(DeviceError):
+    """The cache directory setting cannot work (tmpfs, cannot be created): configuration."""
+
+    exit_code = EXIT_CONFIG
 
 
 class StoreError(OndemandError):

@@ -7,10 +7,13 @@ import datetime
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ondemand_d.config import Config
 from ondemand_d.control.client import ControlClient, ControlUnavailable
+
+if TYPE_CHECKING:
+    from ondemand_d.cli import Context
 
 
 def add_socket_argument(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +57,8 @@ def yes(flag: object) -> str:
     return "yes" if flag else "no"
 
 
-def run_status(args: argparse.Namespace, cfg: Config) -> int:
+def run_status(args: argparse.Namespace, ctx: Context) -> int:
+    cfg = ctx.cfg
     st = client(args, cfg).get("/status")
     if args.json:
         print(json.dumps(st, indent=2))
@@ -91,7 +95,8 @@ def run_status(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def run_inflight(args: argparse.Namespace, cfg: Config) -> int:
+def run_inflight(args: argparse.Namespace, ctx: Context) -> int:
+    cfg = ctx.cfg
     view = client(args, cfg).get("/inflight")
     if args.json:
         print(json.dumps(view, indent=2))

@@ -155,7 +155,7 @@ def report(log_path: Path, files: int, checked: int, elapsed: float) -> None:
     print(f"  full log: {log_path}")
 
 
-def run(args: argparse.Namespace, cfg: Any) -> int:
+def run(args: argparse.Namespace, ctx: Any) -> int:
     """The `demo` subcommand."""
     if args.inside:
         return inside(args.workdir, Path(os.environ.get("ODG_CACHE", "/mnt/cache")) / "fscache")

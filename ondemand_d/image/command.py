@@ -6,14 +6,16 @@ import argparse
 import json
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ondemand_d.image.build import BuildOptions, build_image
 from ondemand_d.image.chunking import DEFAULT_BASE_CHUNK, check_base_chunk
 from ondemand_d.image.report import human_bytes
 from ondemand_d.image.sources import open_source
 from ondemand_d.image.xattrs import DEFAULT_FINGERPRINT_NAME, FingerprintPrefix
-from ondemand_d.store import LocalStore
+
+if TYPE_CHECKING:
+    from ondemand_d.cli import Context
 
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -58,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true", help="replace an image of the same name")
 
 
-def run(args: argparse.Namespace, store: LocalStore) -> int:
+def run(args: argparse.Namespace, ctx: Context) -> int:
     """Build; print the report (stdout) and progress (stderr). Errors propagate as ImageError."""
+    store = ctx.store(create=True)
     options = BuildOptions(
         base_chunk=args.chunk_size,
         fingerprint=FingerprintPrefix(args.fingerprint_name.encode()) if args.fingerprint else None,

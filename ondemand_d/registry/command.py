@@ -1,24 +1,30 @@
 # SPDX-License-Identifier: Apache-2.0
 """CLI glue for `ondemand-d push` and `ondemand-d add`; cli.py wires these in.
 
-Both print progress to stderr and one summary line to stdout, and return an
-exit status: 0 done, 1 failed (the message says why; never a credential).
+Both print progress to stderr and one summary line to stdout and return 0; a failure is
+an OndemandError whose message says why (never a credential). Registry settings come from the
+configuration's [registry] table; the flags here override it for one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ondemand_d.errors import OndemandError
+from ondemand_d.errors import ConfigError, UsageError
 from ondemand_d.registry import reference
 from ondemand_d.registry.add import AddResult, add
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.config import RegistryConfig, default_docker_config
 from ondemand_d.registry.push import PushResult, human_size, push
 from ondemand_d.store.local import LocalStore
+
+if TYPE_CHECKING:
+    from ondemand_d.cli import Context
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,26 +73,33 @@ def add_add_arguments(parser: argparse.ArgumentParser) -> None:
     _connection_arguments(parser)
 
 
-def _config(args: argparse.Namespace, ref: reference.Reference) -> RegistryConfig:
-    return RegistryConfig(
-        docker_config=args.docker_config or default_docker_config(),
-        ca_file=args.ca_file,
-        insecure=frozenset({ref.registry}) if args.insecure else frozenset(),
+def _config(args: argparse.Namespace, ctx: Context, ref: reference.Reference) -> RegistryConfig:
+    base = ctx.cfg.registry
+    return dataclasses.replace(
+        base,
+        docker_config=args.docker_config or base.docker_config or default_docker_config(),
+        ca_file=args.ca_file or base.ca_file,
+        insecure=base.insecure | ({ref.registry} if args.insecure else set()),
     )
+
+
+def _reference(text: str) -> reference.Reference:
+    """A reference typed on the command line; a malformed one is a usage error."""
+    try:
+        return reference.parse(text)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run_push(args: argparse.Namespace, store: LocalStore) -> int:
-    """Push image `args.name` from `store`; return the exit status."""
-    try:
-        ref = reference.parse(args.reference)
-        result = asyncio.run(_push(args, store, ref))
-    except OndemandError as exc:
-        print(f"ondemand-d push: error: {exc}", file=sys.stderr)
-        return 1
+def run_push(args: argparse.Namespace, ctx: Context) -> int:
+    """Push image `args.name` from the store; return 0 (errors raise OndemandError)."""
+    ref = _reference(args.reference)
+    store = ctx.store()
+    result = asyncio.run(_push(args, _config(args, ctx, ref), store, ref))
     print(
         f"pushed {args.name} to {ref.registry}/{ref.repository}@{result.manifest_digest}: "
         f"{result.layers} layers, {result.uploaded} uploaded "
@@ -97,20 +110,17 @@ def run_push(args: argparse.Namespace, store: LocalStore) -> int:
 
 
 async def _push(
-    args: argparse.Namespace, store: LocalStore, ref: reference.Reference
+    args: argparse.Namespace, config: RegistryConfig, store: LocalStore, ref: reference.Reference
 ) -> PushResult:
-    async with RegistryClient(_config(args, ref)) as client:
+    async with RegistryClient(config) as client:
         return await push(store, args.name, ref, client, compress=args.compress, progress=_progress)
 
 
-def run_add(args: argparse.Namespace, store: LocalStore) -> int:
-    """Register `args.reference` in `store` (metadata only); return the exit status."""
-    try:
-        ref = reference.parse(args.reference)
-        result = asyncio.run(_add(args, store, ref))
-    except OndemandError as exc:
-        print(f"ondemand-d add: error: {exc}", file=sys.stderr)
-        return 1
+def run_add(args: argparse.Namespace, ctx: Context) -> int:
+    """Register `args.reference` in the store (metadata only); return 0."""
+    ref = _reference(args.reference)
+    store = ctx.store(create=True)
+    result = asyncio.run(_add(args, _config(args, ctx, ref), store, ref))
     print(
         f"added {ref} as {result.name} ({result.manifest_digest}): {result.blobs} blobs, "
         f"{human_size(result.bytes_downloaded)} downloaded, "
@@ -119,6 +129,7 @@ def run_add(args: argparse.Namespace, store: LocalStore) -> int:
     return 0
 
 
-async def _add(args: argparse.Namespace, store: LocalStore, ref: reference.Reference) -> AddResult:
-    async with RegistryClient(_config(args, ref)) as client:
+async def _add(args: argparse.Namespace, config: RegistryConfig, store: LocalStore,
+               ref: reference.Reference) -> AddResult:
+    async with RegistryClient(config) as client:
         return await add(store, ref, client, name=args.name, replace=args.replace)

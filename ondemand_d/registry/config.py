@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ondemand_d.errors import ConfigError
+from ondemand_d.setting import setting
 
 
 def default_docker_config() -> Path:
@@ -40,20 +41,31 @@ class RegistryConfig:
         prefetch_bandwidth: bytes/s cap for prefetch per source; 0 = no cap.
     """
 
-    docker_config: Path | None = None
-    ca_file: Path | None = None
-    insecure: frozenset[str] = field(default_factory=frozenset)
-    concurrency: int = 8
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    request_timeout: float = 120.0
-    fetch_deadline: float = 180.0
-    retries: int = 4
-    backoff_base: float = 0.2
-    backoff_max: float = 5.0
-    max_range: int = 8 << 20
-    prefetch_concurrency: int = 2
-    prefetch_bandwidth: int = 0
+    docker_config: Path | None = setting(
+        None, "Docker-style config.json with registry credentials (default: "
+        "$DOCKER_CONFIG/config.json or ~/.docker/config.json)")
+    ca_file: Path | None = setting(None, "extra CA certificates (PEM) for registries' TLS")
+    insecure: frozenset[str] = setting(
+        doc="registries (host or host:port) spoken to over plain HTTP; loopback always is",
+        default_factory=frozenset)
+    concurrency: int = setting(8, "requests in flight per registry host", between=(1, 1024))
+    connect_timeout: float = setting(10.0, "seconds to connect", between=(0.001, 3600))
+    read_timeout: float = setting(30.0, "seconds one socket read may wait",
+                                  between=(0.001, 3600))
+    request_timeout: float = setting(120.0, "seconds for one whole request",
+                                     between=(0.001, 86400))
+    fetch_deadline: float = setting(180.0, "seconds one chunk fetch may take, retries "
+                                    "included", between=(0.001, 86400))
+    retries: int = setting(4, "attempts after the first (connection errors, 5xx, 429)",
+                           between=(0, 100))
+    backoff_base: float = setting(0.2, "first retry backoff in seconds", between=(0, 3600))
+    backoff_max: float = setting(5.0, "longest retry backoff in seconds", between=(0, 3600))
+    max_range: int = setting(8 << 20, "largest merged Range GET", size=True,
+                             between=(4096, 1 << 30))
+    prefetch_concurrency: int = setting(2, "requests in flight per host for prefetch "
+                                        "(at most concurrency)", between=(1, 1024))
+    prefetch_bandwidth: int = setting(0, "bytes/s cap for prefetch per source (0: none)",
+                                      size=True, between=(0, 1 << 40))
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

@@ -61,6 +61,14 @@ def parse(text: str) -> Reference:
     Raises:
         ConfigError: the text is not a reference; the message says which part.
     """
+    # A digest's "@" has no "/" after it; one that has is user:password@host: never echo it.
+    userinfo_end = max((i for i, c in enumerate(text) if c == "@" and "/" in text[i:]),
+                       default=-1)
+    if userinfo_end >= 0:
+        shown = "***" + text[userinfo_end:]
+        msg = (f"reference {shown!r} has credentials in it: remove them and log in with "
+               "`docker login` (ondemand-d reads the Docker config)")
+        raise ConfigError(msg)
     rest, _, digest = text.partition("@")
     if digest and not _DIGEST.fullmatch(digest):
         msg = f"reference {text!r}: digest must be sha256:<64 hex>"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -347,26 +348,16 @@ async def _all_or_nothing(coros: list[Awaitable[None]]) -> None:
 def make_source(config: RegistryConfig | dict[str, Any] | object | None = None) -> RegistrySource:
     """The factory the daemon calls. Creating the source does no I/O.
 
-    Accepts a RegistryConfig, a ``[registry]`` TOML table (dict), or the daemon's
-    own Config object, from which it takes ``registry_config`` (docker
-    config.json), ``ca_file``, ``insecure_registries`` and any attribute named
-    ``registry_<field>`` for a RegistryConfig field (e.g.
-    ``registry_prefetch_bandwidth``, ``registry_concurrency``).
+    Accepts a RegistryConfig, a ``[registry]`` TOML table (dict), or the daemon's own Config
+    (its ``registry`` table). A ``docker_config`` left unset means Docker's own default
+    location (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``).
     """
     if config is None:
         config = RegistryConfig()
     elif isinstance(config, dict):
         config = RegistryConfig.from_mapping(config)
     elif not isinstance(config, RegistryConfig):
-        docker = getattr(config, "registry_config", None)
-        values: dict[str, Any] = {
-            "docker_config": docker if docker is not None else default_docker_config(),
-            "ca_file": getattr(config, "ca_file", None),
-            "insecure": list(getattr(config, "insecure_registries", ()) or ()),
-        }
-        for name in RegistryConfig.__dataclass_fields__:
-            value = getattr(config, f"registry_{name}", None)
-            if value is not None:
-                values[name] = value
-        config = RegistryConfig.from_mapping(values)
+        config = config.registry  # type: ignore[attr-defined]
+        if config.docker_config is None:
+            config = dataclasses.replace(config, docker_config=default_docker_config())
     return RegistrySource(config)

@@ -34,17 +34,18 @@ def test_push_then_add_from_the_command_line(
     assert LocalStore(tmp_path / "dst").get_image("web").devices == image.devices
 
 
-def test_errors_are_one_line_and_exit_1(
+def test_errors_are_one_line_with_the_readmes_exit_code(
     registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A bad reference, a missing image and a missing tag each end in exit 1 and a message."""
+    """A bad reference is usage (2); a missing image or tag is a failure (1); one line each."""
+    LocalStore(tmp_path / "s")
     store = ["--store", str(tmp_path / "s")]
     with capture_logs():
         _errors(store, registry, capsys)
 
 
 def _errors(store: list[str], registry: Registry, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([*store, "add", "no-registry-here"]) == 1
+    assert main([*store, "add", "no-registry-here"]) == 2
     assert "expected REGISTRY/REPO:TAG" in capsys.readouterr().err
     assert main([*store, "push", "absent", f"{registry.host}/test/x:v1"]) == 1
     assert "absent" in capsys.readouterr().err

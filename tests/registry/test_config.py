@@ -3,34 +3,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from ondemand_d.config import load
 from ondemand_d.errors import ConfigError
 from ondemand_d.registry.config import RegistryConfig
 from ondemand_d.registry.source import make_source
 
 
-@dataclass(frozen=True)
-class DaemonConfig:
-    """Stands in for ondemand_d.config.Config (the fields make_source reads)."""
-
-    registry_config: Path | None = Path("/etc/ondemand-d/docker.json")
-    ca_file: Path | None = Path("/etc/ssl/extra.pem")
-    insecure_registries: tuple[str, ...] = ("build-cache:5000",)
-    registry_prefetch_bandwidth: int | None = 1 << 20
-
-
 def test_make_source_from_daemon_config() -> None:
-    """The daemon's Config maps onto RegistryConfig; creating the source does no I/O."""
-    cfg = make_source(DaemonConfig()).config
+    """The daemon's Config ([registry] table) maps onto RegistryConfig; no I/O on creation."""
+    text = ('[registry]\ndocker_config = "/etc/ondemand-d/docker.json"\n'
+            'ca_file = "/etc/ssl/extra.pem"\ninsecure = ["build-cache:5000"]\n'
+            'prefetch_bandwidth = "1M"\n')
+    cfg = make_source(load(text)).config
     assert cfg.docker_config == Path("/etc/ondemand-d/docker.json")
     assert cfg.ca_file == Path("/etc/ssl/extra.pem")
     assert cfg.insecure == frozenset({"build-cache:5000"})
     assert cfg.prefetch_bandwidth == 1 << 20
     assert make_source(None).config == RegistryConfig()
+
+
+def test_make_source_defaults_to_dockers_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unset docker_config is Docker's own default location, as for `docker login`."""
+    monkeypatch.setenv("DOCKER_CONFIG", "/srv/docker")
+    assert make_source(load()).config.docker_config == Path("/srv/docker/config.json")
 
 
 def test_make_source_from_table() -> None:
