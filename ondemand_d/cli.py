@@ -303,7 +303,9 @@ def _key_flag(parser: argparse.ArgumentParser, key: Key) -> None:
 def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from ondemand_d import daemon, log  # noqa: PLC0415 - keep other commands light
 
-    ctx.store(create=True)  # a store that cannot be used is a sentence, not a traceback
+    if ctx.cfg.store.exists() or ctx.cfg.store.is_symlink():
+        ctx.store()  # a store that cannot be used is a sentence, not a traceback
+    # else: the daemon creates it once the device is bound (a fresh StateDirectory= under systemd)
     log.configure(ctx.cfg.log_format, ctx.cfg.log_level, observe=True)  # type: ignore[arg-type]
     return daemon.run(ctx.cfg)
 

@@ -104,22 +104,30 @@ def make_remote_source(cfg: Config) -> RemoteSource:
     return LazyRemoteSource(cfg)
 
 
+def _open_store(cfg: Config) -> Any:
+    if cfg.images_dir is None:
+        return LocalStore(cfg.store.absolute())  # `cull` changes the cwd for a moment
+    from ondemand_d.imagesdir import ImagesDir  # noqa: PLC0415
+
+    store = ImagesDir(cfg.images_dir)
+    log.warning("images_unverified", images=str(store.root),
+                note="serving image files as they are: nothing is verified in this mode")
+    return store
+
+
 async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = None) -> Service:
     """Run the daemon until `stop` is set (or SIGTERM/SIGINT); return the finished Service."""
     raise_nofile_limit()
-    store: Any
-    if cfg.images_dir is None:
-        store = LocalStore(cfg.store.absolute())  # `cull` changes the cwd for a moment
-    else:
-        from ondemand_d.imagesdir import ImagesDir  # noqa: PLC0415
-
-        store = ImagesDir(cfg.images_dir)
-        log.warning("images_unverified", images=str(store.root),
-                    note="serving image files as they are: nothing is verified in this mode")
     adopted = False
     owned = device is None  # close only a device we opened
     if device is None:
         device, adopted = open_device(cfg)
+    try:  # created only once the device is ours: a failed start leaves no empty store behind
+        store = _open_store(cfg)
+    except BaseException:
+        if owned:
+            device.close()
+        raise
     features = start_device(device, adopted)
     restored = adopted and features.restore
     backend = _native.load_backend(None if cfg.native == "auto" else cfg.native)

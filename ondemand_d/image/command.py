@@ -8,6 +8,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
+from ondemand_d import setting
 from ondemand_d.image.build import BuildOptions, build_image
 from ondemand_d.image.chunking import DEFAULT_BASE_CHUNK, check_base_chunk
 from ondemand_d.image.report import human_bytes
@@ -17,17 +18,24 @@ from ondemand_d.image.xattrs import DEFAULT_FINGERPRINT_NAME, FingerprintPrefix
 if TYPE_CHECKING:
     from ondemand_d.cli import Context
 
-_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+#: The daemon reads, verifies and writes a whole chunk per READ: keep chunks in memory's reach.
+MAX_CHUNK_FLAG = 64 << 20
 
 
 def parse_size(text: str) -> int:
-    """`1048576`, `64K`, `1M`, `1MiB` -> bytes; must be a power of two >= 4 KiB."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    """`1048576`, `64K`, `1M`, `1MiB` -> bytes; a power of two from 4 KiB to 64 MiB."""
     try:
-        size = int(t[:-1]) * _UNITS[t[-1]] if t[-1:] in _UNITS else int(t)
+        size = setting.parse_size(text)
+    except ValueError:
+        msg = f"not a size: {text!r} (e.g. 65536, 64K, 1M)"
+        raise argparse.ArgumentTypeError(msg) from None
+    try:
+        if size > MAX_CHUNK_FLAG:
+            raise ValueError(f"at most {setting.show_size(MAX_CHUNK_FLAG)}")
         return check_base_chunk(size)
-    except (ValueError, IndexError) as exc:
-        msg = f"bad chunk size {text!r}: {exc}" if str(exc) else f"not a size: {text!r}"
+    except ValueError as exc:
+        msg = f"bad chunk size {text!r}: {exc} (a power of two from 4K to 64M)"
         raise argparse.ArgumentTypeError(msg) from None
 
 
@@ -44,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="image name; mount with -o fsid=NAME")
     parser.add_argument(
         "--chunk-size", type=parse_size, default=DEFAULT_BASE_CHUNK, metavar="SIZE",
-        help="base chunk size large shareable files are split at (power of two, default 1M)",
+        help="base chunk size large shareable files are split at (a power of two from 4K to "
+        "64M; default 1M)",
     )
     parser.add_argument(
         "--fingerprint", action="store_true",

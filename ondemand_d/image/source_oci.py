@@ -66,7 +66,8 @@ def oci_layers(layout: Path, arch: str | None = None) -> list[Path]:
         msg = f"{layout}: manifest {manifest_desc.get('digest')} lists no layers"
         raise ImageError(msg)
     paths = []
-    for desc in layers:
+    for n, desc in enumerate(layers):
+        desc = _typed(desc, dict, f"{layout}: layer {n} of manifest {manifest_desc.get('digest')}")
         if desc.get("mediaType") not in LAYER_TYPES:
             media = desc.get("mediaType")
             msg = f"{layout}: layer {desc.get('digest')} has unsupported type {media!r}"
@@ -82,16 +83,21 @@ def _pick(layout: Path, index: dict[str, Any], arch: str, depth: int) -> dict[st
     if depth > 4:  # noqa: PLR2004 - real layouts nest once at most
         msg = f"{layout}: image indexes nest too deeply"
         raise ImageError(msg)
-    manifests = [d for d in index.get("manifests", []) if isinstance(d, dict)]
+    entries = _typed(index.get("manifests", []), list, f"{layout}: an index's 'manifests'")
+    manifests = [_typed(d, dict, f"{layout}: entry {n} of an index's 'manifests'")
+                 for n, d in enumerate(entries)]
+    platforms = [_typed(d.get("platform", {}), dict, f"{layout}: 'platform' of {d.get('digest')}")
+                 for d in manifests]
     if len(manifests) > 1:
         matching = [
-            d for d in manifests
-            if d.get("platform", {}).get("os") == "linux"
-            and d.get("platform", {}).get("architecture") == arch
+            d for d, p in zip(manifests, platforms, strict=True)
+            if p.get("os") == "linux" and p.get("architecture") == arch
         ]
         manifests = matching or manifests
     if len(manifests) != 1:
-        names = [d.get("annotations", {}).get("org.opencontainers.image.ref.name", d.get("digest"))
+        names = [_typed(d.get("annotations", {}), dict, f"{layout}: 'annotations' of "
+                        f"{d.get('digest')}").get("org.opencontainers.image.ref.name",
+                                                  d.get("digest"))
                  for d in manifests]
         msg = f"{layout}: expected one image for linux/{arch}, found {len(manifests)}: {names}"
         raise ImageError(msg)
@@ -103,6 +109,15 @@ def _pick(layout: Path, index: dict[str, Any], arch: str, depth: int) -> dict[st
         msg = f"{layout}: descriptor {desc.get('digest')} has unsupported type {media!r}"
         raise ImageError(msg)
     return desc
+
+
+def _typed(value: Any, kind: type, label: str) -> Any:
+    """`value` if it is a JSON `kind` (object or array); else an ImageError naming the entry."""
+    if not isinstance(value, kind):
+        want = "an object" if kind is dict else "an array"
+        msg = f"{label} is {type(value).__name__} in the JSON, not {want}: the layout is damaged"
+        raise ImageError(msg)
+    return value
 
 
 def _blob_path(layout: Path, desc: dict[str, Any]) -> Path:
@@ -119,6 +134,10 @@ def _blob_path(layout: Path, desc: dict[str, Any]) -> Path:
 
 
 def _verify(path: Path, desc: dict[str, Any]) -> None:
+    want_size = desc.get("size")
+    if want_size is not None and (not isinstance(want_size, int) or isinstance(want_size, bool)):
+        msg = f"descriptor {desc.get('digest')}: size {want_size!r} is not an integer"
+        raise ImageError(msg)
     h = hashlib.sha256()
     size = 0
     with path.open("rb") as f:

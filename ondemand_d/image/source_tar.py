@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import math
 import os
 import stat
 import tarfile
@@ -230,14 +231,24 @@ class LayerStack:
 
 
 def _mtime_ns(m: tarfile.TarInfo) -> int:
-    """Exact nanoseconds from a PAX mtime string when there is one (floats lose digits)."""
+    """Exact nanoseconds from a PAX mtime string when there is one (floats lose digits).
+
+    Raises:
+        ImageError: the mtime is not a number (NaN, inf); out-of-range ones are clamped later.
+    """
     text = m.pax_headers.get("mtime")
     if text:
-        sec, _, frac = text.partition(".")
+        sec, _, frac = text.strip().partition(".")
         try:
-            return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
+            whole = int(sec)
+            nsec = int((frac + "000000000")[:9]) if frac else 0
         except ValueError:
             pass
+        else:  # "-1.5" is -1 s - 0.5 s
+            return whole * 1_000_000_000 + (-nsec if sec.startswith("-") else nsec)
+    if not math.isfinite(m.mtime):
+        msg = f"tar member {m.name}: mtime {text or m.mtime!r} is not a time: fix the archive"
+        raise ImageError(msg)
     return int(m.mtime) * 1_000_000_000
 
 

@@ -25,7 +25,7 @@ def describe(paths: Sequence[Path]) -> str:
             msg = f"{p} is a directory; give one directory, one OCI layout, or layer tarballs"
             raise ImageError(msg)
         if not p.exists():
-            msg = f"source {p} does not exist"
+            msg = f"source {p} does not exist: give a directory, an OCI layout or layer tarballs"
             raise ImageError(msg)
     return "layers"
 

@@ -14,13 +14,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import structlog
+
 from ondemand_d.errors import ImageError
 from ondemand_d.image.format import MAX_NAME
+from ondemand_d.image.xattrs import split_name
 
 #: Linux refuses longer symlink targets (PATH_MAX - 1).
 MAX_SYMLINK = 4095
 #: (uid_t)-1 is no id: the kernel would show it as the overflow id 65534.
 MAX_ID = 2**32 - 1
+#: An extended inode's i_mtime is a u64 of seconds plus a u32 of nanoseconds.
+MAX_MTIME_NS = (2**64 - 1) * 1_000_000_000 + 999_999_999
+#: erofs_xattr_entry: e_name_len is a u8, e_value_size a u16 (spec §8.1).
+MAX_XATTR_SUFFIX = 255
+MAX_XATTR_VALUE = 0xFFFF
+
+log = structlog.get_logger()
 
 
 class Content(Protocol):
@@ -193,6 +203,25 @@ def check_node(node: Node, where: str) -> None:
     if node.fmt not in _FORMATS:
         msg = f"{where} has unsupported file type {node.fmt:#o}"
         raise ImageError(msg)
+    for name, value in node.xattrs.items():
+        split = split_name(name)
+        if split is not None and len(split[1]) > MAX_XATTR_SUFFIX:
+            msg = (f"xattr {name[:40]!r}... of {where} has a {len(name)}-byte name; EROFS holds "
+                   f"{MAX_XATTR_SUFFIX} bytes after the prefix: remove it from the source")
+            raise ImageError(msg)
+        if len(value) > MAX_XATTR_VALUE:
+            msg = (f"xattr {name.decode(errors='replace')} of {where} has a {len(value)}-byte "
+                   f"value; EROFS holds at most {MAX_XATTR_VALUE}: remove it from the source")
+            raise ImageError(msg)
+
+
+def clamp_mtime(node: Node, where: str) -> None:
+    """Bring an mtime EROFS cannot hold (before 1970, past 2^64 s) to the nearest it can."""
+    clamped = min(max(node.mtime_ns, 0), MAX_MTIME_NS)
+    if clamped != node.mtime_ns:
+        log.warning("mtime_clamped", entry=where, mtime_ns=node.mtime_ns, to_ns=clamped,
+                    reason="EROFS keeps unsigned 64-bit seconds")
+        node.mtime_ns = clamped
 
 
 _FORMATS = frozenset(
@@ -224,6 +253,7 @@ def validate(root: Node) -> None:
         msg = "the root of an image must be a directory"
         raise ImageError(msg)
     check_node(root, "/")
+    clamp_mtime(root, "/")
     seen_dirs = {id(root)}
     pending: list[tuple[bytes, Node]] = [(b"", root)]
     while pending:
@@ -233,6 +263,7 @@ def validate(root: Node) -> None:
             check_name(name, f" in {where}")
             path = prefix + b"/" + name
             check_node(child, path.decode(errors="replace"))
+            clamp_mtime(child, path.decode(errors="replace"))
             if child.is_dir:
                 if id(child) in seen_dirs:
                     msg = f"directory {path.decode(errors='replace')} is linked twice"
