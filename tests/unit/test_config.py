@@ -32,6 +32,8 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "log_format": ('"json"', "json", "json", "xml"),
     "log_level": ('"debug"', "debug", "debug", "loud"),
     "native": ('"python"', "python", "python", "rust"),
+    "control_socket": ('"/run/x.sock"', "/run/x.sock", Path("/run/x.sock"), None),
+    "hung_read_after": ("5", "5", 5.0, "0"),
     "registry_docker_config": ('"/etc/d.json"', "/etc/d.json", Path("/etc/d.json"), None),
     "registry_ca_file": ('"/etc/ca.pem"', "/etc/ca.pem", Path("/etc/ca.pem"), None),
     "registry_insecure": ('["a:5000", "b"]', "a:5000, b", frozenset({"a:5000", "b"}), None),
@@ -155,6 +157,12 @@ def test_unrelated_environment_is_ignored() -> None:
     """ONDEMAND_D_* variables that are no key (the guest's, the kernel cache's) are not errors."""
     cfg = load(None, {"ONDEMAND_D_IN_GUEST": "1", "ONDEMAND_D_KERNEL_CACHE": "/x", "PATH": "/b"})
     assert cfg == Config()
+
+
+def test_control_socket_off() -> None:
+    """An empty control_socket turns the socket off in every place."""
+    assert load('control_socket = ""').control_socket is None
+    assert load(None, {"ONDEMAND_D_CONTROL_SOCKET": ""}).control_socket is None
 
 
 def test_native_old_environment_spelling() -> None:
