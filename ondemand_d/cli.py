@@ -69,6 +69,12 @@ COMMANDS: dict[str, Command] = {
                       "ondemand_d.control.commands", "add_status_arguments", "run_status"),
     "inflight": Command("the running daemon's READs not yet completed, oldest first",
                         "ondemand_d.control.commands", "add_inflight_arguments", "run_inflight"),
+    "metrics": Command("the running daemon's counters in the Prometheus text format",
+                       "ondemand_d.control.commands", "add_metrics_arguments", "run_metrics"),
+    "trace": Command("the running daemon's request flow, live (--kernel: with the kernel's "
+                     "side)", "ondemand_d.control.trace_cli"),
+    "cull": Command("free the cache files of an image, or of every unused blob (--unused)",
+                    "ondemand_d.control.cull"),
 }
 #: Global options that take a value (to find the command in argv without parsing it).
 _GLOBAL_VALUED = ("--store", "--config", "--log-level")
@@ -283,8 +289,9 @@ def _key_flag(parser: argparse.ArgumentParser, key: Key) -> None:
     shown = show_size(default) if key.meta.get("size") and default else default
     text = f"{key.meta.get('doc', '')} (default {shown})" if default not in (None, "") else \
         key.meta.get("doc", "")
+    flag = key.flag
     if str(key.field.type) == "bool":
-        parser.add_argument(key.flag, dest=key.name, action=argparse.BooleanOptionalAction,
+        parser.add_argument(flag, dest=key.name, action=argparse.BooleanOptionalAction,
                             default=argparse.SUPPRESS, help=text)
         return
 
@@ -295,7 +302,7 @@ def _key_flag(parser: argparse.ArgumentParser, key: Key) -> None:
             raise argparse.ArgumentTypeError(f"{raw!r} {exc}") from None
         return raw
 
-    parser.add_argument(key.flag, dest=key.name, type=check, default=argparse.SUPPRESS,
+    parser.add_argument(flag, dest=key.name, type=check, default=argparse.SUPPRESS,
                         metavar=key.name.upper().removeprefix("REGISTRY_"),
                         help=text.replace("%", "%%"))
 

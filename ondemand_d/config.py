@@ -76,6 +76,9 @@ class Config:
                           choices=("auto", "cffi", "python"))
     control_socket: Path | None = setting(Path("/run/ondemand-d/control.sock"),
                                           'the control socket (root only; "" turns it off)')
+    images_dir: Path | None = setting(
+        None, "serve the EROFS image files in DIR by name (fsid=FILE), without importing and "
+        "WITHOUT verifying anything (for debugging kernels and images)", flag="--images")
     hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "
                                      "stops the watchdog", between=(0.001, 86400))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -99,7 +102,8 @@ class Key:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        spelled = self.meta.get("flag")
+        return spelled if isinstance(spelled, str) else "--" + self.name.replace("_", "-")
 
     @property
     def meta(self) -> Mapping[str, Any]:

@@ -17,7 +17,7 @@ _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 
 def setting(default: Any = dataclasses.MISSING, doc: str = "", *, size: bool = False,
             choices: tuple[str, ...] = (), between: tuple[float, float] | None = None,
-            flag: bool = True, default_factory: Any = dataclasses.MISSING) -> Any:
+            flag: bool | str = True, default_factory: Any = dataclasses.MISSING) -> Any:
     """A configuration key: a dataclass field whose metadata says how to parse and check it.
 
     Args:
@@ -25,7 +25,8 @@ def setting(default: Any = dataclasses.MISSING, doc: str = "", *, size: bool = F
         size: also accept ``64K``, ``4M``, ``1G`` (an int key).
         choices: the allowed strings.
         between: inclusive bounds of a number.
-        flag: whether ``serve`` gets a flag for it.
+        flag: whether ``serve`` gets a flag for it (a string: the flag's spelling, when it is
+            not ``--`` and the key's name with dashes).
     """
     meta = {"doc": doc, "size": size, "choices": choices, "between": between, "flag": flag}
     if default_factory is not dataclasses.MISSING:

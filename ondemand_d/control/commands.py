@@ -114,7 +114,8 @@ def run_inflight(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def run_metrics(args: argparse.Namespace, cfg: Config) -> int:
+def run_metrics(args: argparse.Namespace, ctx: Context) -> int:
     """Print /metrics (e.g. for node_exporter's textfile collector)."""
+    cfg = ctx.cfg
     sys.stdout.write(client(args, cfg).text("/metrics"))
     return 0

@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 
 from ondemand_d import cachedir
-from ondemand_d.config import Config
 from ondemand_d.control.server import ControlServer, json_error, json_ok
 from ondemand_d.control.status import Runtime, runtime
 from ondemand_d.errors import StoreError
+
+if TYPE_CHECKING:
+    from ondemand_d.cli import Context
 
 log = structlog.get_logger()
 
@@ -90,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def run(args: argparse.Namespace, cfg: Config) -> int:
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    cfg = ctx.cfg
     from ondemand_d.control.commands import client, size  # noqa: PLC0415
 
     body: dict[str, Any] = {"image": args.image} if args.image else {"unused": True}

@@ -12,10 +12,12 @@ import queue
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ondemand_d.config import Config
 from ondemand_d.control.commands import add_socket_argument, client
+
+if TYPE_CHECKING:
+    from ondemand_d.cli import Context
 
 OPS = ("OPEN", "READ", "CLOSE")
 
@@ -52,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
-def run(args: argparse.Namespace, cfg: Config) -> int:
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    cfg = ctx.cfg
     query = "&".join(f"{k}={v}" for k, v in (("image", args.image), ("op", args.op)) if v)
     lines = client(args, cfg).lines("/trace" + (f"?{query}" if query else ""))
     first = next(lines)  # the daemon subscribed us: nothing after this point is missed
