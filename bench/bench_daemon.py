@@ -40,6 +40,7 @@ from ondemand_d.device import Device  # noqa: E402
 from ondemand_d.service import Service  # noqa: E402
 from ondemand_d.store.fetch import ChunkFetcher  # noqa: E402
 from ondemand_d.store.local import LocalStore  # noqa: E402
+from ondemand_d.store.model import Image  # noqa: E402
 
 PAGE = 4096
 
@@ -51,7 +52,7 @@ async def _setup(tmp: Path, backend_name: str, size: int, chunk: int, name: str)
         with src.open("wb") as f:  # randbytes() caps at 256 MiB per call
             for _ in range(0, size, 1 << 20):
                 f.write(random.Random(1).randbytes(1 << 20))
-        store.bind_name(name, store.ingest_file(src, chunk).blob_id)
+        store.put_image(Image(name, store.ingest_file(src, chunk).blob_id))
     (tmp / f"cache-{backend_name}-{name}").mkdir(exist_ok=True)
     kernel = FakeKernel(tmp / f"cache-{backend_name}-{name}")
     kernel.start()

@@ -362,25 +362,39 @@ def _ls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _ls(args: argparse.Namespace, ctx: Context) -> int:
+    from ondemand_d.errors import StoreError  # noqa: PLC0415
+
     store = ctx.store()
+    found, damaged = store.scan_images()
     images: list[dict[str, Any]] = []
-    for image in store.images():
+    for image in found:
         blobs: list[dict[str, Any]] = []
         for role, key, blob_id in [("bootstrap", image.name, image.bootstrap),
                                    *(("data", k, b) for k, b in image.devices)]:
-            blob = store.get_blob(blob_id)
+            try:
+                blob = store.get_blob(blob_id)
+            except StoreError as exc:
+                blobs.append({"role": role, "key": key, "blob": blob_id, "error": str(exc)})
+                continue
             local = sum(1 for c in blob.chunks if store.has_chunk(c.digest))
             blobs.append({"role": role, "key": key, "blob": blob_id, "size": blob.size,
                           "chunks": len(blob.chunks), "chunks_local": local})
         images.append({"name": image.name, "blobs": blobs})
+    bad = [{"record": str(d.path), "error": d.error} for d in damaged]
     if args.json:
-        print(json.dumps({"store": str(store.root), "images": images}, indent=2))
+        print(json.dumps({"store": str(store.root), "images": images, "damaged": bad}, indent=2))
         return EXIT_OK
     for img in images:
-        total = sum(b["size"] for b in img["blobs"])
+        total = sum(b.get("size", 0) for b in img["blobs"])
         print(f"{img['name']}  {len(img['blobs'])} blob(s), {total} bytes")
         for b in img["blobs"]:
+            if "error" in b:
+                print(f"  {b['role']:9} {b['blob'][:16]}  DAMAGED: {b['error']}  key={b['key']}")
+                continue
             print(f"  {b['role']:9} {b['blob'][:16]}  {b['size']:>12} bytes  "
                   f"{b['chunks']:>6} chunks ({b['chunks_local']} local)  key={b['key']}")
-    print(f"{len(images)} image(s) in {store.root}")
+    for d in bad:
+        print(f"damaged record {d['record']}: {d['error']}")
+    hint = f"; {len(bad)} damaged record(s): run 'ondemand-d fsck'" if bad else ""
+    print(f"{len(images)} image(s) in {store.root}{hint}")
     return EXIT_OK

@@ -3,8 +3,9 @@
 
 A plain image becomes one bootstrap blob. A metadata image made with
 `--blobdev` names its data blobs in its device table; each is ingested and
-bound to the cookie key the kernel will send for it: the slot's tag, or the
-`device=` string given at mount time.
+owned by the image under the cookie key the kernel will send for it: the
+slot's tag, or the `device=` string given at mount time. A key another image
+already owns is refused (give `--blob PATH=KEY`), never rebound.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ondemand_d.errors import ImageError
+from ondemand_d.errors import ImageError, StoreError
+from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, check_chunk_size
 from ondemand_d.store.local import DEFAULT_CHUNK_SIZE, LocalStore
 from ondemand_d.store.model import PAGE, Image, check_key, check_name
 
@@ -181,6 +183,7 @@ def import_image(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     replace: bool = False,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
 ) -> Image:
     """Ingest an image and its data blobs under `name` (the fsid to mount with).
 
@@ -191,6 +194,7 @@ def import_image(
     Raises:
         ImageError: the image and the blobs given do not match.
     """
+    check_chunk_size(chunk_size, max_chunk)
     slots = check_inputs(name, image_path, blobs)
     if store.has_image(name) and not replace:
         msg = f"an image named {name!r} exists; pass --replace or pick another name"
@@ -203,7 +207,10 @@ def import_image(
             cookie = key or slot.tag or blob.blob_id
             devices.append((cookie, blob.blob_id))
         extra = {"source": "import", "tags": [slot.tag or "" for slot in slots]}
-        image = Image(name, bootstrap.blob_id, tuple(devices), extra)
+        try:
+            image = Image(name, bootstrap.blob_id, tuple(devices), extra)
+        except StoreError as exc:
+            raise ImageError(f"{exc} (give --blob PATH=KEY with another key)") from None
         store.put_image(image, replace=replace)
     return image
 

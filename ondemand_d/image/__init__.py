@@ -14,7 +14,7 @@ Module map, in the order data flows::
       source_oci.py   index.json -> manifest -> layer blobs, digests verified
     tree.py         the in-memory tree; Content reads file bytes on demand
     chunking.py     per-file chunk size and placement (policy in its docstring)
-    dedup.py        the chunk dictionary, derived from Blob.extra["extents"]
+    dedup.py        the chunk dictionary, from the store's locally hashed dedup index
     blobwriter.py   bytes -> 4 KiB aligned, <= 1 MiB store chunks -> Blob
     layout.py       inodes, nids, directory blocks, device table -> bootstrap
     dirent.py       directory block encoding

@@ -12,7 +12,6 @@ becomes 64 store chunks, and no READ waits for more than 1 MiB.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from ondemand_d.image.format import BLOCK, align
@@ -39,7 +38,6 @@ class BlobWriter:
         self._buf = bytearray()
         self._flushed = 0
         self._chunks: list[Chunk] = []
-        self._whole = hashlib.sha256()
         self.extents: list[list[Any]] = []
 
     @property
@@ -71,14 +69,13 @@ class BlobWriter:
             self._flush(len(self._buf))
         if not self._chunks:
             return None
-        blob = Blob(self._whole.hexdigest(), self._flushed, tuple(self._chunks), dict(extra or {}))
+        blob = Blob.of(tuple(self._chunks), extra)  # its id commits to the chunk table
         self._store.put_blob(blob)
         return blob
 
     def _flush(self, length: int) -> None:
         data = bytes(self._buf[:length])
         del self._buf[:length]
-        self._whole.update(data)
         digest = self._store.put_chunk(data)
         self._chunks.append(Chunk(self._flushed, length, digest))
         self._flushed += length

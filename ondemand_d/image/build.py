@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ondemand_d.errors import ImageError, StoreError, UnknownName
 from ondemand_d.image.blobwriter import BlobWriter, put_bytes, store_chunk_for
 from ondemand_d.image.chunking import DEFAULT_BASE_CHUNK, ChunkPlanner, FileChunks, check_base_chunk
-from ondemand_d.image.dedup import EXTENTS_KEY, NEW_BLOB, ChunkDictionary
+from ondemand_d.image.dedup import NEW_BLOB, ChunkDictionary
 from ondemand_d.image.format import BLOCK
 from ondemand_d.image.layout import Device, build_bootstrap
 from ondemand_d.image.report import BuildReport
@@ -113,7 +113,9 @@ def _build(
             on_bytes(node.size)
         else:
             placements[id(node)] = planner.place(node.content)
-    new_blob = writer.finish({"kind": "erofs-data", EXTENTS_KEY: writer.extents})
+    new_blob = writer.finish({"kind": "erofs-data"})
+    if new_blob is not None:  # extents hashed here, over the bytes just written
+        store.put_dedup(new_blob.blob_id, writer.extents)
 
     order = _device_order(placements, new_blob.blob_id if new_blob else None)
     device_of = {blob_id: i + 1 for i, blob_id in enumerate(order)}

@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """The chunk dictionary: digest of an EROFS chunk -> where those bytes already are.
 
-It is derived from the store, not kept beside it. Every data blob the builder
-writes carries its extents in `Blob.extra["extents"]` as
-`[[sha256_hex, offset, length], ...]`, and LocalStore round-trips `extra`
-untouched. Loading the dictionary is one pass over the blob records, so it can
-never disagree with the blobs that exist: removing a blob removes its extents.
+It is derived from the store's dedup index: for every data blob the local
+builder wrote, the extents `[[sha256_hex, offset, length], ...]` it hashed
+itself over the bytes it wrote (`LocalStore.put_dedup`). Nothing an imported
+or added image declares is ever a dedup source, so a registry cannot make a
+build "reuse" its bytes for content it guessed. The blob id commits to the
+blob's chunks, so an extent stays true for as long as its blob exists, and an
+index whose blob is gone is skipped.
 
 An extent is always 4 KiB aligned in its blob and the bytes after `length` up
 to the next 4 KiB boundary are zero, so any chunk index may point at it (the
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 
 from ondemand_d.store import LocalStore
 
-EXTENTS_KEY = "extents"
 #: Blob id placeholder for the data blob being written in this build.
 NEW_BLOB = ""
 
@@ -39,12 +40,11 @@ class ChunkDictionary:
 
     @classmethod
     def from_store(cls, store: LocalStore) -> ChunkDictionary:
-        """Collect the extents of every blob in the store, in blob-id order."""
+        """Collect the locally hashed extents of every blob in the store, in blob-id order."""
         self = cls()
-        for blob in store.blobs():
-            for digest, offset, length in blob.extra.get(EXTENTS_KEY, ()):
-                extent = Extent(blob.blob_id, int(offset), int(length))
-                self._extents.setdefault(str(digest), extent)
+        for blob_id, extents in store.dedup_records():
+            for digest, offset, length in extents:
+                self._extents.setdefault(str(digest), Extent(blob_id, int(offset), int(length)))
         return self
 
     def __len__(self) -> int:

@@ -8,21 +8,27 @@ registry layer, with ``extra["remote"] = {"registry", "repository"}`` telling
 the RegistrySource where to send the Range GETs. Everything goes into the
 store in one transaction, the Image record last, so a running daemon sees the
 image whole on its next OPEN or not at all.
+
+Nothing the registry sends is trusted: every blob id must be the content id of
+its chunk table (so an image cannot claim another blob's id), a blob record
+already in the store is never replaced, chunks above the store's size cap are
+refused, and no file extents are taken over (dedup only uses what the local
+builder hashed itself).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import structlog
 
-from ondemand_d.errors import ImageError
+from ondemand_d.errors import ImageError, StoreError
 from ondemand_d.registry import media
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.reference import Reference
 from ondemand_d.registry.source import decode
 from ondemand_d.store.local import LocalStore
+from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, check_chunks
 from ondemand_d.store.model import Blob, Chunk, Image, check_name
 
 log = structlog.get_logger()
@@ -60,6 +66,17 @@ async def _table(
     return table
 
 
+def _blob(table: media.ChunkTable, layer: str, extra: dict[str, object], max_chunk: int) -> Blob:
+    """The store record for a registry chunk table, or ImageError if it is not sound."""
+    try:
+        blob = table.to_blob(layer, extra)
+        check_chunks(blob, max_chunk)
+    except StoreError as exc:
+        msg = f"the registry's chunk table for blob {table.blob_id[:16]} is refused: {exc}"
+        raise ImageError(msg) from None
+    return blob
+
+
 async def add(
     store: LocalStore,
     ref: Reference,
@@ -67,6 +84,7 @@ async def add(
     *,
     name: str | None = None,
     replace: bool = False,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
 ) -> AddResult:
     """Register `ref` in `store` as image `name` (default: from the reference).
 
@@ -85,12 +103,11 @@ async def add(
     where = {"remote": {"registry": ref.registry, "repository": ref.repository}}
 
     boot_table = await _table(client, ref, config.bootstrap)
-    boot_remote = boot_table.to_blob(config.bootstrap.data, where)
+    boot_remote = _blob(boot_table, config.bootstrap.data, where, max_chunk)
     boot_layer = await client.get_blob(
         ref.registry, ref.repository, config.bootstrap.data, MAX_BOOTSTRAP
     )
     boot_chunks: list[tuple[Chunk, bytes]] = []
-    whole = hashlib.sha256()
     for chunk in boot_remote.chunks:
         assert chunk.remote is not None  # noqa: S101 - to_blob sets it on every chunk
         data = decode(
@@ -98,35 +115,29 @@ async def add(
             chunk,
             boot_layer[chunk.remote.offset : chunk.remote.offset + chunk.remote.length],
         )
-        whole.update(data)
         boot_chunks.append((Chunk(chunk.offset, chunk.length, chunk.digest), data))
-    if whole.hexdigest() != boot_table.blob_id:
-        msg = f"bootstrap layer {config.bootstrap.data} does not rebuild blob {boot_table.blob_id}"
-        raise ImageError(msg)
     # The bootstrap becomes an ordinary local blob: the kernel reads it whole at mount.
-    bootstrap = Blob(
-        boot_table.blob_id,
-        boot_table.size,
-        tuple(c for c, _ in boot_chunks),
-        dict(boot_table.extra),
-    )
+    # Its chunks were verified by decode(), and its id commits to them.
+    bootstrap = Blob(boot_table.blob_id, boot_table.size, tuple(c for c, _ in boot_chunks))
 
     devices = [
-        ((await _table(client, ref, e)).to_blob(e.data, where), e.key) for e in config.devices
+        (_blob(await _table(client, ref, e), e.data, where, max_chunk), e.key)
+        for e in config.devices
     ]
-    image = Image(
-        name,
-        bootstrap.blob_id,
-        tuple((key or blob.blob_id, blob.blob_id) for blob, key in devices),
-        {"remote": {"reference": str(ref), "manifest": manifest_digest}},
-    )
+    try:
+        image = Image(
+            name,
+            bootstrap.blob_id,
+            tuple((key or blob.blob_id, blob.blob_id) for blob, key in devices),
+            {"remote": {"reference": str(ref), "manifest": manifest_digest}},
+        )
+    except StoreError as exc:
+        raise ImageError(f"{ref} is refused: {exc}") from None
     with store.transaction():
         for chunk, data in boot_chunks:
             store.put_chunk(data, chunk.digest)
         for blob in (bootstrap, *(b for b, _ in devices)):
-            if store.has_blob(blob.blob_id) and not store.get_blob(blob.blob_id).is_remote:
-                continue  # a blob whose chunks are all local stays local
-            store.put_blob(blob)
+            store.put_blob(blob)  # a record already there is kept: same id, same bytes
         store.put_image(image, replace=replace)
     result = AddResult(
         name,

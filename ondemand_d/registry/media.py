@@ -78,7 +78,7 @@ class ChunkTable:
     JSON: ``{"schema": 1, "blob_id": hex, "size": n, "compression": "zstd"|"none",
     "chunks": [[offset, length, sha256hex, layer_offset, layer_length], ...],
     "extra": {...}}``. `extra` carries the Blob's extra fields (e.g. the
-    builder's dedup extents) so `add` restores them.
+    builder's fields); `add` ignores it: only the table itself reaches the store.
     """
 
     blob_id: str
@@ -126,14 +126,18 @@ class ChunkTable:
     def to_blob(self, layer_digest: str, extra: dict[str, Any]) -> Blob:
         """The Blob record whose chunks point into the registry layer `layer_digest`.
 
+        The table's own `extra` is not carried over: nothing a registry declares
+        beyond the chunk table itself reaches the store.
+
         Raises:
-            StoreError: the table does not describe a valid blob (gaps, misaligned).
+            StoreError: the table does not describe a valid blob (gaps, misaligned,
+                or `blob_id` is not the content id of the table).
         """
         chunks = tuple(
             Chunk(c.offset, c.length, c.digest, RemoteRange(layer_digest, off, n, self.compression))
             for c, off, n in self.chunks
         )
-        return Blob(self.blob_id, self.size, chunks, {**self.extra, **extra})
+        return Blob(self.blob_id, self.size, chunks, dict(extra))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import structlog
 
-from ondemand_d.errors import ChunkNotFound, StoreError
+from ondemand_d.errors import ChunkNotFound, DigestMismatch, StoreError
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Chunk
 
@@ -119,13 +119,14 @@ class ChunkFetcher:
     def read_local(self, chunks: Sequence[Chunk]) -> list[bytes | None]:
         """Read and verify chunks from the local store (blocking; any thread).
 
-        A chunk missing locally but fetchable remotely comes back as None.
+        A chunk missing or damaged locally but fetchable remotely comes back as
+        None (with write-through, the fetched bytes then replace the damaged file).
         """
         out: list[bytes | None] = []
         for chunk in chunks:
             try:
                 out.append(self.store.read_chunk(chunk))
-            except ChunkNotFound:
+            except (ChunkNotFound, DigestMismatch):
                 if chunk.remote is None or self.remote is None:
                     raise
                 out.append(None)

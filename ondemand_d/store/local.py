@@ -3,16 +3,30 @@
 
 Layout under the store root::
 
-    chunks/ab/abcdef...   chunk bytes, named by their sha256, written once, read-only
-    blobs/<id>.json       a blob's chunk table (Blob.to_json)
-    images/<name>.json    an image: bootstrap blob and device keys (Image.to_json)
-    names/<sha256(key)>   cookie key -> blob id, as JSON {"key": ..., "blob": ...}
+    format                "ondemand-d store 2": refused if missing or different
+    chunks/ab/abcdef...   chunk bytes, named by their sha256
+    blobs/<id>.json       a blob's chunk table; <id> = content_id(table), never rewritten
+    images/<name>.json    an image: bootstrap, device keys (replaced only by --replace)
+    keys/<sha256(key)>/<image>  {"key", "image"}: image lists free device key `key`
+    dedup/<id>.json       extents the builder hashed itself while writing blob <id>
+    quarantine/           damaged files moved aside (fsck, or on rewrite)
+    leases/               blob ids a running daemon has open (see gc.py)
     tmp/                  staging for atomic writes
-    lock                  flock()ed by writers (import, build, add); readers never lock
+    lock                  flock()ed by writers (import, build, add, rm, gc)
 
-Every file is written to tmp/ and renamed into place, so a reader (the daemon)
-sees a record whole or not at all, and a crash leaves at most stray tmp files.
-Names are files named by a hash of the key, so a key can never become a path.
+Trust: a blob record is named by its content and checked against it on load,
+so it can only ever be written once with one meaning. A cookie key resolves
+as a blob id (which commits to the content), as an image name (its
+bootstrap), or as a free device key through the images that list it. An image
+whose name is another's device key, or whose device key is another's name or
+names other content there, is refused: nothing an image brings can rebind what
+another image's keys name. Images may share a device key for the same blob
+(two mkfs.erofs imports of one data blob in a share domain).
+
+Durability: every record is written to tmp/, fsync'd, renamed into place and
+its directory fsync'd; chunks written inside a transaction are flushed with
+one syncfs before the first record that can reach them. An image record is
+the commit point of import, build and add.
 """
 from __future__ import annotations
 
@@ -20,6 +34,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -28,12 +43,25 @@ from pathlib import Path
 from typing import Any
 
 from ondemand_d.errors import ChunkNotFound, StoreError, UnknownName
-from ondemand_d.store.model import PAGE, Blob, Chunk, Image, check_digest, check_key, check_name
+from ondemand_d.store import durable
+from ondemand_d.store.model import (
+    PAGE,
+    Blob,
+    Chunk,
+    Image,
+    check_digest,
+    check_key,
+    check_name,
+    is_content_id,
+)
 from ondemand_d.store.verify import verified
 
 #: Chunk size used when a blob is ingested whole (import); the daemon fills a
 #: whole chunk per READ, and vm.md measured 1 MiB as a good trade.
 DEFAULT_CHUNK_SIZE = 1 << 20
+FORMAT = "ondemand-d store 2\n"
+_SUBDIRS = ("chunks", "blobs", "images", "keys", "dedup", "quarantine", "leases", "tmp")
+_tmp_names = itertools.count()
 
 
 @dataclass
@@ -41,23 +69,49 @@ class _Undo:
     """What a transaction created, so a failed one can take it back."""
 
     paths: list[Path] = field(default_factory=list)
-    unsynced: bool = False  # files written without fsync since the last sync
+    unsynced: bool = False  # chunk files renamed into place since the last syncfs
+
+
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    """A record that could not be read: the file and what is wrong with it."""
+
+    path: Path
+    error: str
 
 
 class LocalStore:
-    """Chunks, blobs, images and names under one directory."""
+    """Chunks, blobs, images and key ownership under one directory."""
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root)
-        if create:
-            for sub in ("chunks", "blobs", "images", "names", "tmp"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-        elif not (self.root / "chunks").is_dir():
-            msg = f"{self.root} is not an ondemand-d store (no chunks/ directory)"
-            raise StoreError(msg)
         self._chunk_dir = str(self.root / "chunks")
-        self._blob_cache: dict[str, tuple[int, Blob]] = {}
+        self._blob_cache: dict[str, tuple[tuple[int, int], Blob]] = {}
         self._undo: _Undo | None = None
+        fmt = self.root / "format"
+        if (self.root / "names").is_dir():
+            msg = (
+                f"{self.root} was written by an older ondemand-d (store format 1, whose names "
+                "and blob ids could be rebound); create a new store and import, build or add "
+                "the images again"
+            )
+            raise StoreError(msg)
+        if create and not fmt.exists():
+            for sub in _SUBDIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self._write_record(fmt, FORMAT.encode())
+        try:
+            found = fmt.read_text()
+        except FileNotFoundError:
+            msg = f"{self.root} is not an ondemand-d store (no format file)"
+            raise StoreError(msg) from None
+        except UnicodeDecodeError:
+            found = "?"
+        if found != FORMAT:
+            msg = f"{self.root}: unknown store format {found.strip()!r}; expected {FORMAT.strip()!r}"
+            raise StoreError(msg)
+        for sub in _SUBDIRS:  # a store made by an older version of format 2 may lack some
+            (self.root / sub).mkdir(exist_ok=True)
 
     # -- chunks -----------------------------------------------------------------
 
@@ -68,19 +122,41 @@ class LocalStore:
     def has_chunk(self, digest: str) -> bool:
         return self.chunk_path(digest).exists()
 
-    def put_chunk(self, data: bytes | memoryview, digest: str | None = None) -> str:
-        """Store `data` under its sha256 (computed here unless given); return the digest.
+    def chunk_ok(self, digest: str, length: int | None = None) -> bool:
+        """Whether the chunk file exists and hashes to its name (and has `length` bytes)."""
+        try:
+            with open(self.chunk_path(digest), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return False
+        if length is not None and len(data) != length:
+            return False
+        return hashlib.sha256(data).hexdigest() == digest
 
-        Idempotent: a chunk already present is not written again.
+    def put_chunk(self, data: bytes | memoryview, digest: str | None = None) -> str:
+        """Store `data` under its sha256 and return the digest.
+
+        The digest is always computed here (`digest`, if given, must match). A
+        chunk file already present is kept only if it verifies; a damaged one
+        (say, empty after a power loss) is quarantined and written again.
         """
-        if digest is None:
-            digest = hashlib.sha256(data).hexdigest()
-        path = self.chunk_path(digest)
+        got = hashlib.sha256(data).hexdigest()
+        if digest is not None and digest != got:
+            msg = f"chunk bytes hash to {got}, not {digest}"
+            raise StoreError(msg)
+        path = self.chunk_path(got)
         if path.exists():
-            return digest
+            if self.chunk_ok(got, len(data)):
+                return got
+            self.quarantine(path)
         path.parent.mkdir(exist_ok=True)
-        self._write_atomic(path, bytes(data), mode=0o444)
-        return digest
+        in_txn = self._undo is not None
+        self._write(path, data, mode=0o444, sync=not in_txn)
+        if self._undo is not None:
+            self._undo.unsynced = True
+        else:
+            durable.fsync_dir(path.parent)
+        return got
 
     def read_chunk(self, chunk: Chunk) -> bytes:
         """Read a chunk's bytes and verify them against its digest.
@@ -100,143 +176,270 @@ class LocalStore:
             os.close(fd)
         return verified(chunk, data)
 
+    def quarantine(self, path: Path) -> Path:
+        """Move a damaged file out of the way (kept for inspection); return where it went."""
+        dest = self.root / "quarantine" / f"{path.parent.name}.{path.name}.{next(_tmp_names)}"
+        dest = dest.with_name(f"{dest.name}.{os.getpid()}")
+        durable.rename(path, dest)
+        durable.fsync_dir(path.parent)
+        self._blob_cache.clear()
+        return dest
+
     # -- blobs ------------------------------------------------------------------
 
+    def blob_path(self, blob_id: str) -> Path:
+        return self.root / "blobs" / f"{check_digest(blob_id)}.json"
+
     def put_blob(self, blob: Blob) -> None:
-        path = self.root / "blobs" / f"{blob.blob_id}.json"
-        self._write_atomic(path, _dumps(blob.to_json()))
-        self._blob_cache.pop(blob.blob_id, None)
+        """Record a blob. A blob id names one content, so an existing sound record is kept."""
+        path = self.blob_path(blob.blob_id)
+        if path.exists():
+            try:
+                self.get_blob(blob.blob_id)
+                return
+            except StoreError:
+                self.quarantine(path)
+        self._make_durable()  # its chunks before the record that reaches them
+        self._write_record(path, _dumps(blob.to_json()))
 
     def has_blob(self, blob_id: str) -> bool:
-        return (self.root / "blobs" / f"{check_digest(blob_id)}.json").exists()
+        return self.blob_path(blob_id).exists()
 
     def get_blob(self, blob_id: str) -> Blob:
-        """Load a blob's chunk table; cached while its file is unchanged."""
-        path = self.root / "blobs" / f"{check_digest(blob_id)}.json"
+        """Load a blob's chunk table, checked against its id; cached while the file is unchanged.
+
+        Raises:
+            UnknownName: no such blob.
+            StoreError: the record is damaged.
+        """
+        path = self.blob_path(blob_id)
         try:
-            stamp = path.stat().st_mtime_ns
+            st = path.stat()
         except FileNotFoundError:
             raise UnknownName(f"blob {blob_id} is not in the store {self.root}") from None
+        stamp = (st.st_ino, st.st_mtime_ns)
         cached = self._blob_cache.get(blob_id)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         blob = Blob.from_json(_load(path))
+        if blob.blob_id != blob_id:
+            msg = f"{path} holds blob {blob.blob_id}"
+            raise StoreError(msg)
         self._blob_cache[blob_id] = (stamp, blob)
         return blob
 
-    def blobs(self) -> Iterator[Blob]:
-        for path in sorted((self.root / "blobs").glob("*.json")):
-            yield self.get_blob(path.stem)
+    def blob_ids(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "blobs").glob("*.json"))
 
-    # -- names ------------------------------------------------------------------
+    # -- images and keys --------------------------------------------------------
 
-    def _name_path(self, key: str) -> Path:
-        return self.root / "names" / hashlib.sha256(key.encode()).hexdigest()
+    def _image_path(self, name: str) -> Path:
+        return self.root / "images" / f"{check_name(name)}.json"
 
-    def bind_name(self, key: str, blob_id: str, *, replace: bool = False) -> None:
-        """Make cookie key `key` resolve to `blob_id`."""
-        check_key(key.encode())
-        check_digest(blob_id)
-        path = self._name_path(key)
-        if path.exists() and not replace:
-            current = _load(path)["blob"]
-            if current != blob_id:
-                msg = f"name {key!r} already names blob {current}; remove that image first"
-                raise StoreError(msg)
-            return
-        self._write_atomic(path, _dumps({"key": key, "blob": blob_id}))
+    def _key_dir(self, key: str) -> Path:
+        return self.root / "keys" / hashlib.sha256(key.encode()).hexdigest()
 
-    def unbind_name(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._name_path(key).unlink()
+    def key_users(self, key: str) -> list[Image]:
+        """The images whose current record lists free device key `key` (readable ones)."""
+        users = []
+        try:
+            entries = sorted(os.listdir(self._key_dir(key)))
+        except FileNotFoundError:
+            return []
+        for name in entries:
+            try:
+                image = self.get_image(name)
+            except StoreError:
+                continue  # gone, or damaged: answers for nothing
+            if any(k == key for k, _ in image.devices):
+                users.append(image)
+        return users
 
     def resolve(self, key: bytes) -> Blob:
         """Map a cookie key from the kernel to its blob.
 
-        A key resolves through the name index; failing that, a key that is a
-        blob id (the device tags the builder writes) names that blob.
+        A key with the form of a blob id names that blob: the id commits to its
+        content. An image's name gives its bootstrap. Any other key is a device
+        key, and resolves through the images that list it, which all agree on
+        its blob (put_image refuses an image that would disagree).
 
         Raises:
             BadKey: the key is not acceptable as a lookup key.
             UnknownName: nothing is registered under it.
+            StoreError: a record on the way is damaged.
         """
         text = check_key(key)
-        path = self._name_path(text)
-        try:
-            record = _load(path)
-        except FileNotFoundError:
-            record = None
-        if record is not None and record.get("key") == text:
-            return self.get_blob(str(record["blob"]))
-        if len(text) == 64 and self.has_blob(text):  # noqa: PLR2004 - a sha256 hex id
+        if is_content_id(text):
             return self.get_blob(text)
+        if self.has_image(text):
+            return self.get_blob(self.get_image(text).bootstrap)
+        for image in self.key_users(text):
+            blob_id = image.blob_for(text)
+            if blob_id is not None:
+                return self.get_blob(blob_id)
         msg = f"no image or blob is registered under {text!r}"
         raise UnknownName(msg)
 
-    # -- images -----------------------------------------------------------------
+    def _check_keys(self, image: Image) -> None:
+        """Refuse an image whose name or free device keys would answer for another image's."""
+        for name in self.key_user_names(image.name):
+            msg = (
+                f"{image.name!r} is already a device key of image {name!r}; an image name "
+                "cannot also be another image's device key (pick another name)"
+            )
+            raise StoreError(msg)
+        for key, blob_id in image.devices:
+            if is_content_id(key):
+                continue
+            if self.has_image(key):
+                msg = (
+                    f"device key {key!r} is already the name of image {key!r}; give this "
+                    "blob another key (--blob PATH=KEY)"
+                )
+                raise StoreError(msg)
+            for other in self.key_users(key):
+                if other.name != image.name and other.blob_for(key) != blob_id:
+                    msg = (
+                        f"device key {key!r} already names another blob, of image "
+                        f"{other.name!r}; give this blob another key (--blob PATH=KEY), or "
+                        "remove that image"
+                    )
+                    raise StoreError(msg)
+
+    def key_user_names(self, key: str) -> list[str]:
+        """Names of the images other than `key` itself that list `key` as a device key."""
+        return [i.name for i in self.key_users(key) if i.name != key]
 
     def put_image(self, image: Image, *, replace: bool = False) -> None:
-        """Register an image and bind its fsid and device keys. Blobs must exist.
+        """Register an image: its key entries first, then its record (the commit point).
 
-        The image record is what makes an import or build visible, so
-        everything written before it is made durable first.
+        Callers hold the writer lock (transaction), so the checks and the writes
+        are one step for every other writer. A key entry answers nothing until
+        a record listing the key exists, and the record is written only once
+        every blob it needs is durable. With `replace`, the old record stays
+        whole until the new one replaces it.
         """
-        check_name(image.name)
-        self._make_durable()
+        path = self._image_path(image.name)
         for blob_id in image.blob_ids:
-            if not self.has_blob(blob_id):
-                raise UnknownName(f"image {image.name}: blob {blob_id} is not in the store")
-        path = self.root / "images" / f"{image.name}.json"
-        if path.exists() and not replace:
-            msg = f"an image named {image.name!r} exists; pass --replace or pick another name"
-            raise StoreError(msg)
-        self.bind_name(image.name, image.bootstrap, replace=True)
-        for key, blob_id in image.devices:
-            if key != blob_id:
-                self.bind_name(key, blob_id, replace=replace)
-        self._write_atomic(path, _dumps(image.to_json()))
+            self.get_blob(blob_id)  # present and sound
+        old: Image | None = None
+        if path.exists():
+            if not replace:
+                msg = f"an image named {image.name!r} exists; pass --replace or pick another name"
+                raise StoreError(msg)
+            with contextlib.suppress(StoreError):
+                old = self.get_image(image.name)
+        self._check_keys(image)
+        for key in image.owned_keys[1:]:
+            entry = self._key_dir(key) / image.name
+            if not entry.exists():
+                entry.parent.mkdir(exist_ok=True)
+                self._write_record(entry, _dumps({"key": key, "image": image.name}))
+        self._make_durable()
+        self._write_record(path, _dumps(image.to_json()))
+        if self._undo is not None:
+            self._undo.paths.clear()  # committed: nothing after this point is taken back
+        if old is not None:
+            self._release(image.name, set(old.owned_keys[1:]) - set(image.owned_keys[1:]))
+
+    def _release(self, name: str, keys: set[str] | tuple[str, ...]) -> None:
+        """Drop image `name`'s key entries for `keys` (after its record stopped listing them)."""
+        for key in keys:
+            with contextlib.suppress(OSError):
+                durable.unlink(self._key_dir(key) / name)
+                with contextlib.suppress(OSError):
+                    self._key_dir(key).rmdir()
 
     def get_image(self, name: str) -> Image:
+        """Raises UnknownName if there is no such image, StoreError if its record is damaged."""
+        path = self._image_path(name)
         try:
-            return Image.from_json(_load(self.root / "images" / f"{check_name(name)}.json"))
+            image = Image.from_json(_load(path))
         except FileNotFoundError:
             raise UnknownName(f"no image named {name!r} in {self.root}") from None
+        if image.name != name:
+            msg = f"{path} holds image {image.name!r}"
+            raise StoreError(msg)
+        return image
 
     def has_image(self, name: str) -> bool:
         """Whether `name` is an image's name (so its blob is a bootstrap)."""
         try:
-            check_name(name)
+            return self._image_path(name).exists()
         except StoreError:
             return False
-        return (self.root / "images" / f"{name}.json").exists()
+
+    def scan_images(self) -> tuple[list[Image], list[Damaged]]:
+        """Every readable image, and the records that could not be read."""
+        good: list[Image] = []
+        bad: list[Damaged] = []
+        for path in sorted((self.root / "images").glob("*.json")):
+            try:
+                good.append(self.get_image(path.stem))
+            except (StoreError, OSError) as exc:
+                bad.append(Damaged(path, str(exc)))
+        return good, bad
 
     def images(self) -> Iterator[Image]:
-        for path in sorted((self.root / "images").glob("*.json")):
-            yield Image.from_json(_load(path))
+        """Every readable image (see scan_images for the damaged ones)."""
+        yield from self.scan_images()[0]
 
-    def remove_image(self, name: str) -> None:
-        image = self.get_image(name)
-        (self.root / "images" / f"{name}.json").unlink()
-        self.unbind_name(image.name)
+    def remove_image(self, name: str) -> Image | None:
+        """Unregister image `name` (its blobs stay until gc); return its record if readable."""
+        path = self._image_path(name)
+        if not path.exists():
+            raise UnknownName(f"no image named {name!r} in {self.root}")
+        image = None
+        with contextlib.suppress(StoreError):
+            image = self.get_image(name)
+        durable.unlink(path)
+        durable.fsync_dir(path.parent)
+        if image is not None:
+            self._release(name, image.owned_keys[1:])
+        return image
+
+    # -- the builder's dedup index ----------------------------------------------
+
+    def put_dedup(self, blob_id: str, extents: list[list[Any]]) -> None:
+        """Record extents [sha256, offset, length] the builder hashed while writing `blob_id`.
+
+        Only the local builder calls this: nothing an imported or added image
+        declares ever becomes a dedup source.
+        """
+        path = self.root / "dedup" / f"{check_digest(blob_id)}.json"
+        if path.exists():
+            return
+        self._write_record(path, _dumps({"blob": blob_id, "extents": extents}))
+
+    def dedup_records(self) -> Iterator[tuple[str, list[list[Any]]]]:
+        """(blob id, extents) for each local blob that still exists, in blob-id order."""
+        for path in sorted((self.root / "dedup").glob("*.json")):
+            try:
+                raw = _load(path)
+                blob_id = check_digest(str(raw["blob"]))
+                if blob_id != path.stem or not self.has_blob(blob_id):
+                    continue
+                yield blob_id, list(raw["extents"])
+            except (StoreError, KeyError, TypeError, ValueError):
+                continue  # a damaged index only costs dedup; fsck reports it
 
     # -- ingest -----------------------------------------------------------------
 
     def ingest_file(self, path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK_SIZE) -> Blob:
-        """Store a whole file as one blob, cut into `chunk_size` chunks."""
+        """Store a whole file as one blob, cut into `chunk_size` chunks (streamed)."""
         if chunk_size <= 0 or chunk_size % PAGE:
             msg = f"chunk size {chunk_size} is not a positive multiple of {PAGE}"
             raise StoreError(msg)
-        whole = hashlib.sha256()
         chunks: list[Chunk] = []
+        offset = 0
         with open(path, "rb") as f:
             while data := f.read(chunk_size):
-                whole.update(data)
-                offset = chunks[-1].end if chunks else 0
                 chunks.append(Chunk(offset, len(data), self.put_chunk(data)))
-        blob = Blob(whole.hexdigest(), sum(c.length for c in chunks), tuple(chunks))
-        if not blob.chunks:
+                offset += len(data)
+        if not chunks:
             msg = f"{path} is empty; an empty file is not a blob"
             raise StoreError(msg)
+        blob = Blob.of(tuple(chunks))
         self.put_blob(blob)
         return blob
 
@@ -244,60 +447,72 @@ class LocalStore:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[LocalStore]:
-        """Hold the writer lock; on an exception remove every file written inside.
+        """Hold the writer lock; on an exception remove every file created inside.
 
-        Records written inside are only visible once renamed into place, and the
-        caller writes the image (the commit point) last, so a failed import or
-        build leaves the store as it found it.
+        The caller writes the image record (the commit point) last, so a failed
+        import or build leaves the store as it found it.
         """
-        lock = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self.writer_lock():
             self._undo = _Undo()
             try:
                 yield self
                 self._make_durable()
             except BaseException:
                 for p in reversed(self._undo.paths):
-                    with contextlib.suppress(FileNotFoundError):
+                    with contextlib.suppress(OSError):
                         p.unlink()
                 self._blob_cache.clear()
                 raise
             finally:
                 self._undo = None
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Exclusive against other writers (import, build, add, rm, gc); readers never lock."""
+        lock = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
         finally:
             os.close(lock)
 
     def _make_durable(self) -> None:
-        """Flush what a transaction wrote without fsync (one sync instead of one per file)."""
+        """Flush the chunks written since the last flush (one syncfs, not one fsync each)."""
         if self._undo is not None and self._undo.unsynced:
-            os.sync()
+            durable.syncfs(self.root)
             self._undo.unsynced = False
 
-    def _write_atomic(self, path: Path, data: bytes, mode: int = 0o644) -> None:
+    def _tmp(self, path: Path) -> Path:
+        return self.root / "tmp" / f"{path.name}.{os.getpid()}.{next(_tmp_names)}"
+
+    def _write(self, path: Path, data: bytes | memoryview, *, mode: int, sync: bool) -> None:
+        """Write `data` to tmp/ and rename it to `path` (no directory fsync)."""
         existed = path.exists()
-        tmp = self.root / "tmp" / f"{path.name}.{os.getpid()}.{id(data):x}"
-        # Inside a transaction, put_image() and the end sync once instead.
-        undo = self._undo
+        tmp = self._tmp(path)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                if undo is not None:
-                    undo.unsynced = True
-                else:
-                    os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
+            durable.write_tmp(tmp, data, mode, sync=sync)
+            durable.rename(tmp, path)
         except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                msg = f"store {self.root} is full while writing {path.name}"
-                raise StoreError(msg) from exc
+            _raise_if_full(exc, self.root, path)
             raise
         if self._undo is not None and not existed:
             self._undo.paths.append(path)
+
+    def _write_record(self, path: Path, data: bytes) -> None:
+        """A record: durable before its name exists, its name durable before we return."""
+        self._write(path, data, mode=0o644, sync=True)
+        try:
+            durable.fsync_dir(path.parent)
+        except OSError as exc:
+            _raise_if_full(exc, self.root, path)
+            raise
+
+
+def _raise_if_full(exc: OSError, root: Path, path: Path) -> None:
+    """A full disk becomes a StoreError that says so; other errors pass through."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = f"store {root} is full while writing {path.name}: free some space (ondemand-d gc)"
+        raise StoreError(msg) from exc
 
 
 def _dumps(obj: Any) -> bytes:
@@ -305,9 +520,14 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        raw = json.load(f)
+    """A record as a dict. Raises FileNotFoundError, or StoreError if it is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        msg = f"{path} is damaged ({'empty' if not path.stat().st_size else 'not JSON'}: {exc})"
+        raise StoreError(msg) from None
     if not isinstance(raw, dict):
-        msg = f"{path} is not a JSON object"
+        msg = f"{path} is damaged (not a JSON object)"
         raise StoreError(msg)
     return raw

@@ -7,10 +7,23 @@ boundary, so any chunk can be written to the anon fd on its own with direct I/O.
 A chunk is named by the sha256 of its (uncompressed) bytes; where those bytes
 live - the local chunk directory or a range of a registry blob - is the
 chunk's source.
+
+Identity follows content. A blob's id is `content_id(size, chunks)`, a digest
+of its size and chunk table, checked whenever a Blob is made (from JSON, from a
+registry's table, by the builder): the same id always means the same bytes,
+since every chunk is verified against its digest before use. Where chunks can
+be fetched from (remote ranges, registry) is not part of the identity: it can
+change how a blob is fetched, never what it reads.
+
+Three kinds of names reach the store and cannot be confused: a blob id (64
+lowercase hex, a content id), an image name (never 64 hex), and a device key
+(a content id equal to its own blob's id, or a free name that the store lets
+one image own at a time).
 """
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +44,19 @@ def check_digest(digest: str) -> str:
         msg = f"not a sha256 hex digest: {digest!r}"
         raise StoreError(msg)
     return digest
+
+
+def is_content_id(text: str) -> bool:
+    """Whether `text` has the form of a blob id (64 lowercase hex characters)."""
+    return _HEX64.fullmatch(text) is not None
+
+
+def content_id(size: int, chunks: tuple[Chunk, ...] | list[Chunk]) -> str:
+    """The blob id that commits to `size` and every chunk's offset, length and digest."""
+    h = hashlib.sha256(b"ondemand-d blob 1\n%d\n" % size)
+    for c in chunks:
+        h.update(b"%d %d %s\n" % (c.offset, c.length, c.digest.encode()))
+    return h.hexdigest()
 
 
 def check_key(key: bytes) -> str:
@@ -67,6 +93,9 @@ def check_name(name: str) -> str:
             f"bad image name {name!r}: use 1-128 of A-Z a-z 0-9 _ . : @ + = -, "
             "not starting with '.' or '-'"
         )
+        raise StoreError(msg)
+    if is_content_id(name):
+        msg = f"bad image name {name!r}: 64 hex characters are reserved for blob ids"
         raise StoreError(msg)
     return name
 
@@ -117,10 +146,11 @@ class Chunk:
 class Blob:
     """One cache file's worth of bytes, described by its chunk table.
 
-    `blob_id` is 64 hex characters (the sha256 of the blob's bytes), so it fits
-    an EROFS device tag and is a valid cookie key. `extra` carries fields other
-    parts of the project keep with the blob (e.g. the builder's dedup extents),
-    round-tripped untouched.
+    `blob_id` is `content_id(size, chunks)`: 64 hex characters, so it fits an
+    EROFS device tag and is a valid cookie key; a Blob whose id does not match
+    its table cannot be made. `extra` carries where a remote blob is fetched
+    from (``{"remote": {"registry", "repository"}}``), round-tripped untouched
+    and, like the remote ranges, not part of the identity.
     """
 
     blob_id: str
@@ -144,7 +174,16 @@ class Blob:
         if pos != self.size:
             msg = f"blob {self.blob_id}: chunks cover {pos} bytes, size says {self.size}"
             raise StoreError(msg)
+        if content_id(self.size, self.chunks) != self.blob_id:
+            msg = f"blob {self.blob_id}: the id does not match its chunk table"
+            raise StoreError(msg)
         object.__setattr__(self, "_starts", tuple(c.offset for c in self.chunks))
+
+    @classmethod
+    def of(cls, chunks: tuple[Chunk, ...], extra: dict[str, Any] | None = None) -> Blob:
+        """The blob made of `chunks` (contiguous from 0), with the id its content gives it."""
+        size = chunks[-1].end if chunks else 0
+        return cls(content_id(size, chunks), size, chunks, dict(extra or {}))
 
     def chunks_for(self, offset: int, length: int) -> tuple[Chunk, ...]:
         """The chunks that hold any byte of [offset, offset+length), clipped to the blob."""
@@ -169,13 +208,18 @@ class Blob:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Blob:
-        extra = {k: v for k, v in raw.items() if k not in {"blob_id", "size", "chunks"}}
-        return cls(
-            str(raw["blob_id"]),
-            int(raw["size"]),
-            tuple(Chunk.from_json(c) for c in raw["chunks"]),
-            extra,
-        )
+        """Parse a blob record. Raises StoreError for any malformed or inconsistent record."""
+        try:
+            extra = {k: v for k, v in raw.items() if k not in {"blob_id", "size", "chunks"}}
+            return cls(
+                check_digest(str(raw["blob_id"])),
+                int(raw["size"]),
+                tuple(Chunk.from_json(c) for c in raw["chunks"]),
+                extra,
+            )
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+            msg = f"blob record is malformed: {exc!r}"
+            raise StoreError(msg) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +228,9 @@ class Image:
 
     `devices` lists, in device-slot order, the cookie key the kernel will use
     for each extra device (the slot tag, or the `device=` string) and the blob
-    it names.
+    it names. A key that looks like a blob id must be that blob's id (it then
+    commits to the content); any other key resolves through the images that
+    list it, and the store refuses an image that would give it another blob.
     """
 
     name: str
@@ -192,9 +238,38 @@ class Image:
     devices: tuple[tuple[str, str], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        check_digest(self.bootstrap)
+        seen = {self.name}
+        for key, blob_id in self.devices:
+            check_key(key.encode())
+            check_digest(blob_id)
+            if is_content_id(key) and key != blob_id:
+                msg = (
+                    f"image {self.name}: device key {key} has the form of a blob id but names "
+                    f"blob {blob_id}; a 64-hex key must be its own blob's id"
+                )
+                raise StoreError(msg)
+            if key in seen and not is_content_id(key):
+                msg = f"image {self.name}: key {key!r} is used twice (name or device key)"
+                raise StoreError(msg)
+            seen.add(key)
+
     @property
     def blob_ids(self) -> tuple[str, ...]:
         return (self.bootstrap, *(b for _, b in self.devices))
+
+    @property
+    def owned_keys(self) -> tuple[str, ...]:
+        """The cookie keys this image answers for that do not commit to content (name first)."""
+        return (self.name, *(k for k, _ in self.devices if not is_content_id(k)))
+
+    def blob_for(self, key: str) -> str | None:
+        """The blob the kernel's cookie `key` names in this image, if any."""
+        if key == self.name:
+            return self.bootstrap
+        return next((b for k, b in self.devices if k == key), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -206,10 +281,15 @@ class Image:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Image:
-        extra = {k: v for k, v in raw.items() if k not in {"name", "bootstrap", "devices"}}
-        return cls(
-            check_name(str(raw["name"])),
-            check_digest(str(raw["bootstrap"])),
-            tuple((str(k), check_digest(str(b))) for k, b in raw["devices"]),
-            extra,
-        )
+        """Parse an image record. Raises StoreError for any malformed record."""
+        try:
+            extra = {k: v for k, v in raw.items() if k not in {"name", "bootstrap", "devices"}}
+            return cls(
+                str(raw["name"]),
+                str(raw["bootstrap"]),
+                tuple((str(k), str(b)) for k, b in raw["devices"]),
+                extra,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            msg = f"image record is malformed: {exc!r}"
+            raise StoreError(msg) from None

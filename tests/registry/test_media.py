@@ -11,14 +11,15 @@ import zstandard
 from ondemand_d.errors import DigestMismatch, ImageError, StoreError
 from ondemand_d.registry import media
 from ondemand_d.registry.source import decode
-from ondemand_d.store.model import Chunk
+from ondemand_d.store.model import Chunk, content_id
 
 H = "0" * 64
 
 
 def _table(compression: str = "zstd") -> media.ChunkTable:
     rows = ((Chunk(0, 4096, "a" * 64), 0, 100), (Chunk(4096, 10, "b" * 64), 100, 20))
-    return media.ChunkTable("c" * 64, 4106, compression, rows, {"dedup": [1, 2]})
+    blob_id = content_id(4106, tuple(c for c, _, _ in rows))
+    return media.ChunkTable(blob_id, 4106, compression, rows, {"extents": [["a" * 64, 0, 4096]]})
 
 
 def test_chunk_table_round_trip_and_blob() -> None:
@@ -26,7 +27,8 @@ def test_chunk_table_round_trip_and_blob() -> None:
     table = _table()
     assert media.ChunkTable.from_json(table.to_json()) == table
     blob = table.to_blob("sha256:" + H, {"remote": {"registry": "r", "repository": "x"}})
-    assert blob.extra == {"dedup": [1, 2], "remote": {"registry": "r", "repository": "x"}}
+    # The table's own extra (say, dedup extents) never reaches the store.
+    assert blob.extra == {"remote": {"registry": "r", "repository": "x"}}
     assert [c.remote.offset for c in blob.chunks if c.remote] == [0, 100]
     assert all(c.remote and c.remote.compression == "zstd" for c in blob.chunks)
 
@@ -54,6 +56,13 @@ def test_table_with_gap_is_refused_as_a_blob() -> None:
         media.ChunkTable("c" * 64, 8202, "zstd", rows, {}).to_blob("sha256:" + H, {})
 
 
+def test_table_claiming_another_blob_id_is_refused() -> None:
+    """A blob id is the content id of its table: a registry cannot claim another blob's id."""
+    rows = ((Chunk(0, 4096, "a" * 64), 0, 100),)
+    with pytest.raises(StoreError, match="does not match its chunk table"):
+        media.ChunkTable("c" * 64, 4096, "zstd", rows, {}).to_blob("sha256:" + H, {})
+
+
 def test_manifest_and_config() -> None:
     """A pushed manifest names our config type; another config type is refused."""
     entry = media.BlobEntry("", "c" * 64, 4106, "sha256:" + H, "sha256:" + "1" * 64)
@@ -73,7 +82,7 @@ def test_decode_checks_frames() -> None:
     """decode() accepts the right frame, refuses a lying content size and garbage."""
     data = b"hello world" * 400
     chunk = Chunk(0, len(data), hashlib.sha256(data).hexdigest())
-    table = media.ChunkTable("c" * 64, len(data), "zstd", ((chunk, 0, 1),), {})
+    table = media.ChunkTable(content_id(len(data), (chunk,)), len(data), "zstd", ((chunk, 0, 1),), {})
     blob = table.to_blob("sha256:" + H, {})
     frame = zstandard.ZstdCompressor().compress(data)
     assert decode(blob, blob.chunks[0], frame) == data

@@ -12,6 +12,7 @@ from ondemand_d import daemon
 from ondemand_d.config import load
 from ondemand_d.device import Device
 from ondemand_d.store.local import LocalStore
+from ondemand_d.store.model import Image
 
 
 async def test_serve_notifies_and_drains(tmp_path, monkeypatch):
@@ -23,7 +24,7 @@ async def test_serve_notifies_and_drains(tmp_path, monkeypatch):
     store = LocalStore(tmp_path / "store")
     (tmp_path / "f").write_bytes(b"z" * 10000)
     blob = store.ingest_file(tmp_path / "f")
-    store.bind_name("k", blob.blob_id)
+    store.put_image(Image("k", blob.blob_id))
     (tmp_path / "cache").mkdir()
     kernel = FakeKernel(tmp_path / "cache")
     kernel.start()

@@ -15,7 +15,7 @@ import pytest
 from fakekernel import FakeKernel
 from ondemand_d import wire
 from ondemand_d.importer import import_image
-from ondemand_d.store.model import Blob, Chunk
+from ondemand_d.store.model import Blob, Chunk, Image
 
 PAGE = 4096
 
@@ -29,7 +29,8 @@ def _blob_file(tmp: Path, size: int, name: str = "blob", seed: int = 1) -> Path:
 def _ingest(env, size: int, name: str = "data", chunk: int = 1 << 20) -> tuple[Blob, bytes]:
     path = _blob_file(env.tmp, size, name)
     blob = env.store.ingest_file(path, chunk)
-    env.store.bind_name(name, blob.blob_id)
+    # key `name` is a data device of an image (an image's own name would be a bootstrap)
+    env.store.put_image(Image(f"{name}-image", blob.blob_id, ((name, blob.blob_id),)))
     return blob, path.read_bytes()
 
 
@@ -257,6 +258,7 @@ def _remote_blob(env, size: int) -> tuple[Blob, bytes, SlowRemote]:
         env.store.chunk_path(c.digest).unlink()
         chunks.append(Chunk(c.offset, c.length, c.digest, remote=_fake_range(c)))
     blob = Blob(blob.blob_id, blob.size, tuple(chunks))
+    env.store.blob_path(blob.blob_id).unlink()  # records are never rewritten: make it anew
     env.store.put_blob(blob)
     return blob, source, SlowRemote(data)
 
@@ -373,16 +375,15 @@ async def test_close_cancels_prefetch_and_it_writes_no_more(make_env):
 
 
 async def test_damaged_store_records_still_answer_the_open(env):
-    """A name or chunk table that is not valid JSON: the OPEN gets -EIO, never silence."""
+    """An image record or chunk table that is not valid JSON: the OPEN gets -EIO, never silence."""
     blob, _ = _ingest(env, 5 * PAGE)
     (env.tmp / "store" / "blobs" / f"{blob.blob_id}.json").write_text("{not json")
     env.store._blob_cache.clear()
     obj = await env.kernel.open(b"data")
     assert obj.copen_result == -errno.EIO
     assert not env.kernel.fd_open(obj)
-    env.store.bind_name("other", "f" * 64)
-    path = next(p for p in (env.tmp / "store" / "names").iterdir() if "other" in p.read_text())
-    path.write_bytes(b"\xff\xfe garbage")
+    env.store.put_image(Image("other", env.store.ingest_file(_blob_file(env.tmp, 9000)).blob_id))
+    (env.tmp / "store" / "images" / "other.json").write_bytes(b"\xff\xfe garbage")
     assert (await env.kernel.open(b"other")).copen_result == -errno.EIO
     assert env.service.counters.opens_failed == 2
 

@@ -74,14 +74,14 @@ def _import(store: Path, name: str, image: Path, *blobs: str) -> None:
     _run(argv)
 
 
-def _damage(store: Path, blob_path: Path, victim: Path, how: str) -> str:
+def _damage(store: Path, image: str, blob_path: Path, victim: Path, how: str) -> str:
     """Delete or corrupt one store chunk that lies wholly inside ``victim``'s data."""
     from ondemand_d.store.local import LocalStore
     data, body = blob_path.read_bytes(), victim.read_bytes()
     start = data.find(body[:EROFS_CHUNK])
     assert start >= 0 and data[start:start + len(body)] == body, "victim not contiguous"
     st = LocalStore(store, create=False)
-    blob_id = hashlib.sha256(data).hexdigest()
+    (_, blob_id), = st.get_image(image).devices
     chunk = next(c for c in st.get_blob(blob_id).chunks
                  if c.offset >= start and c.end <= start + len(body))
     path = st.chunk_path(chunk.digest)
@@ -141,8 +141,8 @@ def prepare_inputs(base: Path) -> dict[str, Any]:
     # (the victims' chunks are unique to them, so damaging them harms no other image)
     _import(store, "bad", images / "bad.erofs", f"{images / 'bad.blob'}=bad-data")
     damaged = {
-        "missing": _damage(store, images / "bad.blob", bad_tree / "victim-missing.bin", "missing"),
-        "corrupt": _damage(store, images / "bad.blob", bad_tree / "victim-corrupt.bin", "corrupt"),
+        "missing": _damage(store, "bad", images / "bad.blob", bad_tree / "victim-missing.bin", "missing"),
+        "corrupt": _damage(store, "bad", images / "bad.blob", bad_tree / "victim-corrupt.bin", "corrupt"),
     }
     manifest = {
         "store": str(store), "damaged": damaged,
