@@ -60,7 +60,7 @@ async def test_adopted_device_without_restore_keeps_serving(tmp_path, monkeypatc
 
     store = LocalStore(tmp_path / "store")
     (tmp_path / "f").write_bytes(b"z" * 10000)
-    store.bind_name("k", store.ingest_file(tmp_path / "f").blob_id)
+    store.put_image(Image("k", store.ingest_file(tmp_path / "f").blob_id))
     (tmp_path / "cache").mkdir()
     kernel = FakeKernel(tmp_path / "cache")
     kernel.restore_supported = False
