@@ -34,6 +34,7 @@ class ImagesDir:
         self.root = root.absolute()
         self.chunk_size = chunk_size
         self._blobs: dict[str, Blob] = {}
+        self._versions: dict[str, Blob] = {}  # file version -> its blob
         self._places: dict[str, tuple[Path, int, int]] = {}  # chunk id -> file, offset, len
         self._lock = threading.Lock()  # resolve runs on the I/O threads
 
@@ -55,18 +56,19 @@ class ImagesDir:
             raise UnknownName(msg)
         # An id per version of the file: a rewritten image is a new blob.
         ident = f"{path}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_size}"
-        blob_id = hashlib.sha256(ident.encode()).hexdigest()
+        version = hashlib.sha256(ident.encode()).hexdigest()
         with self._lock:
-            blob = self._blobs.get(blob_id)
+            blob = self._versions.get(version)
             if blob is None:
                 chunks = []
                 for off in range(0, st.st_size, self.chunk_size):
                     length = min(self.chunk_size, st.st_size - off)
-                    cid = hashlib.sha256(f"{blob_id}:{off}".encode()).hexdigest()
+                    cid = hashlib.sha256(f"{version}:{off}".encode()).hexdigest()
                     self._places[cid] = (path, off, length)
                     chunks.append(Chunk(off, length, cid))
-                blob = self._blobs[blob_id] = Blob(blob_id, st.st_size, tuple(chunks),
-                                                   extra={"key": name})
+                # The blob id is the content id of this (made-up) chunk table, as in a store.
+                blob = Blob.of(tuple(chunks), {"key": name})
+                self._versions[version] = self._blobs[blob.blob_id] = blob
         return blob
 
     def read_chunk(self, chunk: Chunk) -> bytes:
