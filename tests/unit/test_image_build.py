@@ -283,12 +283,13 @@ def test_invalid_ids_and_targets_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("base", "store_chunk"), [(4096, 4096), (64 << 10, 64 << 10), (4 * MiB, MiB)]
+    ("base", "store_chunk"),
+    [(4096, 64 << 10), (64 << 10, 64 << 10), (256 << 10, 256 << 10), (4 * MiB, MiB)],
 )
 def test_store_chunks_follow_the_base_chunk_size(
     tmp_path: Path, base: int, store_chunk: int
 ) -> None:
-    """`--chunk-size 64K` means 64 KiB store chunks (fetch units); at most 1 MiB."""
+    """`--chunk-size 64K` means 64 KiB store chunks (fetch units); from 64 KiB to 1 MiB."""
     store = LocalStore(tmp_path / "store")
     report = build_image(sample_tree(), store, "sample", BuildOptions(base_chunk=base))
     assert report.new_blob is not None
