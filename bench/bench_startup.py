@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import structlog  # noqa: E402
-from bench_registry import start_registry  # noqa: E402
+from _registry import start_registry  # noqa: E402
 
 from ondemand_d.image import format as f  # noqa: E402
 from ondemand_d.image.build import BuildOptions, build_image  # noqa: E402

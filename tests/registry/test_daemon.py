@@ -84,3 +84,20 @@ async def test_reads_fetch_lazily_and_survive_faults(remote: Remote, daemon: Dae
         assert daemon.store.has_chunk(target.digest)  # written through
     assert daemon.source.mismatches == 1
     assert not daemon.kernel.bad_completions
+
+
+async def test_registry_source_is_warmed_up_only_for_stores_with_registry_blobs(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """`serve` creates the registry source after ready when the store needs it, not otherwise."""
+    from ondemand_d.config import Config
+    from ondemand_d.daemon import LazyRemoteSource
+
+    added = LazyRemoteSource(Config())
+    assert added.warm_up(LocalStore(tmp_path / "dst")) is True
+    assert added.stats() == {"registry_requests": 0, "registry_bytes": 0, "registry_chunks": 0,
+                             "registry_mismatches": 0}  # created, nothing fetched yet
+    local_only = LazyRemoteSource(Config())
+    assert local_only.warm_up(LocalStore(tmp_path / "src")) is False
+    assert local_only.stats() == {}  # never created
+    await added.aclose()
