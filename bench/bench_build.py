@@ -2,6 +2,7 @@
 """Image build speed against mkfs.erofs, and dedup between two versions of a tree.
 
     PYTHONPATH=. python3 bench/bench_build.py [--tree DIR] [--keep-site-packages] [--repeat N]
+        [--chunk-sizes 64K,4K]
 
 The tree (default: this Python's standard library, without site-packages) is
 copied once to a temporary directory, so both builders read the same files
@@ -9,7 +10,9 @@ from a warm page cache. Then:
 
 * `ondemand-d build` (into a fresh store) and `mkfs.erofs --chunksize=1048576
   --blobdev` (erofs-utils 1.5) each build it; best of --repeat runs; MB/s is
-  regular-file bytes per second; ratio = our time / mkfs time.
+  regular-file bytes per second; ratio = our time / mkfs time. Extra rows
+  build the same tree at other base chunk sizes (--chunk-sizes; store chunks
+  follow them, from 64 KiB to 1 MiB).
 * a second version of the tree (a few files changed, one added, one removed)
   is built into the same store; the table shows how much of it was already
   there. mkfs.erofs has no cross-image dedup, so its second blob is a full copy.
@@ -31,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ondemand_d.image.build import BuildOptions, build_image  # noqa: E402
+from ondemand_d.image.command import parse_size  # noqa: E402
 from ondemand_d.image.report import BuildReport  # noqa: E402
 from ondemand_d.image.source_dir import read_directory  # noqa: E402
 from ondemand_d.store import LocalStore  # noqa: E402
@@ -56,10 +60,14 @@ def _make_second_version(tree: Path) -> int:
     return len(changed) + 2
 
 
-def _ours(tree: Path, store: Path, name: str) -> tuple[float, BuildReport]:
+def _ours(tree: Path, store: Path, name: str, base: int = 1 << 20) -> tuple[float, BuildReport]:
     start = time.perf_counter()
-    report = build_image(read_directory(tree), LocalStore(store), name, BuildOptions())
+    report = build_image(read_directory(tree), LocalStore(store), name, BuildOptions(base))
     return time.perf_counter() - start, report
+
+
+def _label(base: int) -> str:
+    return f"{base >> 20} MiB" if base >= 1 << 20 else f"{base >> 10} KiB"
 
 
 def _mkfs(tree: Path, out: Path) -> tuple[float, int, int]:
@@ -78,6 +86,8 @@ def main() -> int:
     p.add_argument("--tree", type=Path, default=default_tree, help=f"default {default_tree}")
     p.add_argument("--keep-site-packages", action="store_true")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--chunk-sizes", default="64K,4K",
+                   type=lambda s: [parse_size(x) for x in s.split(",")], help="extra rows: ondemand-d build at these base chunk sizes (default 64K,4K)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp_name:
@@ -99,6 +109,12 @@ def main() -> int:
         print("|---|---:|---:|---:|---:|")
         print(f"| ondemand-d build (1 MiB base chunks) | {t_ours:.2f} | {data_mb / t_ours:.1f} "
               f"| {r1.bootstrap_bytes / MB:.2f} MB | {r1.new_blob_bytes / MB:.1f} MB |")
+        for base in args.chunk_sizes:
+            t, r = min((_ours(tree, tmp / f"store-{base}-{i}", "v1", base)
+                        for i in range(args.repeat)), key=lambda x: x[0])
+            print(f"| ondemand-d build --chunk-size {_label(base)} | {t:.2f} | "
+                  f"{data_mb / t:.1f} | {r.bootstrap_bytes / MB:.2f} MB "
+                  f"| {r.new_blob_bytes / MB:.1f} MB |")
         print(f"| mkfs.erofs 1.5 --chunksize=1048576 --blobdev | {t_mkfs:.2f} | "
               f"{data_mb / t_mkfs:.1f} | {meta / MB:.2f} MB | {blob / MB:.1f} MB |")
         print()
