@@ -98,7 +98,10 @@ class LazyRemoteSource:
         return False
 
     async def fetch(self, blob: Blob, chunks: Sequence[Chunk]) -> list[bytes]:
-        return await self._get().fetch(blob, chunks)  # type: ignore[no-any-return]
+        # Imported in a thread (or waited for, if warm_up is at it): the loop
+        # keeps serving other READs meanwhile.
+        source = self._source or await asyncio.to_thread(self._get)
+        return await source.fetch(blob, chunks)  # type: ignore[no-any-return]
 
     def prefetching(self) -> Any:
         """The source's low-priority context for whole-blob prefetch."""
