@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ondemand_d.guest.runner import ondemand_d_argv
+from ondemand_d.store.local import LocalStore
 
 DOMAIN = "demo"
+ID_WIDTH = 12  # blob ids are printed at this width everywhere (as `build` prints them)
 IMAGES = ("demo-a", "demo-b")
 # Stdlib packages copied into the sample trees: real files of many sizes.
 TREE_A = ("email", "json", "http", "logging", "xml")
@@ -35,7 +37,6 @@ TREE_B_EXTRA = ("asyncio",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     parser.add_argument("--workdir", type=Path, help="keep the demo's files here "
                         "(default: a new directory under /var/tmp)")
     parser.add_argument("--guest", action="store_true",
@@ -67,8 +68,8 @@ def prepare(work: Path) -> None:
         out = _cli("--store", str(work / "store"), "build", str(src), "--name", image,
                    "--replace", "--json")
         report = json.loads(out.stdout)
-        _say(f"  {report.get('files')} files, {report.get('chunks_new')} new chunks, "
-             f"{report.get('chunks_reused')} reused")
+        _say(f"  {report.get('files')} files; extents {report.get('chunks_new')} new, "
+             f"{report.get('chunks_reused')} reused; data blobs {_ids(report.get('blobs', []))}")
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -110,7 +111,7 @@ def inside(work: Path, cache_dir: Path) -> int:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
     elapsed = time.monotonic() - started
-    report(log_path, files, checked, elapsed)
+    report(log_path, work / "store", files, checked, elapsed)
     return 0 if checked == files and daemon.returncode == 0 else 1
 
 
@@ -126,26 +127,40 @@ def _wait_ready(log_path: Path, daemon: subprocess.Popen[bytes]) -> None:
     raise SystemExit("ondemand-d serve did not become ready in 120 s")
 
 
-def report(log_path: Path, files: int, checked: int, elapsed: float) -> None:
+def _short(key: str) -> str:
+    """A blob id at the width every id is printed at; image names as they are."""
+    return key[:ID_WIDTH] if len(key) == 64 else key  # noqa: PLR2004 - a sha256 hex id
+
+
+def _ids(blob_ids: list[str]) -> str:
+    return ", ".join(_short(b) for b in blob_ids) or "none"
+
+
+def report(log_path: Path, store_root: Path, files: int, checked: int, elapsed: float) -> None:
     """Print the request flow and a summary from the daemon's JSON log."""
     lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
     reqs = [e for e in lines if e.get("op") in ("OPEN", "READ", "CLOSE")]
     print("\nRequest flow (from the daemon's log; first 30 requests):")
-    print(f"{'op':5} {'msg':>5} {'obj':>4} {'key/blob':18} {'off':>10} {'len':>8} "
+    print(f"{'op':5} {'msg':>5} {'obj':>4} {'key/blob':{ID_WIDTH}} {'off':>10} {'len':>8} "
           f"{'chunks':>6} {'source':7} {'ms':>7} outcome")
     for e in reqs[:30]:
-        what = (e.get("key") or e.get("blob") or "")[:18]  # key: fsid, tag or device=
-        print(f"{e['op']:5} {e.get('msg_id', ''):>5} {e.get('object_id', ''):>4} {what:18} "
+        what = _short(e.get("key") or e.get("blob") or "")  # key: fsid, tag or device=
+        print(f"{e['op']:5} {e.get('msg_id', ''):>5} {e.get('object_id', ''):>4} "
+              f"{what:{ID_WIDTH}} "
               f"{e.get('off', ''):>10} {e.get('len', ''):>8} {e.get('chunks', ''):>6} "
               f"{e.get('source', ''):7} {e.get('duration_ms', ''):>7} {e.get('outcome', '')}")
     ops = Counter(e["op"] for e in reqs)
-    opened = Counter(e.get("key") for e in reqs if e["op"] == "OPEN")
+    opened = Counter(_short(e.get("key") or "") for e in reqs if e["op"] == "OPEN")
     read_bytes = sum(e.get("bytes", 0) for e in reqs if e["op"] == "READ")
     prefilled = sum(e.get("bytes", 0) for e in lines if e.get("event") == "prefilled")
     ahead = sum(e.get("bytes", 0) for e in lines if e.get("event") == "read_ahead")
     failed = sum(1 for e in reqs if e.get("outcome") not in (None, "ok"))
     print("\nSummary:")
-    print(f"  OPENs  {ops['OPEN']:>6}  ({', '.join(f'{k[:16]} x{n}' for k, n in opened.items())})")
+    print(f"  OPENs  {ops['OPEN']:>6}  ({', '.join(f'{k} x{n}' for k, n in opened.items())})")
+    for blob_id, names in _shared_blobs(store_root).items():
+        times = opened.get(_short(blob_id), 0)
+        print(f"  shared data blob {_short(blob_id)}: used by {' and '.join(names)}, "
+              f"OPENed {({1: 'once', 2: 'twice'}).get(times, f'{times} times')}, cached once")
     print(f"  READs  {ops['READ']:>6}  ({read_bytes} bytes written for them; {prefilled} bytes "
           f"of bootstrap prefilled; {ahead} bytes read ahead)")
     print(f"  CLOSEs {ops['CLOSE']:>6}")
@@ -153,6 +168,15 @@ def report(log_path: Path, files: int, checked: int, elapsed: float) -> None:
     print(f"  files read and compared with the source: {checked}/{files} identical")
     print(f"  time from daemon start to stop: {elapsed:.1f} s")
     print(f"  full log: {log_path}")
+
+
+def _shared_blobs(store_root: Path) -> dict[str, list[str]]:
+    """Data blobs that more than one image uses -> the names of those images."""
+    users: dict[str, list[str]] = {}
+    for image in LocalStore(store_root, create=False).images():
+        for _key, blob_id in image.devices:
+            users.setdefault(blob_id, []).append(image.name)
+    return {b: names for b, names in users.items() if len(names) > 1}
 
 
 def run(args: argparse.Namespace, ctx: Any) -> int:
@@ -168,10 +192,13 @@ def run(args: argparse.Namespace, ctx: Any) -> int:
         _say("this kernel has /dev/cachefiles: running here")
         rc = inside(work, work / "cache")
     else:
+        from ondemand_d.guest.kernel import cached_kernel  # noqa: PLC0415
         from ondemand_d.guest.runner import run_in_guest  # noqa: PLC0415
 
+        cached = cached_kernel()
         _say("no on-demand cachefiles in this kernel: booting the project's QEMU guest "
-             "(the first run builds its kernel, about 8 minutes)")
+             + (f"(kernel {cached})" if cached else
+                "(its kernel is built first, once per machine: 8 to 17 minutes on 2 cores)"))
         result = run_in_guest(
             [*ondemand_d_argv(), "demo", "--inside", "--workdir", str(work)],
             timeout=args.timeout, results_dir=work, env={"PYTHONPATH": _package_root()})

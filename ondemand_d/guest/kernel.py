@@ -230,6 +230,12 @@ def _cached(root: Path, fhash: str) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def cached_kernel(cache_dir: Path | None = None) -> Path | None:
+    """The cached bzImage for the current fragment, or None if the next use must build one."""
+    found = _cached(cache_dir or cache_root(), fragment_hash())
+    return found[0] if found else None
+
+
 def _unpack(deb: Path, dest: Path, progress: Progress) -> Path:
     """Unpack the source tarball inside the .deb to ``dest`` (once); return the tree."""
     if (dest / "Makefile").is_file():

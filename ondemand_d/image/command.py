@@ -81,6 +81,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     with open_source(args.source, spool_dir=store.root / "tmp") as root:
         report = build_image(root, store, args.name, options, progress)
     progress.done()
+    if report.new_blob:  # the store's count of chunks, as `ls` shows it
+        report.new_blob_chunks = len(store.get_blob(report.new_blob).chunks)
     if args.json:
         print(json.dumps(report.to_json(), sort_keys=True))
     else:

@@ -18,7 +18,13 @@ def human_bytes(n: int) -> str:
 
 @dataclass(slots=True)
 class BuildReport:
-    """Counters of one build; `blobs` lists the data blobs in device-slot order."""
+    """Counters of one build; `blobs` lists the data blobs in device-slot order.
+
+    `chunks_*` count the image's chunk-index entries (EROFS extents of file data, the unit of
+    dedup); `new_blob_chunks` counts the store's verified chunks of the new blob, the unit
+    `ls` shows and the daemon fetches. The summary calls the first "extents" and the second
+    "chunks", so that a word means one thing across commands.
+    """
 
     name: str
     bootstrap: str = ""
@@ -37,6 +43,7 @@ class BuildReport:
     bytes_saved: int = 0
     bootstrap_bytes: int = 0
     new_blob_bytes: int = 0
+    new_blob_chunks: int = 0
     xattrs_dropped: int = 0
     seconds: float = 0.0
 
@@ -53,15 +60,16 @@ class BuildReport:
     def summary(self) -> str:
         """One line saying what the build did."""
         new = (
-            f"1 new data blob {self.new_blob[:12]} ({human_bytes(self.new_blob_bytes)})"
+            f"1 new data blob {self.new_blob[:12]} ({human_bytes(self.new_blob_bytes)} in "
+            f"{self.new_blob_chunks} chunks)"
             if self.new_blob
             else "no new data blob"
         )
         return (
             f"built image {self.name!r}: {self.files} files, {human_bytes(self.bytes)}; "
-            f"chunks {self.chunks_total} total, {self.chunks_new} new, {self.chunks_reused} reused "
-            f"({human_bytes(self.bytes_saved)} saved), {self.holes} holes, "
-            f"{self.zero_chunks} zero-chunk refs; {new}, "
+            f"extents {self.chunks_total} total, {self.chunks_new} new, {self.chunks_reused} "
+            f"reused ({human_bytes(self.bytes_saved)} saved), {self.holes} holes, "
+            f"{self.zero_chunks} zero-extent refs; {new}, "
             f"{self.blobs_reused} existing blob(s) referenced; "
             f"bootstrap {self.bootstrap[:12]} ({human_bytes(self.bootstrap_bytes)}) "
             f"in {self.seconds:.1f}s"

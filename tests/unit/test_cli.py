@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ondemand_d import __version__
-from ondemand_d.cli import main
+from ondemand_d.cli import COMMANDS, main
 
 
 def _mkfs(tmp_path, blobdev: bool):
@@ -83,3 +83,47 @@ def test_console_script_runs():
                          text=True, check=True).stdout
     for command in ("serve", "import", "ls", "build", "push", "add", "demo"):
         assert command in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_a_one_line_description_and_help(command, capsys):
+    """`--help` lists each command with one plain line; `COMMAND --help` works for each."""
+    text = COMMANDS[command].help
+    assert text and "\n" not in text and not text.startswith(("`", " ")) and len(text) < 90
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: ondemand-d {command}")
+    assert "--store" in out and "--log-level" in out  # global options after the command too
+
+
+def test_demo_summary_names_the_shared_blob(tmp_path, capsys):
+    """demo's summary says which data blob both images use and that it was OPENed once."""
+    from ondemand_d.guest import demo
+    from ondemand_d.store.local import LocalStore
+
+    src_a = tmp_path / "a"
+    src_a.mkdir()
+    (src_a / "big").write_bytes(os.urandom(200_000))
+    src_b = tmp_path / "b"
+    import shutil
+    shutil.copytree(src_a, src_b)
+    (src_b / "extra").write_bytes(os.urandom(50_000))
+    store = tmp_path / "store"
+    for name, src in (("demo-a", src_a), ("demo-b", src_b)):
+        assert main(["--store", str(store), "build", str(src), "--name", name]) == 0
+    capsys.readouterr()
+    images = {i.name: i for i in LocalStore(store).images()}
+    shared = images["demo-a"].devices[0][1]
+    assert shared in {b for _, b in images["demo-b"].devices}
+    log = tmp_path / "daemon.log"
+    opens = [{"op": "OPEN", "msg_id": n, "object_id": n, "key": key, "blob": blob}
+             for n, (key, blob) in enumerate([("demo-a", images["demo-a"].bootstrap),
+                                              (shared, shared),
+                                              ("demo-b", images["demo-b"].bootstrap)])]
+    log.write_text("".join(json.dumps(e) + "\n" for e in opens))
+    demo.report(log, store, files=3, checked=3, elapsed=1.0)
+    out = capsys.readouterr().out
+    assert f"shared data blob {shared[:12]}: used by demo-a and demo-b, OPENed once" in out
+    assert f"{shared[:12]} x1" in out and shared[:13] not in out  # ids at one width

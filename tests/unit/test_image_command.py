@@ -36,7 +36,10 @@ def test_build_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[st
     store = tmp_path / "store"
     assert main(["--store", str(store), "build", str(_src(tmp_path)), "--name", "app"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("built image 'app': 2 files, 97.7 KiB; chunks 1 total, 1 new")
+    assert out[0].startswith("built image 'app': 2 files, 97.7 KiB; extents 1 total, 1 new")
+    image = LocalStore(store).get_image("app")
+    (data,) = [LocalStore(store).get_blob(b) for _, b in image.devices]
+    assert f"in {len(data.chunks)} chunks)" in out[0]  # the count `ls` shows
     assert out[1] == "mount it with: mount -t erofs none -o fsid=app /mnt"
     assert LocalStore(store).get_image("app").devices
 
