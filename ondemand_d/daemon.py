@@ -92,7 +92,7 @@ class LazyRemoteSource:
 
     def warm_up(self, store: LocalStore) -> bool:
         """Create the source now if `store` has registry blobs (blocking: run in a thread)."""
-        if self._source is None and any(blob.is_remote for blob in store.blobs()):
+        if self._source is None and any(store.get_blob(b).is_remote for b in store.blob_ids()):
             self._get()
             return True
         return False
