@@ -15,7 +15,8 @@ means the same wherever it is written, and every error names the key and where i
 
 The type annotation decides the parsing (``Path``, ``Path | None``, ``int``, ``float``, ``bool``,
 ``str``, ``tuple[str, ...]``/``frozenset[str]`` as a TOML list or a comma-separated string);
-``size=True`` also accepts ``64K``/``4M``/``1G``; ``choices`` and ``between`` check the value.
+``size=True`` also accepts ``64K``/``4M``/``1G``; ``choices``, ``between`` and ``check`` (a
+function that says what is wrong with a value) check it.
 The file, the environment variable and the ``serve`` flag (``flag=False`` for none) then exist
 without further code; add the key to ``systemd/config.toml.example`` (a test checks that every
 key is there) and a line to ``tests/unit/test_config.py``'s table of keys.
@@ -49,14 +50,26 @@ MOVED = {"registry_config": "[registry] docker_config", "ca_file": "[registry] c
          "insecure_registries": "[registry] insecure"}
 
 
+def _tag(tag: str) -> str | None:
+    if not tag or len(tag) > 64 or any(c.isspace() for c in tag):  # noqa: PLR2004
+        return "must be 1-64 characters without spaces"
+    return None
+
+
+def _absolute(path: Path) -> str | None:
+    return None if path.is_absolute() else "must be an absolute path"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Everything the commands and `ondemand-d serve` need to know (see the module doc)."""
 
     store: Path = setting(Path("/var/lib/ondemand-d/store"), "the store directory", flag=False)
     cache_dir: Path = setting(Path("/var/cache/ondemand-d"),
-                              "cachefiles cache directory (ext4, xfs or btrfs; not tmpfs)")
-    tag: str = setting("ondemand-d", "cachefiles cache tag (1-64 characters, no spaces)")
+                              "cachefiles cache directory (ext4, xfs or btrfs; not tmpfs)",
+                              check=_absolute)
+    tag: str = setting("ondemand-d", "cachefiles cache tag (1-64 characters, no spaces)",
+                       check=_tag)
     device: Path = setting(Path("/dev/cachefiles"), "the cachefiles devnode")
     concurrency: int = setting(64, "READs filled at once; more wait in the kernel's queue",
                                between=(1, 4096))
@@ -73,7 +86,8 @@ class Config:
     log_level: str = setting("info", "debug shows each step of every READ",
                              choices=("debug", "info", "warning", "error"), flag=False)
     native: str = setting("auto", "READ fill backend: the C shim (cffi) or pure Python",
-                          choices=("auto", "cffi", "python"))
+                          choices=("auto", "cffi", "python"),
+                          aliases={"0": "python", "1": "cffi"})  # ONDEMAND_D_NATIVE's old ones
     control_socket: Path | None = setting(Path("/run/ondemand-d/control.sock"),
                                           'the control socket (root only; "" turns it off)')
     images_dir: Path | None = setting(
@@ -128,13 +142,22 @@ def keys() -> Iterator[Key]:
 KEYS = {k.name: k for k in keys()}
 
 
-def convert(key: Key, raw: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch per type
+def convert(key: Key, raw: Any) -> Any:
     """Turn a TOML, environment or flag value into the key's type, checked.
 
     Raises:
         ValueError: with the reason (the caller adds the key and where it came from).
     """
     kind = str(key.field.type)
+    meta = key.meta
+    value = _typed(key, kind, raw)
+    problem = meta["check"](value) if meta.get("check") and value is not None else None
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _typed(key: Key, kind: str, raw: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch per type
     meta = key.meta
     if "Path" in kind:
         if raw in (None, ""):
@@ -169,14 +192,12 @@ def convert(key: Key, raw: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch p
         return value
     if not isinstance(raw, str):
         raise ValueError("needs a string")
+    raw = meta.get("aliases", {}).get(raw, raw)
     choices = meta.get("choices")
-    if key.name == "native":
-        raw = {"0": "python", "1": "cffi"}.get(raw, raw)  # ONDEMAND_D_NATIVE's old spelling
     if choices and raw not in choices:
         raise ValueError(f"must be one of {', '.join(choices)}")
-    if key.name == "tag" and (not raw or len(raw) > 64 or any(c.isspace() for c in raw)):  # noqa: PLR2004
-        raise ValueError("must be 1-64 characters without spaces")
     return raw
+
 
 
 def _number(raw: Any, kind: str, *, size: bool) -> int | float:
@@ -235,11 +256,7 @@ def load(
             tables[table] = type(Config.__dataclass_fields__[table].default_factory())(**sub)  # type: ignore[misc]
         except ConfigError as exc:
             raise ConfigError(f"[{table}]: {exc}") from None
-    cfg = Config(**top, **tables)
-    if not cfg.cache_dir.is_absolute():
-        msg = f"key 'cache_dir': {cfg.cache_dir} must be an absolute path"
-        raise ConfigError(msg)
-    return cfg
+    return Config(**top, **tables)
 
 
 def _file_values(text: str, source: str) -> Iterator[tuple[str, Any]]:

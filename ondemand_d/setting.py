@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -17,7 +18,9 @@ _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 
 def setting(default: Any = dataclasses.MISSING, doc: str = "", *, size: bool = False,
             choices: tuple[str, ...] = (), between: tuple[float, float] | None = None,
-            flag: bool | str = True, default_factory: Any = dataclasses.MISSING) -> Any:
+            flag: bool | str = True, check: Callable[[Any], str | None] | None = None,
+            aliases: Mapping[str, str] | None = None,
+            default_factory: Any = dataclasses.MISSING) -> Any:
     """A configuration key: a dataclass field whose metadata says how to parse and check it.
 
     Args:
@@ -27,8 +30,11 @@ def setting(default: Any = dataclasses.MISSING, doc: str = "", *, size: bool = F
         between: inclusive bounds of a number.
         flag: whether ``serve`` gets a flag for it (a string: the flag's spelling, when it is
             not ``--`` and the key's name with dashes).
+        check: called with the typed value; returns what is wrong with it, or None.
+        aliases: other spellings of a string value (e.g. ``{"0": "python"}``).
     """
-    meta = {"doc": doc, "size": size, "choices": choices, "between": between, "flag": flag}
+    meta = {"doc": doc, "size": size, "choices": choices, "between": between, "flag": flag,
+            "check": check, "aliases": aliases or {}}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

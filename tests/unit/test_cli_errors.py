@@ -399,3 +399,16 @@ def test_readme_exit_code_table_is_the_one_tested() -> None:
     assert {c.code for c in CASES.values()} == {1, 2, 3, 4}
     assert (errors.OndemandError.exit_code, errors.UsageError.exit_code,
             errors.ConfigError.exit_code, errors.DeviceError.exit_code) == (1, 2, 3, 4)
+
+
+def test_directory_mtime_before_1970_is_clamped_with_a_warning(tmp_path: Path) -> None:
+    """A directory source's pre-1970 mtime takes the same path as a tarball's: clamped, named."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_bytes(b"old\n")
+    os.utime(src / "old", ns=(-5 * 10**9, -5 * 10**9))
+    done = run_cli("--store", tmp_path / "s", "build", src, "--name", "d")
+    assert done.returncode == 0, done.stderr
+    warnings = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [(w["event"], w["entry"], w["to_ns"]) for w in warnings] == \
+        [("mtime_clamped", "/old", 0)]
