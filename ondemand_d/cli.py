@@ -75,6 +75,12 @@ COMMANDS: dict[str, Command] = {
                      "side)", "ondemand_d.control.trace_cli"),
     "cull": Command("free the cache files of an image, or of every unused blob (--unused)",
                     "ondemand_d.control.cull"),
+    "rm": Command("remove images from the store ('gc' then frees what no image uses)",
+                  "ondemand_d.store.command", "add_rm_arguments", "run_rm"),
+    "gc": Command("free the blobs and chunks no image and no running daemon uses",
+                  "ondemand_d.store.command", "add_gc_arguments", "run_gc"),
+    "fsck": Command("check every record and chunk of the store; --repair quarantines damage",
+                    "ondemand_d.store.command", "add_fsck_arguments", "run_fsck"),
 }
 #: Global options that take a value (to find the command in argv without parsing it).
 _GLOBAL_VALUED = ("--store", "--config", "--log-level")
@@ -346,7 +352,7 @@ def _import(args: argparse.Namespace, ctx: Context) -> int:
     check_inputs(args.name, args.image, blobs)
     store = ctx.store(create=True)
     image = import_image(store, args.name, args.image, blobs, chunk_size=args.chunk_size,
-                         replace=args.replace)
+                         replace=args.replace, max_chunk=ctx.cfg.max_chunk)
     sizes = [store.get_blob(b).size for b in image.blob_ids]
     print(f"imported {image.name}: bootstrap {image.bootstrap[:12]} ({sizes[0]} bytes), "
           f"{len(image.devices)} data blob(s) ({sum(sizes[1:])} bytes) into {store.root}")

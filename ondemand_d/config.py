@@ -93,6 +93,8 @@ class Config:
     images_dir: Path | None = setting(
         None, "serve the EROFS image files in DIR by name (fsid=FILE), without importing and "
         "WITHOUT verifying anything (for debugging kernels and images)", flag="--images")
+    max_chunk: int = setting(4 << 20, "largest chunk accepted from an image at add and import",
+                             size=True, between=(4096, 1 << 30), flag=False)
     hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "
                                      "stops the watchdog", between=(0.001, 86400))
     registry: RegistryConfig = field(default_factory=RegistryConfig)

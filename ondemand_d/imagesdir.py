@@ -71,6 +71,16 @@ class ImagesDir:
                 self._versions[version] = self._blobs[blob.blob_id] = blob
         return blob
 
+    def open_blob(self, key: bytes) -> Blob:
+        """resolve() for an OPEN; nothing here is ever garbage collected, so no lease."""
+        return self.resolve(key)
+
+    def lease_settled(self, _blob_id: str | None, _open_blobs: set[str]) -> None:
+        pass
+
+    def keep_open(self, _open_blobs: set[str]) -> None:
+        pass
+
     def read_chunk(self, chunk: Chunk) -> bytes:
         """The bytes at the chunk's place in its file, unverified."""
         try:

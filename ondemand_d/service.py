@@ -214,6 +214,7 @@ class Service:
             elif isinstance(action, protocol.CloseFd):
                 _close_quietly(action.fd)
                 self._written.pop(action.object_id, None)
+                self.store.keep_open(self.objects.blob_ids())
                 if len(self._blobs) > 2 * len(self.objects) + 8:  # keep chunk tables in use
                     keep = self.objects.blob_ids()
                     self._blobs = {k: v for k, v in self._blobs.items() if k in keep}
@@ -291,9 +292,11 @@ class Service:
                 prefill=prefill,
             )
         )
+        if blob is not None:
+            self.store.lease_settled(blob.blob_id, self.objects.blob_ids())
 
     def _resolve(self, key: bytes) -> tuple[Blob, bool]:
-        blob = self.store.resolve(key)
+        blob = self.store.open_blob(key)  # leased: gc keeps it while it is open
         self._blobs[blob.blob_id] = blob  # READs use this copy: no store access per READ
         return blob, self.store.has_image(key.decode())
 

@@ -89,6 +89,10 @@ class LayerStack:
             ) as tar:
                 for member in tar:
                     self._member(tar, member)
+                # tar stops at its end marker; the gzip trailer (CRC-32, length) and a zstd
+                # frame's checksum are only checked once the stream is read to its end.
+                while stream is not raw and stream.read(1 << 20):
+                    pass
         except ImageError:
             raise
         except OSError as exc:

@@ -120,7 +120,7 @@ def run_add(args: argparse.Namespace, ctx: Context) -> int:
     """Register `args.reference` in the store (metadata only); return 0."""
     ref = _reference(args.reference)
     store = ctx.store(create=True)
-    result = asyncio.run(_add(args, _config(args, ctx, ref), store, ref))
+    result = asyncio.run(_add(args, _config(args, ctx, ref), store, ref, ctx.cfg.max_chunk))
     print(
         f"added {ref} as {result.name} ({result.manifest_digest}): {result.blobs} blobs, "
         f"{human_size(result.bytes_downloaded)} downloaded, "
@@ -130,6 +130,7 @@ def run_add(args: argparse.Namespace, ctx: Context) -> int:
 
 
 async def _add(args: argparse.Namespace, config: RegistryConfig, store: LocalStore,
-               ref: reference.Reference) -> AddResult:
+               ref: reference.Reference, max_chunk: int) -> AddResult:
     async with RegistryClient(config) as client:
-        return await add(store, ref, client, name=args.name, replace=args.replace)
+        return await add(store, ref, client, name=args.name, replace=args.replace,
+                         max_chunk=max_chunk)

@@ -24,14 +24,19 @@ class _Faults:
     """The injection plan from the environment, and per-step counters."""
 
     def __init__(self) -> None:
-        self.step = ""
-        self.at = 0
-        self.kind = ""
+        self.arm(os.environ.get(_FAULT_ENV, ""))
+
+    def arm(self, spec: str) -> None:
+        """Plan one fault ("STEP:N:KIND"), or none (""); counting starts again."""
+        self.step, self.at, self.kind = "", 0, ""
         self.counts: dict[str, int] = {}
-        spec = os.environ.get(_FAULT_ENV, "")
         if spec:
             step, at, kind = spec.split(":")
             self.step, self.at, self.kind = step, int(at), kind.upper()
+
+    def count_only(self) -> None:
+        """Count every step without failing any (to learn how many a command takes)."""
+        self.arm("none:0:EIO")
 
     def hit(self, step: str, path: object) -> None:
         if not self.step:

@@ -42,8 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ondemand_d.errors import ChunkNotFound, StoreError, UnknownName
 from ondemand_d.store import durable
+from ondemand_d.store.lease import Lease, gc_lock
 from ondemand_d.store.model import (
     PAGE,
     Blob,
@@ -55,6 +58,8 @@ from ondemand_d.store.model import (
     is_content_id,
 )
 from ondemand_d.store.verify import verified
+
+log = structlog.get_logger()
 
 #: Chunk size used when a blob is ingested whole (import); the daemon fills a
 #: whole chunk per READ, and vm.md measured 1 MiB as a good trade.
@@ -88,6 +93,7 @@ class LocalStore:
         self._chunk_dir = str(self.root / "chunks")
         self._blob_cache: dict[str, tuple[tuple[int, int], Blob]] = {}
         self._undo: _Undo | None = None
+        self._lease: Lease | None = None
         fmt = self.root / "format"
         if (self.root / "names").is_dir():
             msg = (
@@ -280,6 +286,28 @@ class LocalStore:
         msg = f"no image or blob is registered under {text!r}"
         raise UnknownName(msg)
 
+    def open_blob(self, key: bytes) -> Blob:
+        """resolve() for the daemon's OPEN: the blob is in this process's lease before
+        gc can judge it (see lease.py); `lease_settled` ends the OPEN."""
+        with gc_lock(self.root, exclusive=False):
+            blob = self.resolve(key)
+            self.lease.begin(blob.blob_id)
+        return blob
+
+    def lease_settled(self, blob_id: str | None, open_blobs: set[str]) -> None:
+        """An OPEN was answered; `open_blobs` are the blobs of every open object now."""
+        self.lease.settle(blob_id, open_blobs)
+
+    def keep_open(self, open_blobs: set[str]) -> None:
+        """Objects closed: the lease now covers only `open_blobs` (and OPENs in progress)."""
+        self.lease.keep(open_blobs)
+
+    @property
+    def lease(self) -> Lease:
+        if self._lease is None:
+            self._lease = Lease(self.root)
+        return self._lease
+
     def _check_keys(self, image: Image) -> None:
         """Refuse an image whose name or free device keys would answer for another image's."""
         for name in self.key_user_names(image.name):
@@ -305,6 +333,19 @@ class LocalStore:
                         "remove that image"
                     )
                     raise StoreError(msg)
+
+    @staticmethod
+    def load_record(path: Path) -> dict[str, Any]:
+        """A JSON record; StoreError if damaged, FileNotFoundError if absent."""
+        return _load(path)
+
+    def key_entry_key(self, entry: Path) -> str | None:
+        """The key a keys/ entry file is for, or None if the entry is damaged or misplaced."""
+        try:
+            key = str(_load(entry)["key"])
+        except (OSError, StoreError, KeyError):
+            return None
+        return key if self._key_dir(key) == entry.parent else None
 
     def key_user_names(self, key: str) -> list[str]:
         """Names of the images other than `key` itself that list `key` as a device key."""
@@ -336,9 +377,13 @@ class LocalStore:
                 entry.parent.mkdir(exist_ok=True)
                 self._write_record(entry, _dumps({"key": key, "image": image.name}))
         self._make_durable()
-        self._write_record(path, _dumps(image.to_json()))
+        self._write(path, _dumps(image.to_json()), mode=0o644, sync=True)  # the commit
         if self._undo is not None:
             self._undo.paths.clear()  # committed: nothing after this point is taken back
+        try:
+            durable.fsync_dir(path.parent)
+        except OSError as exc:  # the image is in place; a power loss now could only undo it
+            log.warning("image_not_durable", image=image.name, error=str(exc))
         if old is not None:
             self._release(image.name, set(old.owned_keys[1:]) - set(image.owned_keys[1:]))
 

@@ -1,0 +1,170 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`ondemand-d fsck [--repair]`: check every record and chunk, say what is damaged and whom it hurts.
+
+Checked: image records (readable, name matches), blob records (readable, id is
+the content id of the table), every blob an image names is present, every
+chunk file hashes to its name, every local chunk of a named blob is present
+(chunks with a remote range may be absent: they are fetched on READ), dedup
+records, key entries.
+
+`--repair` quarantines damaged files (moved to quarantine/, kept for a look)
+and drops stale key entries. A quarantined chunk or blob record is written
+again when the same content arrives (build, import, add, or a READ with
+write-through), since every write verifies what is already there.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ondemand_d.errors import StoreError
+from ondemand_d.store import durable
+from ondemand_d.store.local import LocalStore
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    kind: str  # image-record, blob-record, blob-missing, chunk-damaged, chunk-missing, ...
+    path: str
+    detail: str
+    images: tuple[str, ...] = ()  # the images that read wrong or fail because of it
+    repaired: str = ""  # what --repair did about it
+
+
+@dataclass
+class FsckReport:
+    images: int = 0
+    blobs: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def affected(self) -> list[str]:
+        return sorted({name for p in self.problems for name in p.images})
+
+
+def fsck(store: LocalStore, *, repair: bool = False,
+         progress: Callable[[str], None] | None = None) -> FsckReport:
+    """Check the whole store; with `repair`, quarantine what is damaged."""
+    say = progress or (lambda _msg: None)
+    report = FsckReport()
+    with store.writer_lock():
+        images, damaged = store.scan_images()
+        report.images = len(images) + len(damaged)
+        for d in damaged:
+            done = f"{_quarantine(store, d.path)}; import, build or add it again" if repair else ""
+            report.problems.append(Problem("image-record", str(d.path), d.error,
+                                           (d.path.stem,), done))
+        users: dict[str, set[str]] = defaultdict(set)  # blob id -> image names
+        for image in images:
+            for blob_id in image.blob_ids:
+                users[blob_id].add(image.name)
+        chunk_users: dict[str, set[str]] = defaultdict(set)  # digest -> image names
+        local_needed: dict[str, set[str]] = defaultdict(set)  # digest -> images needing it here
+        present = set(store.blob_ids())
+        say(f"checking {len(present)} blob record(s)")
+        for blob_id in sorted(present | set(users)):
+            report.blobs += 1
+            who = tuple(sorted(users.get(blob_id, ())))
+            if blob_id not in present:
+                report.problems.append(Problem("blob-missing", str(store.blob_path(blob_id)),
+                                               "an image names this blob", who))
+                continue
+            try:
+                blob = store.get_blob(blob_id)
+            except StoreError as exc:
+                done = _quarantine(store, store.blob_path(blob_id)) if repair else ""
+                report.problems.append(Problem("blob-record", str(store.blob_path(blob_id)),
+                                               str(exc), who, done))
+                if done and who:
+                    report.problems.append(Problem(
+                        "blob-missing", str(store.blob_path(blob_id)),
+                        "build, import or add the same content again to restore it", who))
+                continue
+            for chunk in blob.chunks:
+                chunk_users[chunk.digest].update(who)
+                if chunk.remote is None:
+                    local_needed[chunk.digest].update(who)
+        _check_chunks(store, report, chunk_users, local_needed, repair=repair, say=say)
+        _check_dedup(store, report, repair=repair)
+        _check_keys(store, report, repair=repair)
+    return report
+
+
+def _check_chunks(
+    store: LocalStore,
+    report: FsckReport,
+    users: dict[str, set[str]],
+    needed: dict[str, set[str]],
+    *,
+    repair: bool,
+    say: Callable[[str], None],
+) -> None:
+    seen: set[str] = set()
+    for sub in sorted((store.root / "chunks").iterdir()):
+        for path in sorted(sub.iterdir()):
+            report.chunks += 1
+            seen.add(path.name)
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+                        report.bytes += len(block)
+            except OSError as exc:
+                detail = f"unreadable: {exc.strerror}"
+            else:
+                if h.hexdigest() == path.name and path.parent.name == path.name[:2]:
+                    continue
+                detail = f"content hashes to {h.hexdigest()}"
+            done = _quarantine(store, path) if repair else ""
+            report.problems.append(Problem("chunk-damaged", str(path), detail,
+                                           tuple(sorted(users.get(path.name, ()))), done))
+            seen.discard(path.name)
+        if report.chunks % 1000 == 0:
+            say(f"checked {report.chunks} chunk(s)")
+    for digest in sorted(set(needed) - seen):
+        report.problems.append(Problem(
+            "chunk-missing", str(store.chunk_path(digest)),
+            "a blob's local chunk is absent; build, import or add the same content again "
+            "to restore it", tuple(sorted(needed[digest]))))
+
+
+def _check_dedup(store: LocalStore, report: FsckReport, *, repair: bool) -> None:
+    for path in sorted((store.root / "dedup").glob("*.json")):
+        try:
+            raw = store.load_record(path)
+            ok = raw.get("blob") == path.stem and isinstance(raw.get("extents"), list)
+        except StoreError:
+            ok = False
+        if not ok:
+            done = _quarantine(store, path) if repair else ""
+            report.problems.append(Problem("dedup-record", str(path),
+                                           "damaged (only costs dedup)", (), done))
+
+
+def _check_keys(store: LocalStore, report: FsckReport, *, repair: bool) -> None:
+    for key_dir in sorted((store.root / "keys").iterdir()):
+        for entry in sorted(key_dir.iterdir()):
+            key = store.key_entry_key(entry)
+            try:
+                image = store.get_image(entry.name)
+            except StoreError:
+                image = None
+            if key is not None and image is not None and image.blob_for(key) is not None:
+                continue
+            done = ""
+            if repair:
+                durable.unlink(entry)
+                done = "removed"
+            report.problems.append(Problem("key-entry", str(entry),
+                                           "stale (its image is gone or no longer lists the key)",
+                                           (), done))
+
+
+def _quarantine(store: LocalStore, path: Path) -> str:
+    return f"quarantined to {store.quarantine(path)}"
