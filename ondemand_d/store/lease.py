@@ -31,8 +31,17 @@ GC_LOCK = "gc.lock"
 
 @contextlib.contextmanager
 def gc_lock(root: Path, *, exclusive: bool) -> Iterator[None]:
-    """Shared for a daemon resolving a key, exclusive for gc marking and removing records."""
-    fd = os.open(root / GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    """Shared for a daemon resolving a key, exclusive for gc marking and removing records.
+
+    A daemon serving a read-only store (no gc can run there) goes without.
+    """
+    try:
+        fd = os.open(root / GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        if exclusive:
+            raise
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
@@ -55,6 +64,7 @@ class Lease:
         self._pending: Counter[str] = Counter()
         self._live: frozenset[str] = frozenset()
         self._written: frozenset[str] = frozenset()
+        self._warned = False
 
     def begin(self, blob_id: str) -> None:
         with self._mutex:
@@ -82,18 +92,20 @@ class Lease:
         ids = self._live | frozenset(self._pending)
         if ids == self._written:
             return
-        if self._lock_fd is None:
-            fd = os.open(self._dir / f"{self._name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                         0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._lock_fd = fd
         tmp = self._dir / f"{self._name}.tmp"
         # No fsync: after a crash the process is gone, and so is its lease.
         try:
+            if self._lock_fd is None:
+                fd = os.open(self._dir / f"{self._name}.lock",
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._lock_fd = fd
             tmp.write_text(json.dumps(sorted(ids)))
             os.replace(tmp, self._dir / f"{self._name}.json")
         except OSError as exc:  # serving goes on; only a concurrent gc could now take too much
-            log.warning("lease_write_failed", error=str(exc), blobs=len(ids))
+            if not self._warned:  # once: a read-only store fails every time
+                log.warning("lease_write_failed", error=str(exc), blobs=len(ids))
+                self._warned = True
             return
         self._written = ids
 

@@ -123,3 +123,17 @@ def test_build_racing_gc_loses_nothing(tmp_path: Path) -> None:
         assert snapshot(builder, f"img{i}") == snapshot(reference, f"img{i}")
     assert [i.name for i in builder.images()] == ["img1", "img3", "img5"]
     assert not fsck(builder).problems
+
+
+async def test_a_store_without_lease_files_still_serves(env) -> None:
+    """A read-only store (no gc.lock, no leases/ to write): OPENs and READs go on."""
+    build_image(_tree(7), env.store, "ro")
+    (env.store.root / "leases").rmdir()
+    (env.store.root / "leases").write_text("not a directory")
+    (env.store.root / "gc.lock").unlink(missing_ok=True)
+    (env.store.root / "gc.lock").mkdir()
+    (_, data_id), = env.store.get_image("ro").devices
+    obj = await env.kernel.open(data_id.encode())
+    assert obj.copen_result and obj.copen_result > 0
+    assert await env.kernel.read(obj, 0, MiB)
+    assert env.kernel.cache_bytes(obj)[:MiB] == random.Random(7).randbytes(MiB + 77 * 7)[:MiB]
