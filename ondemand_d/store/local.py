@@ -166,6 +166,14 @@ class LocalStore(RecordStore):
         return [i.name for i in self.key_users(key) if i.name != key]
 
     def put_image(self, image: Image, *, replace: bool = False) -> None:
+        """Register an image (see _put_image); takes the writer lock unless in a transaction."""
+        if self._undo is not None:
+            self._put_image(image, replace=replace)
+            return
+        with self.writer_lock():
+            self._put_image(image, replace=replace)
+
+    def _put_image(self, image: Image, *, replace: bool) -> None:
         """Register an image: its key entries first, then its record (the commit point).
 
         Callers hold the writer lock (transaction), so the checks and the writes

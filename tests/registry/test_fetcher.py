@@ -65,3 +65,24 @@ async def test_mismatch_is_not_kept(
         await source.aclose()
     assert data == [remote.data[chunk.offset : chunk.end]]
     assert store.has_chunk(chunk.digest)
+
+
+async def test_a_damaged_local_chunk_is_fetched_again_and_rewritten(
+    remote: Remote, tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    """Write-through heals: a local chunk that fails its digest is fetched and replaced."""
+    store = LocalStore(tmp_path / "dst")
+    source = RegistrySource(FAST)
+    fetcher = ChunkFetcher(store, executor, source, write_through=True, cache_bytes=0)
+    chunk = remote.blob.chunks[2]
+    want = [remote.data[chunk.offset : chunk.end]]
+    try:
+        assert (await asyncio.wait_for(fetcher.get(remote.blob, (chunk,)), BOUND_S))[0] == want
+        path = store.chunk_path(chunk.digest)
+        path.chmod(0o644)
+        path.write_bytes(b"")  # empty, as a power loss can leave it
+        data, where = await asyncio.wait_for(fetcher.get(remote.blob, (chunk,)), BOUND_S)
+    finally:
+        await source.aclose()
+    assert (data, where) == (want, "remote")
+    assert store.chunk_ok(chunk.digest, chunk.length)

@@ -99,3 +99,11 @@ def test_failed_transaction_leaves_store_unchanged(tmp_path):
     assert after == before
     with pytest.raises(UnknownName):
         store.resolve(b"img")
+
+
+def test_a_format_1_store_is_refused_with_a_way_out(tmp_path):
+    (tmp_path / "old" / "names").mkdir(parents=True)
+    (tmp_path / "old" / "chunks").mkdir()
+    with pytest.raises(StoreError, match="older ondemand-d.*create a new store"):
+        LocalStore(tmp_path / "old")
+    assert not (tmp_path / "old" / "format").exists()
