@@ -18,6 +18,7 @@ from ondemand_d.errors import ImageError, StoreError, UnknownName
 from ondemand_d.image.build import BuildOptions, build_image
 from ondemand_d.image.tree import Node, directory, regular
 from ondemand_d.importer import import_image
+from ondemand_d.store.fsck import fsck
 from ondemand_d.store.model import Blob, Chunk, Image
 
 MiB = 1 << 20
@@ -69,6 +70,7 @@ async def test_device_key_equal_to_another_images_blob_id_is_refused(env) -> Non
     assert not env.store.has_image("evil")
     assert await _served(env, victim_id.encode()) == victim_bytes
     assert await _served(env, b"X") == _blob_bytes(env, env.store.get_image("X").bootstrap)
+    assert not fsck(env.store).problems  # the refused import left nothing damaged
 
 
 async def test_image_named_like_a_device_key_is_refused_both_ways(env) -> None:
@@ -87,6 +89,7 @@ async def test_image_named_like_a_device_key_is_refused_both_ways(env) -> None:
     assert await _served(env, b"bar") == bar_boot
     with pytest.raises(UnknownName):
         env.store.get_image("B")
+    assert not fsck(env.store).problems
 
 
 async def test_two_images_with_the_same_device_key_second_is_refused(env) -> None:
@@ -100,6 +103,7 @@ async def test_two_images_with_the_same_device_key_second_is_refused(env) -> Non
     # The same key under --replace of its own image moves with the image.
     import_image(env.store, "one", meta2, [(blob2, "blob.img")], replace=True)
     assert await _served(env, b"blob.img") == blob2.read_bytes()
+    assert not fsck(env.store).problems
 
 
 async def test_images_may_share_a_device_key_for_the_same_blob(env) -> None:
