@@ -16,3 +16,32 @@ def _fresh_structlog():
     """A test that configured logging (e.g. via `serve`) must not leak it into the next."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _stores_stay_clean(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Every store a test opened in this process passes `fsck` when the test is done.
+
+    Tests that damage a store on purpose say so with `@pytest.mark.damages_store`.
+    """
+    from ondemand_d.store.local import LocalStore
+
+    roots: list[Path] = []
+    real_init = LocalStore.__init__
+
+    def recording_init(self: LocalStore, root: "str | os.PathLike[str]", **kw: object) -> None:
+        real_init(self, root, **kw)  # type: ignore[arg-type]
+        roots.append(Path(root))
+
+    monkeypatch.setattr(LocalStore, "__init__", recording_init)
+    yield
+    monkeypatch.setattr(LocalStore, "__init__", real_init)
+    if request.node.get_closest_marker("damages_store"):
+        return
+    from ondemand_d.store.fsck import fsck
+
+    for root in dict.fromkeys(r.resolve() for r in roots):
+        if not (root / "images").is_dir():
+            continue  # removed by the test, or never became a store
+        report = fsck(LocalStore(root, create=False))
+        assert not report.problems, f"store {root} is damaged after the test: {report.problems}"

@@ -164,6 +164,7 @@ async def test_malformed_messages_are_survived(env):
     assert len(_events(env, "malformed_message")) == 4
 
 
+@pytest.mark.damages_store
 async def test_missing_chunk_fails_that_read_only(env):
     blob, source = _ingest(env, 4 << 20)
     env.store.chunk_path(blob.chunks[1].digest).unlink()
@@ -177,6 +178,7 @@ async def test_missing_chunk_fails_that_read_only(env):
     assert len(failed) == 1 and failed[0]["error_type"] == "ChunkNotFound"
 
 
+@pytest.mark.damages_store
 async def test_corrupt_chunk_is_never_written(env):
     """A chunk whose bytes do not match its digest: EIO, and not one byte reaches the cache."""
     blob, _ = _ingest(env, 3 << 20)
@@ -197,6 +199,7 @@ async def test_corrupt_chunk_is_never_written(env):
     _all_complete_once(env.kernel)
 
 
+@pytest.mark.damages_store
 @pytest.mark.parametrize("damage", ["truncate", "directory"])
 async def test_store_file_failing_mid_read(env, damage):
     blob, source = _ingest(env, 2 << 20)
@@ -374,6 +377,7 @@ async def test_close_cancels_prefetch_and_it_writes_no_more(make_env):
         os.lseek(f.fileno(), 0, os.SEEK_DATA)  # nothing was written
 
 
+@pytest.mark.damages_store
 async def test_damaged_store_records_still_answer_the_open(env):
     """An image record or chunk table that is not valid JSON: the OPEN gets -EIO, never silence."""
     blob, _ = _ingest(env, 5 * PAGE)

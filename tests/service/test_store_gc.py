@@ -8,6 +8,8 @@ import random
 import threading
 from pathlib import Path
 
+import pytest
+
 from crashlib import snapshot
 from ondemand_d.image.build import build_image
 from ondemand_d.image.tree import Node, directory, regular
@@ -125,6 +127,7 @@ def test_build_racing_gc_loses_nothing(tmp_path: Path) -> None:
     assert not fsck(builder).problems
 
 
+@pytest.mark.damages_store
 async def test_a_store_without_lease_files_still_serves(env) -> None:
     """A read-only store (no gc.lock, no leases/ to write): OPENs and READs go on."""
     build_image(_tree(7), env.store, "ro")

@@ -131,6 +131,7 @@ async def test_names_with_the_form_of_a_blob_id_are_refused(env) -> None:
     assert await _served(env, victim_id.encode()) == victim_bytes
 
 
+@pytest.mark.damages_store
 async def test_a_blob_record_cannot_claim_another_id(env) -> None:
     """A record whose id is not its content id is refused when made, and unreadable if planted."""
     build_image(_tree(11), env.store, "X")

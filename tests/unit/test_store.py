@@ -73,6 +73,7 @@ def test_bad_keys(key):
         check_key(key)
 
 
+@pytest.mark.damages_store
 def test_missing_and_corrupt_chunks(tmp_path):
     store = LocalStore(tmp_path / "s")
     (tmp_path / "f").write_bytes(b"y" * 9000)
