@@ -36,21 +36,47 @@ class CacheFile:
         return self.volume.partition(",")[2] or self.volume
 
 
-def data_bytes(fd: int) -> int:
-    """Bytes of data (not holes) in the open file `fd`: what the cache holds of it."""
+def data_ranges(fd: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """The data extents of the open file `fd` within [start, end), from SEEK_DATA/SEEK_HOLE.
+
+    The kernel's anon fds forward lseek to the cache file, so this is what the
+    cache holds of an object: a hole is "not cached", and a READ fills it.
+    """
     size = os.fstat(fd).st_size
-    total = pos = 0
-    while pos < size:
+    end = size if end is None else min(end, size)
+    out: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
+            data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # nothing but a hole from here to the end
                 break
             raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        total += end - start
-        pos = end
-    return total
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        out.append((data, hole))
+        pos = hole
+    return out
+
+
+def holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) of `fd` that hold no data (past the file's end included)."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    for data, data_end in data_ranges(fd, start, end):
+        if data > pos:
+            out.append((pos, data))
+        pos = data_end
+    if pos < end:
+        out.append((pos, end))
+    return out
+
+
+def data_bytes(fd: int) -> int:
+    """Bytes of data (not holes) in the open file `fd`: what the cache holds of it."""
+    return sum(e - s for s, e in data_ranges(fd))
 
 
 def file_data_bytes(path: Path) -> int:

@@ -149,7 +149,8 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
     backend = _native.load_backend(None if cfg.native == "auto" else cfg.native)
     executor = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ondemand-io")
     remote = make_remote_source(cfg)
-    fetcher = ChunkFetcher(store, executor, remote, write_through=cfg.write_through)
+    fetcher = ChunkFetcher(store, executor, remote, write_through=cfg.write_through,
+                           deadline=cfg.registry.fetch_deadline)
     service = Service(
         device, store, fetcher, backend, executor,
         concurrency=cfg.concurrency,

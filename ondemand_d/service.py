@@ -1,38 +1,36 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The running daemon: reads requests, asks `protocol.Objects` what to do, does it.
+"""The running daemon: reads the device, feeds `protocol.Objects`, carries out its actions.
 
-The loop thread reads the device and writes `copen`s; store reads and anon-fd
-writes run in a bounded thread pool. At most `concurrency` READs are filled at
-once; beyond that the reader pauses and the kernel keeps the requests queued.
+Nothing is decided here. A message from the kernel becomes an event of the
+state machine; each action it returns is run (a lookup in the I/O pool, a
+`copen`, a fill through `fill.FillEngine`, a background write, a close), and
+the end of each piece of work goes back to the machine as the next event. The
+device is read for as long as the machine is `accepting`: READs wait in the
+machine for a slot of their source, never in the kernel's queue, so a stalled
+registry holds back only READs of that registry.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import functools
 import logging
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import structlog
 
 from ondemand_d import protocol, wire
 from ondemand_d._native import Backend
 from ondemand_d.errors import BadKey, ProtocolError, StoreError, UnknownName
-from ondemand_d.store.fetch import ChunkFetcher, Claim
+from ondemand_d.fill import FillEngine, FillReport, Progress
+from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.local import LocalStore
-from ondemand_d.store.model import PAGE, Blob, Chunk
+from ondemand_d.store.model import Blob
 
 log = structlog.get_logger()
-T = TypeVar("T")
-
-#: Bytes per anon-fd write (and per verify job) when writing without a READ.
-BACKGROUND_BATCH = 1 << 20
 
 
 class DeviceLike(Protocol):
@@ -43,19 +41,6 @@ class DeviceLike(Protocol):
     def read_message(self) -> bytes | None: ...
 
     def copen(self, msg_id: int, size_or_errno: int) -> None: ...
-
-
-@dataclass(slots=True)
-class _Read:
-    """One READ on its way through the service."""
-
-    action: protocol.Fill
-    start: float
-    blob: Blob | None = None
-    chunks: tuple[Chunk, ...] = ()
-    claim: Claim | None = None
-    completed: bool = False  # set once the kernel was told; never tell it twice
-    waits_on: str = "local"  # what it waits for: local (store), fetch (remote), joined
 
 
 @dataclass
@@ -71,7 +56,15 @@ class Counters:
 
 
 class Service:
-    """One bound device, one store, the object table and the tasks between them."""
+    """One bound device, one store, the state machine and the work it asks for.
+
+    Args:
+        concurrency: READs of one source (the local store, or one registry)
+            filled at once.
+        prefill_bootstrap: write a bootstrap's holes right after its OPEN.
+        prefetch: write a data blob's holes right after its OPEN.
+        readahead: bytes written past each READ before the kernel asks.
+    """
 
     def __init__(  # noqa: PLR0913 - collaborators arrive as parameters
         self,
@@ -90,30 +83,27 @@ class Service:
         self.store = store
         self.fetcher = fetcher
         self.backend = backend
-        self.objects = protocol.Objects()
+        self.objects = protocol.Objects(limit=concurrency, readahead=readahead)
         self.counters = Counters()
+        debug = structlog.get_logger().is_enabled_for(logging.DEBUG)
+        self.engine = FillEngine(fetcher, backend, executor,
+                                 io_jobs=getattr(executor, "_max_workers", 4),
+                                 log=log if debug else None)
         self._executor = executor
-        self._slots = concurrency
         self._prefill_bootstrap = prefill_bootstrap
         self._prefetch = prefetch
         self._tasks: set[asyncio.Task[None]] = set()
-        self.reads: dict[int, _Read] = {}  # msg_id -> READ in flight (for `inflight`)
-        self._blobs: dict[str, Blob] = {}
-        self._readahead = readahead
-        # object_id -> the prefill or readahead writing into it, and what was written.
-        self._background: dict[int, asyncio.Task[None]] = {}
-        self._written: dict[int, set[int]] = {}
-        self._jobs: set[Future[Any]] = set()  # fast-path READ batches on the I/O pool
-        self._batch: list[_Read] = []
-        # One batch job per pool thread, so a burst of READs uses every thread.
-        self._io_jobs = max(1, getattr(executor, "_max_workers", 4))
-        # Debug lines build lists per READ: only when someone will read them.
-        self._debug = structlog.get_logger().is_enabled_for(logging.DEBUG)
+        self._background: dict[int, asyncio.Task[None]] = {}  # fd -> its background write
         self._reading = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- reading ------------------------------------------------------------------
+    @property
+    def reads(self) -> dict[int, Any]:
+        """msg_id -> READ being filled (for `inflight`)."""
+        return self.engine.reads
+
+    # -- reading the device --------------------------------------------------------------
 
     def start(self) -> None:
         """Start reading the device on the running loop."""
@@ -132,9 +122,9 @@ class Service:
             self._reading = False
 
     def _on_readable(self) -> None:
-        """Read messages until the kernel has none queued or all slots are busy."""
+        """Read messages until the kernel has none queued or the machine holds enough."""
         while not self._stopping:
-            if self.objects.reads_in_flight >= self._slots:
+            if not self.objects.accepting:
                 self._pause()
                 return
             try:
@@ -155,76 +145,54 @@ class Service:
         try:
             req = wire.parse(buf)
         except ProtocolError as exc:
-            self._malformed(exc, buf)
+            self.counters.malformed += 1
+            log.error("malformed_message", error=exc.reason, msg_id=exc.msg_id, raw=buf[:64].hex(),
+                      **({"fd_left_open": exc.fd} if exc.fd is not None else {}))
+            self._run(self.objects.malformed(exc.msg_id, 0, is_open=exc.opcode == wire.Opcode.OPEN))
             return
         if isinstance(req, wire.OpenRequest):
             self.counters.opens += 1
-        elif isinstance(req, wire.CloseRequest):
+            self._run(self.objects.open(req))
+        elif isinstance(req, wire.ReadRequest):
+            self._run(self.objects.read(req))
+        else:
             self.counters.closes += 1
-            background = self._background.pop(req.object_id, None)
-            if background is not None:
-                background.cancel()
             obj = self.objects.get(req.object_id)
-            log.info(
-                "closed",
-                op="CLOSE",
-                msg_id=req.msg_id,
-                object_id=req.object_id,
-                key=_text(obj.cookie_key) if obj else None,
-                blob=obj.blob_id if obj else None,
-                deferred_reads=len(obj.inflight) if obj else 0,
-            )
-        self._perform(self.objects.handle(req))
+            log.info("closed", op="CLOSE", msg_id=req.msg_id, object_id=req.object_id,
+                     key=_text(obj.cookie_key) if obj else None,
+                     blob=obj.blob_id if obj else None,
+                     deferred_reads=len(obj.reads) if obj else 0)
+            self._run(self.objects.close(req))
 
-    def _malformed(self, exc: ProtocolError, buf: bytes) -> None:
-        """Log and survive; answer what can be answered so nothing hangs."""
-        self.counters.malformed += 1
-        log.error("malformed_message", error=exc.reason, msg_id=exc.msg_id, raw=buf[:64].hex())
-        if exc.msg_id is None or exc.opcode != wire.Opcode.OPEN:
-            return  # a READ we cannot parse has no object we could complete it on
-        self._copen(exc.msg_id, -errno.EINVAL)  # else the mount waits for it forever
-        if exc.fd is not None and self._is_anon_fd(exc.fd):
-            _close_quietly(exc.fd)
+    # -- carrying out actions ----------------------------------------------------------
 
-    def _is_anon_fd(self, fd: int) -> bool:
-        """Whether `fd` may be an OPEN's anon fd: never one of ours (the device, stdio)."""
-        if fd <= 2 or fd == self.device.fd:  # noqa: PLR2004 - stdin, stdout, stderr
-            return False
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            return False
-        # The kernel's anon fds, or (under the fake kernel) plain cache files.
-        return target == "anon_inode:[cachefiles]" or (
-            target.startswith("/") and not target.startswith("/dev/"))
-
-    # -- carrying out actions -----------------------------------------------------
-
-    def _perform(self, actions: list[protocol.Action]) -> None:
+    def _run(self, actions: list[protocol.Action]) -> None:  # noqa: C901 - one branch per action
         for action in actions:
-            if isinstance(action, protocol.Lookup):
+            if isinstance(action, protocol.Fill):
+                self._fill(action)
+            elif isinstance(action, protocol.Lookup):
                 self._spawn(self._lookup(action))
             elif isinstance(action, protocol.Copen):
                 if not self._copen(action.msg_id, action.size) and action.size >= 0:
-                    self._perform(self.objects.forget(action.object_id))
-            elif isinstance(action, protocol.Fill):
-                self._start_read(action)
-            elif isinstance(action, protocol.Prefill):
-                self._start_prefill(action)
+                    self._run(self.objects.copen_refused(action.object_id, action.fd))
+            elif isinstance(action, protocol.Complete):
+                self._complete_without_data(action)
+            elif isinstance(action, protocol.StartBackground):
+                self._start_background(action)
+            elif isinstance(action, protocol.CancelBackground):
+                task = self._background.get(action.fd)
+                if task is not None:
+                    task.cancel()
             elif isinstance(action, protocol.CloseFd):
                 _close_quietly(action.fd)
-                self._written.pop(action.object_id, None)
-                self.store.keep_open(self.objects.blob_ids())
-                if len(self._blobs) > 2 * len(self.objects) + 8:  # keep chunk tables in use
-                    keep = self.objects.blob_ids()
-                    self._blobs = {k: v for k, v in self._blobs.items() if k in keep}
+                live = self.objects.blob_ids()
+                self.store.keep_open(live)
+                self.engine.keep(live)
             else:
-                log.warning(
-                    "request_ignored",
-                    msg_id=action.msg_id,
-                    object_id=action.object_id,
-                    reason=action.reason,
-                )
+                log.warning("request_ignored", msg_id=action.msg_id,
+                            object_id=action.object_id, reason=action.reason)
+        if not self._reading and self.objects.accepting:
+            self._resume()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -247,15 +215,21 @@ class Service:
             return False
         return True
 
+    def _complete_without_data(self, action: protocol.Complete) -> None:
+        try:
+            self.backend.complete(action.fd, action.msg_id)
+        except OSError as exc:
+            log.warning("complete_failed", msg_id=action.msg_id, errno=exc.errno)
+
+    # -- OPEN ------------------------------------------------------------------------
+
     async def _lookup(self, action: protocol.Lookup) -> None:
         start = time.perf_counter()
-        key = _text(action.cookie_key)
         blob: Blob | None = None
         bootstrap = False
         try:
             found, bootstrap = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._resolve, action.cookie_key
-            )
+                self._executor, self._resolve, action.cookie_key)
             blob, size, outcome = found, found.size, "ok"
         except BadKey as exc:
             size, outcome, error = -errno.ENOENT, "bad_key", str(exc)
@@ -268,303 +242,93 @@ class Service:
             size, outcome, error = -errno.EIO, "internal_error", repr(exc)
         if blob is None:
             self.counters.opens_failed += 1
-        prefill = blob is not None and (
-            (bootstrap and self._prefill_bootstrap) or (not bootstrap and self._prefetch)
-        )
+        background = None
+        if blob is not None and bootstrap and self._prefill_bootstrap:
+            background = "prefill"
+        elif blob is not None and not bootstrap and self._prefetch:
+            background = "prefetch"
         log.info(
-            "opened",
-            op="OPEN",
-            msg_id=action.msg_id,
-            object_id=action.object_id,
+            "opened", op="OPEN", msg_id=action.msg_id, object_id=action.object_id,
             volume=_text(action.volume_key),
             domain=_text(wire.split_volume_key(action.volume_key)),  # domain_id, else the fsid
-            key=key,
-            blob=blob.blob_id if blob else None,
-            size=size,
+            key=_text(action.cookie_key), blob=blob.blob_id if blob else None, size=size,
             role=("bootstrap" if bootstrap else "data") if blob else None,
-            outcome=outcome,
-            duration_ms=_ms(start),
-            **({} if blob else {"error": error}),
+            outcome=outcome, duration_ms=_ms(start), **({} if blob else {"error": error}),
         )
-        self._perform(
-            self.objects.opened(
-                action.msg_id, action.object_id, blob.blob_id if blob else None, size,
-                prefill=prefill,
-            )
-        )
+        if blob is not None:
+            self.engine.blobs[blob.blob_id] = blob  # READs use this copy: no store access
+        self._run(self.objects.looked_up(
+            action.msg_id, blob.blob_id if blob else None, size,
+            source=_source(blob), background=background))
         if blob is not None:
             self.store.lease_settled(blob.blob_id, self.objects.blob_ids())
 
     def _resolve(self, key: bytes) -> tuple[Blob, bool]:
         blob = self.store.open_blob(key)  # leased: gc keeps it while it is open
-        self._blobs[blob.blob_id] = blob  # READs use this copy: no store access per READ
         return blob, self.store.has_image(key.decode())
 
-    def _start_read(self, action: protocol.Fill) -> None:
-        """Begin filling a READ.
+    # -- READ ------------------------------------------------------------------------
 
-        Fast path: every chunk is local and no other READ is fetching one of
-        them. Then reading, verifying, writing and completing happen on the
-        I/O pool in a batch with the other READs of the same burst, with no
-        task on the loop. Otherwise a task gathers the chunks (single-flight,
-        remote) and writes them.
-        """
+    def _fill(self, action: protocol.Fill) -> None:
         self.counters.reads += 1
-        read = self.reads[action.msg_id] = _Read(action, time.perf_counter())
-        try:
-            read.blob = self._blob(action.blob_id)
-        except Exception as exc:  # noqa: BLE001 - e.g. a damaged chunk table: EIO, not a hang
-            self._finish_read(read, exc)
-            return
-        read.chunks = read.blob.chunks_for(action.off, action.len)
-        if read.chunks:
-            read.claim = claim = self.fetcher.claim(read.chunks)
-            if self._debug:
-                log.debug(
-                    "read_planned", msg_id=action.msg_id, span_off=read.chunks[0].offset,
-                    span_end=read.chunks[-1].end, digests=[c.digest[:12] for c in read.chunks],
-                    to_fetch=len(claim.owned), joined=len(claim.joined),
-                    cached=len(read.chunks) - len(claim.owned) - len(claim.joined),
-                )
-            if read.claim.owned and not read.claim.joined:
-                self._batch.append(read)
-                if len(self._batch) == 1:
-                    asyncio.get_running_loop().call_soon(self._submit_batch)
-                return
-            read.waits_on = "joined" if read.claim.joined else "fetch"
-        self._spawn(self._slow_read(read, None))
+        self.engine.fill(action).add_done_callback(
+            lambda fut: self._filled(action, fut.result()))
 
-    def _submit_batch(self) -> None:
-        """Hand the fast-path READs of one burst to the I/O pool, a few jobs per burst.
-
-        One job per READ would cost a thread hand-off and a loop wake-up each;
-        a burst of READs read together shares them.
-        """
-        batch, self._batch = self._batch, []
-        loop = asyncio.get_running_loop()
-        per_job = max(1, -(-len(batch) // self._io_jobs))
-        for i in range(0, len(batch), per_job):
-            part = batch[i : i + per_job]
-            job = self._executor.submit(self._run_batch, part)
-            self._jobs.add(job)
-            job.add_done_callback(functools.partial(self._batch_job_ended, loop, part))
-
-    def _batch_job_ended(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Read], job: Future[list[Any]]
-    ) -> None:
-        """I/O thread: hand the finished batch back to the loop."""
-        loop.call_soon_threadsafe(self._batch_done, batch, job)
-
-    def _run_batch(self, batch: list[_Read]) -> list[tuple[list[bytes | None], int] | BaseException]:
-        """I/O thread: each READ's owned chunks read and verified; all local ones written."""
-        results: list[tuple[list[bytes | None], int] | BaseException] = []
-        for read in batch:
-            try:
-                results.append(self._read_and_write(read))
-            except Exception as exc:  # noqa: BLE001 - reported per READ, which then gets EIO
-                results.append(exc)
-        return results
-
-    def _read_and_write(self, read: _Read) -> tuple[list[bytes | None], int]:
-        assert read.claim is not None  # noqa: S101 - set by _start_read
-        got = self.fetcher.read_local([c for _, c, _ in read.claim.owned])
-        if any(d is None for d in got):
-            return got, -1
-        it = iter(got)
-        parts = [d if d is not None else next(it) for d in read.claim.data]
-        return got, self._write_sync(read, [p for p in parts if p is not None])
-
-    def _batch_done(self, batch: list[_Read], job: Future[list[Any]]) -> None:
-        self._jobs.discard(job)
-        exc = job.exception()
-        results = [exc] * len(batch) if exc is not None else job.result()
-        for read, result in zip(batch, results, strict=True):
-            assert read.claim is not None  # noqa: S101 - set by _start_read
-            if isinstance(result, BaseException):
-                self.fetcher.settle(read.claim, result)
-                self._finish_read(read, result)
-                continue
-            got, written = result
-            if written < 0:  # some chunks must come from the remote source
-                read.waits_on = "fetch"
-                self._spawn(self._slow_read(read, got))
-                continue
-            self.fetcher.settle(read.claim, got)
-            self._finish_read(read, None, written, "local")
-
-    async def _slow_read(self, read: _Read, got: list[bytes | None] | None) -> None:
-        try:
-            written, source = await self._gather_and_write(read, got)
-        except (StoreError, OSError) as exc:
-            self._finish_read(read, exc)
-        except BaseException as exc:
-            self._finish_read(read, exc)
-            raise
-        else:
-            self._finish_read(read, None, written, source)
-
-    async def _gather_and_write(
-        self, read: _Read, got: list[bytes | None] | None
-    ) -> tuple[int, str]:
-        parts: list[bytes] = []
-        source = "zero"
-        if read.claim is not None:
-            assert read.blob is not None  # noqa: S101 - set by _start_read
-            parts, source = await self.fetcher.fetch_claimed(read.blob, read.claim, got)
-        return await self._in_thread(lambda: self._write_sync(read, parts)), source
-
-    def _write_sync(self, read: _Read, parts: list[bytes]) -> int:
-        """Write verified chunk bytes and complete the READ (I/O thread)."""
-        action, blob = read.action, read.blob
-        assert blob is not None  # noqa: S101 - set by _start_read
-        if read.chunks:
-            start = read.chunks[0].offset
-        else:  # past the blob's end: the kernel still needs the range present
-            start = action.off - action.off % PAGE
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        # Zero-pad to the end of the asked range where it lies past the blob's end.
-        want_end = _round_up(action.off + action.len)
-        if start + len(data) < want_end and start + len(data) >= blob.size:
-            data += bytes(want_end - start - len(data))
-        if self._debug:
-            log.debug("read_writing", msg_id=action.msg_id, at=start, bytes=len(data),
-                      backend=self.backend.name)
-        self.backend.fill(action.fd, data, start, action.msg_id, complete=True)
-        read.completed = True
-        return _round_up(len(data))
-
-    def _finish_read(
-        self, read: _Read, exc: BaseException | None, written: int = 0, source: str = ""
-    ) -> None:
-        """Complete without data on failure, log the READ's one line, free its slot."""
-        action = read.action
-        self.reads.pop(action.msg_id, None)
-        obj = self.objects.get(action.object_id)
+    def _filled(self, action: protocol.Fill, report: FillReport) -> None:
+        """A READ ended: its one log line, then the machine decides what follows."""
+        obj = self.objects.by_fd(action.fd)
         fields: dict[str, Any] = {
             "op": "READ", "msg_id": action.msg_id, "object_id": action.object_id,
             "key": _text(obj.cookie_key) if obj else None,
             "blob": action.blob_id, "off": action.off, "len": action.len,
-            "chunks": len(read.chunks), "duration_ms": _ms(read.start),
+            "chunks": report.chunks, "duration_ms": _ms(report.started),
         }
-        if exc is None:
-            self.counters.bytes_written += written
-            log.info("read_completed", **fields, bytes=written, source=source, outcome="ok")
-            if obj is not None:
-                self._written.setdefault(obj.object_id, set()).update(
-                    c.offset for c in read.chunks)
-                self._start_readahead(read)
+        if report.error is None:
+            self.counters.bytes_written += report.written
+            log.info("read_completed", **fields, bytes=report.written, source=report.source,
+                     outcome="ok")
         else:
             self.counters.reads_failed += 1
-            if not read.completed:
-                self._complete_without_data(action)
-            log.warning(
-                "read_completed", **fields, bytes=0, outcome="eio", error=str(exc) or repr(exc),
-                error_type=type(exc).__name__,
-            )
-        self._perform(self.objects.read_done(action.msg_id))
-        self._resume()
+            exc = report.error
+            log.warning("read_completed", **fields, bytes=0, outcome="eio",
+                        error=str(exc) or repr(exc), error_type=type(exc).__name__)
+        self._run(self.objects.fill_done(action.msg_id, report.outcome))
 
-    def _blob(self, blob_id: str) -> Blob:
-        blob = self._blobs.get(blob_id)
-        return blob if blob is not None else self.store.get_blob(blob_id)
+    # -- background writes -------------------------------------------------------------
 
-    async def _in_thread(self, job: Callable[[], T]) -> T:
-        """Run `job` in the pool; if cancelled, still let it finish (the kernel waits on it)."""
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, job)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await fut
-            raise
-
-    def _complete_without_data(self, action: protocol.Fill) -> None:
-        try:
-            self.backend.complete(action.fd, action.msg_id)
-        except OSError as exc:
-            log.warning("complete_failed", msg_id=action.msg_id, errno=exc.errno)
-
-    def _start_prefill(self, action: protocol.Prefill) -> None:
-        blob = self._blob(action.blob_id)
-        self._start_background(action.object_id, action.fd, blob, blob.chunks, "prefill")
-
-    def _start_readahead(self, read: _Read) -> None:
-        """After a READ, write the chunks that follow it before the kernel asks.
-
-        A sequential reader otherwise waits for one READ per chunk, and each
-        READ waits for its chunk to be read and verified. One readahead runs
-        per object at a time; chunks already written are skipped.
-        """
-        obj = self.objects.get(read.action.object_id)
-        if (not self._readahead or obj is None or obj.closing or not read.chunks
-                or read.blob is None or read.action.object_id in self._background):
-            return
-        written = self._written.setdefault(obj.object_id, set())
-        window = [c for c in read.blob.chunks_for(read.chunks[-1].end, self._readahead)
-                  if c.offset not in written]
-        if window:
-            self._start_background(obj.object_id, obj.fd, read.blob, tuple(window), "readahead")
-
-    def _start_background(
-        self, object_id: int, fd: int, blob: Blob, chunks: tuple[Chunk, ...], kind: str
-    ) -> None:
+    def _start_background(self, action: protocol.StartBackground) -> None:
+        progress = Progress()
         task = asyncio.get_running_loop().create_task(
-            self._write_background(object_id, fd, blob, chunks, kind))
-        self._background[object_id] = task
+            self._write_background(action, progress))
+        self._background[action.fd] = task
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        task.add_done_callback(lambda t: self._background.pop(object_id, None)
-                               if self._background.get(object_id) is t else None)
 
     async def _write_background(
-        self, object_id: int, fd: int, blob: Blob, chunks: tuple[Chunk, ...], kind: str
+        self, action: protocol.StartBackground, progress: Progress
     ) -> None:
-        """Write chunks no READ asked for: a whole bootstrap (prefill) or readahead.
-
-        Works on its own dup of the anon fd: a CLOSE may close the object's fd
-        (and the number be reused for another object) while this runs; the
-        CLOSE also cancels it. A prefill of a remote blob is fetched at
-        prefetch priority. Batches are read and verified concurrently, so
-        hashing uses every core.
-        """
         start = time.perf_counter()
-        written = 0
         outcome, error = "ok", None
-        fd = os.dup(fd)
-        done = self._written.setdefault(object_id, set())
-        priority = getattr(self.fetcher.remote, "prefetching", None)
-        low = kind == "prefill" and priority is not None and blob.is_remote
-
-        async def write(batch: tuple[Chunk, ...]) -> int:
-            parts, _ = await self.fetcher.get(blob, batch)
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            await self._in_thread(
-                functools.partial(self.backend.fill, fd, data, batch[0].offset, 0, complete=False))
-            done.update(c.offset for c in batch)
-            return _round_up(len(data))
-
         try:
-            with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
-                batches = _batches(chunks, BACKGROUND_BATCH)
-                for i in range(0, len(batches), self._io_jobs):
-                    sizes = await asyncio.gather(*map(write, batches[i : i + self._io_jobs]))
-                    written += sum(sizes)
+            await self.engine.background(action, progress)
         except (StoreError, OSError) as exc:
             outcome, error = "error", str(exc)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         finally:
-            os.close(fd)
-            self.counters.bytes_written += written
-            event = "prefilled" if kind == "prefill" else "read_ahead"
+            self._background.pop(action.fd, None)
+            self.counters.bytes_written += progress.written
+            event = "read_ahead" if action.kind == "readahead" else "prefilled"
             (log.info if outcome == "ok" else log.warning)(
-                event, object_id=object_id, blob=blob.blob_id, off=chunks[0].offset,
-                len=chunks[-1].end - chunks[0].offset, bytes=written, outcome=outcome,
-                duration_ms=_ms(start), **({"error": error} if error else {}),
+                event, object_id=action.object_id, blob=action.blob_id, kind=action.kind,
+                off=action.off, len=action.end - action.off, bytes=progress.written,
+                chunks_written=progress.chunks, outcome=outcome, duration_ms=_ms(start),
+                **({"error": error} if error else {}),
             )
+            self._run(self.objects.background_done(action.fd, ok=outcome == "ok"))
 
-    # -- lifecycle ----------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------
 
     def status(self) -> str:
         c = self.counters
@@ -577,42 +341,33 @@ class Service:
         """Stop reading, let in-flight work finish (up to `timeout`), close fds."""
         self._stopping = True
         self._pause()
-        for background in list(self._background.values()):
-            background.cancel()  # prefill and readahead are optional; READs are not
-        pending: set[Any] = set(self._tasks)
-        pending |= {asyncio.wrap_future(j) for j in self._jobs}
-        if pending:
+        self._run(self.objects.stop())  # prefill and readahead are optional; READs are not
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            pending: set[Any] = set(self._tasks) | self.engine.pending()
+            if not pending:
+                break
             log.info("draining", tasks=len(pending), timeout_s=timeout)
-            _, late = await asyncio.wait(pending, timeout=timeout)
-            for task in late:
-                task.cancel()
-            if late:
+            _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+            if late and loop.time() >= deadline:
+                # READ tasks end at once, their READs completed without data; the
+                # batch jobs on the I/O pool only read the local store: let them end.
+                for task in late:
+                    if isinstance(task, asyncio.Task):
+                        task.cancel()
                 await asyncio.wait(late)
-        self._perform(self.objects.drain())
+        await self.fetcher.aclose()
+        self._run(self.objects.drain())
 
 
-def _batches(chunks: tuple[Chunk, ...], limit: int) -> list[tuple[Chunk, ...]]:
-    """Contiguous runs of chunks of about `limit` bytes each.
-
-    A batch is written as one buffer at its first chunk's offset, so a gap
-    (a chunk already written) must end the run: otherwise every chunk after
-    the gap would land one slot early.
-    """
-    out: list[tuple[Chunk, ...]] = []
-    run: list[Chunk] = []
-    size = 0
-    for chunk in chunks:
-        if run and chunk.offset != run[-1].end:
-            out.append(tuple(run))
-            run, size = [], 0
-        run.append(chunk)
-        size += chunk.length
-        if size >= limit:
-            out.append(tuple(run))
-            run, size = [], 0
-    if run:
-        out.append(tuple(run))
-    return out
+def _source(blob: Blob | None) -> str:
+    """The source a blob's READs are bounded under: the local store or its registry."""
+    if blob is None or not blob.is_remote:
+        return protocol.LOCAL
+    remote = blob.extra.get("remote")
+    registry = remote.get("registry") if isinstance(remote, dict) else None
+    return f"registry:{registry}" if registry else "remote"
 
 
 def _text(key: bytes) -> str:
@@ -621,10 +376,6 @@ def _text(key: bytes) -> str:
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
-
-
-def _round_up(n: int) -> int:
-    return -(-n // PAGE) * PAGE
 
 
 def _close_quietly(fd: int) -> None:

@@ -23,7 +23,7 @@ def inflight(service: Any, hung_after: float) -> list[dict[str, Any]]:
     rows = []
     for msg_id, read in list(service.reads.items()):
         action = read.action
-        obj = service.objects.get(action.object_id)
+        obj = service.objects.by_fd(action.fd)
         age = now - read.start
         rows.append({
             "msg_id": msg_id, "object_id": action.object_id,

@@ -45,8 +45,7 @@ def open_objects(service: Any) -> list[dict[str, Any]]:
         {"object_id": o.object_id, "fd": o.fd, "blob": o.blob_id, "size": o.size,
          "key": o.cookie_key.decode("utf-8", "backslashreplace"),
          "volume": o.volume_key.decode("utf-8", "backslashreplace")}
-        for o in list(service.objects._objects.values())  # noqa: SLF001 - until Core v2's table
-        if o.blob_id is not None
+        for o in service.objects.open_objects()
     ]
 
 

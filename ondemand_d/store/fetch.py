@@ -3,37 +3,72 @@
 
 Every chunk handed out here has been hashed and compared with its digest in
 this process, just now: nothing is trusted because of where it came from.
-Concurrent requests for one digest share one fetch, across blobs and images.
+Concurrent requests for one digest share one fetch, across blobs and images;
+the fetch belongs to this module, not to the caller that started it, so one
+caller's cancellation never fails another's READ, and a caller that joins
+another's fetch still waits no longer than the fetch deadline.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 
-from ondemand_d.errors import ChunkNotFound, DigestMismatch, StoreError
+from ondemand_d.errors import ChunkNotFound, DigestMismatch, FetchError, StoreError
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Chunk
 
 log = structlog.get_logger()
 
 
-@dataclass(slots=True)
 class Claim:
-    """One READ's chunks: bytes already known, futures it owns, futures it joins."""
+    """One caller's chunks: bytes already known, chunks it must produce, chunks others produce.
 
-    size: int
-    data: list[bytes | None] = field(default_factory=list)
-    owned: list[tuple[int, Chunk, asyncio.Future[bytes]]] = field(default_factory=list)
-    joined: list[tuple[int, asyncio.Future[bytes]]] = field(default_factory=list)
+    Made by `ChunkFetcher.claim` on the loop thread; only the fetcher reads or
+    changes what is inside. A caller asks `read_owned` (any thread) and then,
+    on the loop, either `settle` (everything was local) or `finish` (fetch the
+    rest and wait for the joined chunks).
+    """
 
-    def __post_init__(self) -> None:
-        self.data = [None] * self.size
+    __slots__ = ("_data", "_joined", "_owned", "_read", "chunks", "source", "stage")
+
+    def __init__(self, chunks: Sequence[Chunk]) -> None:
+        self.chunks = tuple(chunks)
+        self._data: list[bytes | None] = [None] * len(self.chunks)
+        self._owned: list[tuple[int, asyncio.Future[bytes]]] = []
+        self._joined: list[tuple[int, asyncio.Future[bytes]]] = []
+        self._read = False  # read_owned ran
+        self.source = "cache"  # where the bytes came from, the farthest one used
+        self.stage = "local"  # what it waits for now: local (store), fetch (remote), joined
+
+    @property
+    def owned(self) -> int:
+        return len(self._owned)
+
+    @property
+    def joined(self) -> int:
+        return len(self._joined)
+
+    @property
+    def cached(self) -> int:
+        return len(self.chunks) - len(self._owned) - len(self._joined)
+
+    @property
+    def needs_loop(self) -> bool:
+        """Whether bytes must come from other callers' fetches (then use `finish`)."""
+        return bool(self._joined)
+
+    def parts(self) -> list[bytes]:
+        """Every chunk's verified bytes, in order (once the claim is complete)."""
+        if any(d is None for d in self._data):
+            msg = "claim is not complete"
+            raise StoreError(msg)
+        return self._data  # type: ignore[return-value]
 
 
 class RemoteSource(Protocol):
@@ -56,6 +91,8 @@ class ChunkFetcher:
         write_through: keep chunks fetched remotely in the local store.
         cache_bytes: size of a small cache of recently verified chunks, so
             overlapping READs that arrive one after the other hash once.
+        deadline: seconds a caller waits for chunks another caller is fetching
+            (the registry's fetch deadline; None: no limit).
     """
 
     def __init__(
@@ -66,6 +103,7 @@ class ChunkFetcher:
         *,
         write_through: bool = False,
         cache_bytes: int = 64 << 20,
+        deadline: float | None = None,
     ) -> None:
         self.store = store
         self.remote = remote
@@ -75,46 +113,166 @@ class ChunkFetcher:
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
         self._cache_bytes = cache_bytes
+        self.deadline = deadline
+        self._joiners: collections.Counter[str] = collections.Counter()
+        self._flights: set[asyncio.Task[list[bytes]]] = set()
         self.fetches = 0  # chunk fetches actually started (not joined or cached)
 
     def claim(self, chunks: Sequence[Chunk]) -> Claim:
-        """Sort `chunks` into cached, ours to fetch, and already being fetched by another READ.
+        """Sort `chunks` into cached, ours to produce, and being produced by another caller.
 
-        Call on the loop thread. The caller must `settle` what it owns.
+        Call on the loop thread. The caller must `settle` or `finish` the claim.
         """
-        claim = Claim(len(chunks))
+        claim = Claim(chunks)
         loop = asyncio.get_running_loop()
-        for i, chunk in enumerate(chunks):
+        for i, chunk in enumerate(claim.chunks):
             cached = self._recent.get(chunk.digest)
             if cached is not None and len(cached) == chunk.length:
                 self._recent.move_to_end(chunk.digest)
-                claim.data[i] = cached
+                claim._data[i] = cached
                 continue
             fut = self._inflight.get(chunk.digest)
             if fut is None:
                 fut = loop.create_future()
                 self._inflight[chunk.digest] = fut
-                claim.owned.append((i, chunk, fut))
+                claim._owned.append((i, fut))
             else:
-                claim.joined.append((i, fut))
-        self.fetches += len(claim.owned)
+                self._joiners[chunk.digest] += 1
+                claim._joined.append((i, fut))
+        self.fetches += len(claim._owned)
         return claim
 
-    def settle(self, claim: Claim, got: Sequence[bytes | None] | BaseException) -> None:
-        """Hand the owned chunks' bytes (or the failure) to every READ waiting on them."""
-        for k, (i, chunk, fut) in enumerate(claim.owned):
-            self._inflight.pop(chunk.digest, None)
+    def read_owned(self, claim: Claim) -> bool:
+        """Read and verify the claim's own chunks from the local store (blocking; any thread).
+
+        Returns True when every chunk the claim owns is now known; False when
+        some must come from the remote source (`finish` fetches them).
+
+        Raises:
+            StoreError: a chunk is missing or damaged and has no remote source.
+        """
+        claim._read = True
+        wanted = [(i, claim.chunks[i]) for i, _ in claim._owned]
+        got = self.read_local([c for _, c in wanted])
+        for (i, _), data in zip(wanted, got, strict=True):
+            claim._data[i] = data
+        if wanted:
+            claim.source = "local"
+        return all(d is not None for d in got)
+
+    def settle(self, claim: Claim, exc: BaseException | None = None) -> None:
+        """Hand the claim's own chunks (or its failure) to every caller waiting on them.
+
+        Loop thread. Chunks still unknown (remote) are left for `finish`.
+        """
+        for i, fut in claim._owned:
             if fut.done():
                 continue
-            if isinstance(got, BaseException):
-                fut.set_exception(got)
-                fut.exception()  # retrieved: joiners re-raise it themselves
-                continue
-            data = got[k]
-            assert data is not None  # noqa: S101 - callers settle only whole results
-            claim.data[i] = data
-            self._remember(chunk.digest, data)
-            fut.set_result(data)
+            digest = claim.chunks[i].digest
+            data = claim._data[i]
+            if exc is not None:
+                self._fail(digest, fut, exc)
+            elif data is not None:
+                self._inflight.pop(digest, None)
+                self._remember(digest, data)
+                fut.set_result(data)
+
+    async def finish(self, blob: Blob, claim: Claim) -> list[bytes]:
+        """Fetch what the claim owns and the store lacks, wait for the joined chunks.
+
+        The remote fetch runs as a task of its own: if this caller is cancelled
+        while another caller waits for one of its chunks, the fetch goes on for
+        them. Joined chunks are waited for at most `deadline` seconds, whoever
+        fetches them (a prefetch has none of its own).
+
+        Raises:
+            StoreError: a chunk is missing, corrupt or could not be fetched in time.
+        """
+        try:
+            if claim._owned and not claim._read:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, self.read_owned, claim)
+            self.settle(claim)
+            missing = [(i, fut) for i, fut in claim._owned
+                       if claim._data[i] is None]
+            if missing:
+                claim.stage, claim.source = "fetch", "remote"
+                await self._fetch_missing(blob, claim, missing)
+        except BaseException as exc:
+            self.settle(claim, exc)
+            self._leave(claim)
+            raise
+        try:
+            await self._wait_joined(claim)
+        finally:
+            self._leave(claim)
+        return claim.parts()
+
+    async def _fetch_missing(
+        self, blob: Blob, claim: Claim, missing: list[tuple[int, asyncio.Future[bytes]]]
+    ) -> None:
+        chunks = [claim.chunks[i] for i, _ in missing]
+        task = asyncio.get_running_loop().create_task(
+            self._flight(blob, chunks, [f for _, f in missing]))
+        self._flights.add(task)
+        task.add_done_callback(self._flights.discard)
+        try:
+            data = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done() and not any(self._joiners[c.digest] for c in chunks):
+                task.cancel()  # nobody else waits for these chunks
+            raise
+        for (i, _), d in zip(missing, data, strict=True):
+            claim._data[i] = d
+
+    async def _flight(
+        self, blob: Blob, chunks: list[Chunk], futures: list[asyncio.Future[bytes]]
+    ) -> list[bytes]:
+        """One remote fetch; its result (or failure) goes to every caller waiting on it."""
+        try:
+            data = await self._fetch_remote(blob, chunks)
+        except BaseException as exc:
+            failure: BaseException = exc
+            if isinstance(exc, asyncio.CancelledError):
+                failure = FetchError(f"blob {blob.blob_id}: fetch cancelled", retryable=True)
+            for chunk, fut in zip(chunks, futures, strict=True):
+                self._fail(chunk.digest, fut, failure)
+            raise
+        for chunk, fut, d in zip(chunks, futures, data, strict=True):
+            self._inflight.pop(chunk.digest, None)
+            self._remember(chunk.digest, d)
+            if not fut.done():
+                fut.set_result(d)
+        return data
+
+    async def _wait_joined(self, claim: Claim) -> None:
+        if not claim._joined:
+            return
+        if claim.source == "cache":
+            claim.source = "joined"
+        claim.stage = "joined"
+        try:
+            async with asyncio.timeout(self.deadline):
+                for i, fut in claim._joined:
+                    claim._data[i] = await asyncio.shield(fut)
+        except TimeoutError:
+            msg = (f"{claim.joined} chunk(s) another fetch was getting did not arrive "
+                   f"within {self.deadline:g} s")
+            raise FetchError(msg, retryable=True) from None
+
+    def _leave(self, claim: Claim) -> None:
+        for i, _ in claim._joined:
+            digest = claim.chunks[i].digest
+            self._joiners[digest] -= 1
+            if self._joiners[digest] <= 0:
+                del self._joiners[digest]
+
+    def _fail(self, digest: str, fut: asyncio.Future[bytes], exc: BaseException) -> None:
+        if self._inflight.get(digest) is fut:
+            del self._inflight[digest]
+        if not fut.done():
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: joiners re-raise it themselves
 
     def read_local(self, chunks: Sequence[Chunk]) -> list[bytes | None]:
         """Read and verify chunks from the local store (blocking; any thread).
@@ -137,43 +295,20 @@ class ChunkFetcher:
 
         Returns:
             (data per chunk, source) with source "cache", "local", "remote" or
-            "joined" (another READ was already fetching it), the farthest one used.
+            "joined" (another caller was already fetching it), the farthest one used.
 
         Raises:
             StoreError: a chunk is missing, corrupt or could not be fetched.
         """
-        return await self.fetch_claimed(blob, self.claim(chunks))
+        claim = self.claim(chunks)
+        return await self.finish(blob, claim), claim.source
 
-    async def fetch_claimed(
-        self, blob: Blob, claim: Claim, got: list[bytes | None] | None = None
-    ) -> tuple[list[bytes], str]:
-        """Fetch what `claim` owns (`got`: what read_local already returned), settle, gather."""
-        source = "cache"
-        if claim.owned:
-            wanted = [c for _, c, _ in claim.owned]
-            try:
-                if got is None:
-                    loop = asyncio.get_running_loop()
-                    got = await loop.run_in_executor(self._executor, self.read_local, wanted)
-                source = "local"
-                if any(d is None for d in got):
-                    missing = [c for c, d in zip(wanted, got, strict=True) if d is None]
-                    fetched = iter(await self._fetch_remote(blob, missing))
-                    got = [next(fetched) if d is None else d for d in got]
-                    source = "remote"
-            except BaseException as exc:
-                self.settle(claim, exc)
-                raise
-            self.settle(claim, got)
-        return await self._gather(claim, source)
-
-    async def _gather(self, claim: Claim, source: str) -> tuple[list[bytes], str]:
-        """Wait for the chunks other READs are fetching; all of the claim's bytes, in order."""
-        for i, fut in claim.joined:
-            claim.data[i] = await asyncio.shield(fut)
-            if source == "cache":
-                source = "joined"
-        return [d for d in claim.data if d is not None], source
+    async def aclose(self) -> None:
+        """Cancel the fetches still running (at shutdown, after the READs ended)."""
+        for task in list(self._flights):
+            task.cancel()
+        if self._flights:
+            await asyncio.wait(list(self._flights))
 
     async def _fetch_remote(self, blob: Blob, chunks: list[Chunk]) -> list[bytes]:
         if self.remote is None:  # pragma: no cover - read_local raised already

@@ -1,0 +1,383 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fill engine: a READ's chunks (or a background range) into the anon fd; outcomes out.
+
+It decides nothing about objects and never calls back into the service:
+`fill(action)` returns a future of a `FillReport` (whose `outcome` goes to
+`protocol.Objects.fill_done`), `background(action, progress)` is a coroutine
+whose end the service reports to `background_done`.
+
+A READ is filled with the whole store chunks around its range, page aligned,
+zero-padded past the blob's end. When every chunk is in the local store and no
+other caller is fetching one of them, reading, verifying, writing and
+completing run on the I/O pool in one batch with the other READs of the same
+burst (no task on the loop). Otherwise a task fetches through the
+`ChunkFetcher` (single-flight, remote) and writes, at most `FILL_WINDOW` bytes
+at a time, so memory does not follow the READ's length.
+
+Background writes (prefill, prefetch, readahead) first ask the cache file what
+it holds (SEEK_DATA/SEEK_HOLE on the anon fd) and write only the chunks that
+meet a hole: a remount of a fully cached image writes nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ondemand_d import cachedir, protocol
+from ondemand_d._native import Backend
+from ondemand_d.errors import StoreError
+from ondemand_d.store.fetch import ChunkFetcher, Claim
+from ondemand_d.store.model import PAGE, Blob, Chunk
+
+T = TypeVar("T")
+
+#: Bytes of chunks one READ holds in memory at once.
+FILL_WINDOW = 8 << 20
+#: Zeros written past the blob's last page for a READ that runs past it, at most.
+PAD_LIMIT = 1 << 20
+#: Bytes per anon-fd write (and per verify job) when writing without a READ.
+BACKGROUND_BATCH = 1 << 20
+_ZEROS = bytes(max(PAD_LIMIT, PAGE))
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """What a READ writes: `chunks` from `start`, then zeros up to `pad_to`."""
+
+    chunks: tuple[Chunk, ...]
+    start: int
+    data_end: int
+    pad_to: int
+
+
+def plan(blob: Blob, off: int, length: int) -> Span:
+    """The chunks and zero padding that make [off, off+length) present (pure).
+
+    The range is widened to whole pages; the part past the blob's end is zeros,
+    at most `PAD_LIMIT` bytes past its last page (the kernel never asks beyond
+    it for a well-formed image).
+    """
+    first = off - off % PAGE
+    want_end = _round_up(off + length)
+    chunks = blob.chunks_for(first, want_end - first)
+    start = chunks[0].offset if chunks else first
+    data_end = _round_up(chunks[-1].end) if chunks else start
+    pad_to = data_end
+    if want_end > data_end and (not chunks or chunks[-1].end >= blob.size):
+        pad_to = max(data_end, min(want_end, _round_up(blob.size) + PAD_LIMIT))
+    return Span(chunks, start, data_end, pad_to)
+
+
+def in_holes(chunks: tuple[Chunk, ...], gaps: list[tuple[int, int]]) -> tuple[Chunk, ...]:
+    """The chunks whose pages meet a hole in `gaps` (sorted (start, end) pairs; pure)."""
+    out = []
+    for chunk in chunks:
+        end = _round_up(chunk.end)
+        if any(s < end and chunk.offset < e for s, e in gaps):
+            out.append(chunk)
+    return tuple(out)
+
+
+def windows(chunks: tuple[Chunk, ...], limit: int) -> list[tuple[Chunk, ...]]:
+    """Contiguous runs of chunks of about `limit` bytes each (a gap ends a run).
+
+    A run is written as one buffer at its first chunk's offset, so a gap (a
+    chunk already written) must end it: otherwise every chunk after the gap
+    would land one slot early.
+    """
+    out: list[tuple[Chunk, ...]] = []
+    run: list[Chunk] = []
+    size = 0
+    for chunk in chunks:
+        if run and chunk.offset != run[-1].end:
+            out.append(tuple(run))
+            run, size = [], 0
+        run.append(chunk)
+        size += chunk.length
+        if size >= limit:
+            out.append(tuple(run))
+            run, size = [], 0
+    if run:
+        out.append(tuple(run))
+    return out
+
+
+@dataclass(slots=True)
+class FillReport:
+    """How a READ ended: the outcome for the protocol, and what the log line says."""
+
+    outcome: protocol.FillOutcome
+    started: float  # time.perf_counter() when the fill began
+    chunks: int = 0
+    written: int = 0
+    source: str = ""
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class ReadJob:
+    """One READ being filled (the control socket's `inflight` lists these)."""
+
+    action: protocol.Fill
+    start: float
+    span: Span | None = None
+    claim: Claim | None = None
+    completed: bool = False  # set once the kernel was told; never tell it twice
+    future: asyncio.Future[FillReport] = field(default_factory=lambda: asyncio.Future())
+
+    @property
+    def chunks(self) -> tuple[Chunk, ...]:
+        return self.span.chunks if self.span is not None else ()
+
+    @property
+    def waits_on(self) -> str:
+        return self.claim.stage if self.claim is not None else "local"
+
+
+@dataclass(slots=True)
+class Progress:
+    """What a background write did so far (read after it ends, however it ends)."""
+
+    written: int = 0
+    chunks: int = 0  # chunks that met a hole and were written
+
+
+class FillEngine:
+    """Fills READs and background ranges from verified chunks.
+
+    Args:
+        fetcher: verified chunk bytes (single-flight, local and remote).
+        backend: the write + complete path (_native).
+        executor: the I/O pool; `io_jobs` batch jobs per burst use it.
+        debug: log each READ's plan and write (structlog's debug level).
+    """
+
+    def __init__(self, fetcher: ChunkFetcher, backend: Backend, executor: Executor, *,
+                 io_jobs: int = 4, log: Any = None) -> None:
+        self.fetcher = fetcher
+        self.backend = backend
+        self.blobs: dict[str, Blob] = {}  # chunk tables of open objects, from their lookup
+        self.reads: dict[int, ReadJob] = {}  # msg_id -> READ being filled
+        self._executor = executor
+        self._io_jobs = max(1, io_jobs)
+        self._log = log
+        self._batch: list[ReadJob] = []
+        self._jobs: set[Future[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- READs -----------------------------------------------------------------------
+
+    def fill(self, action: protocol.Fill) -> asyncio.Future[FillReport]:
+        """Start filling a READ; the future resolves (never raises) when it ended."""
+        job = ReadJob(action, time.perf_counter(),
+                      future=asyncio.get_running_loop().create_future())
+        self.reads[action.msg_id] = job
+        try:
+            blob = self.blobs[action.blob_id]
+            job.span = plan(blob, action.off, action.len)
+        except Exception as exc:  # noqa: BLE001 - e.g. a damaged chunk table: EIO, not a hang
+            self._end(job, exc)
+            return job.future
+        span = job.span
+        fast = span.chunks and span.data_end - span.start <= FILL_WINDOW
+        if fast:
+            job.claim = self.fetcher.claim(span.chunks)
+            if self._log is not None:
+                c = job.claim
+                self._log.debug(
+                    "read_planned", msg_id=action.msg_id, span_off=span.start,
+                    span_end=span.chunks[-1].end, digests=[x.digest[:12] for x in span.chunks],
+                    to_fetch=c.owned, joined=c.joined, cached=c.cached)
+            if not job.claim.needs_loop:
+                self._batch.append(job)
+                if len(self._batch) == 1:
+                    asyncio.get_running_loop().call_soon(self._submit_batch)
+                return job.future
+        self._spawn(self._slow(job, blob))
+        return job.future
+
+    def _submit_batch(self) -> None:
+        """Hand the fast-path READs of one burst to the I/O pool, a few jobs per burst."""
+        batch, self._batch = self._batch, []
+        loop = asyncio.get_running_loop()
+        per_job = max(1, -(-len(batch) // self._io_jobs))
+        for i in range(0, len(batch), per_job):
+            part = batch[i : i + per_job]
+            job = self._executor.submit(self._run_batch, part)
+            self._jobs.add(job)
+            job.add_done_callback(functools.partial(self._batch_job_ended, loop, part))
+
+    def _batch_job_ended(
+        self, loop: asyncio.AbstractEventLoop, batch: list[ReadJob], job: Future[Any]
+    ) -> None:
+        """I/O thread: hand the finished batch back to the loop."""
+        loop.call_soon_threadsafe(self._batch_done, batch, job)
+
+    def _run_batch(self, batch: list[ReadJob]) -> list[int | BaseException]:
+        """I/O thread: each READ read and verified from the store, written, completed.
+
+        -1 for a READ that needs the remote source.
+        """
+        results: list[int | BaseException] = []
+        for job in batch:
+            try:
+                assert job.claim is not None  # noqa: S101 - set by fill()
+                if not self.fetcher.read_owned(job.claim):
+                    results.append(-1)
+                    continue
+                results.append(self._write(job, job.claim.parts(), last=True))
+            except Exception as exc:  # noqa: BLE001 - reported per READ, which then gets EIO
+                results.append(exc)
+        return results
+
+    def _batch_done(self, batch: list[ReadJob], job: Future[list[Any]]) -> None:
+        self._jobs.discard(job)
+        exc = job.exception()
+        results = [exc] * len(batch) if exc is not None else job.result()
+        for read, result in zip(batch, results, strict=True):
+            assert read.claim is not None  # noqa: S101 - set by fill()
+            if isinstance(result, BaseException):
+                self.fetcher.settle(read.claim, result)
+                self._end(read, result)
+            elif result < 0:  # some chunks must come from the remote source
+                self._spawn(self._slow(read, self.blobs[read.action.blob_id]))
+            else:
+                self.fetcher.settle(read.claim)
+                self._end(read, None, result, read.claim.source)
+
+    async def _slow(self, job: ReadJob, blob: Blob) -> None:
+        span = job.span
+        assert span is not None  # noqa: S101 - set by fill()
+        written, source = 0, "zero"
+        try:
+            parts_of = windows(span.chunks, FILL_WINDOW)
+            if not parts_of:
+                written = await self._in_thread(lambda: self._write(job, [], last=True))
+            for n, chunks in enumerate(parts_of):
+                claim = job.claim if job.claim is not None and n == 0 else None
+                job.claim = claim or self.fetcher.claim(chunks)
+                parts = await self.fetcher.finish(blob, job.claim)
+                source = _farthest(source, job.claim.source)
+                last = n == len(parts_of) - 1
+                written += await self._in_thread(
+                    functools.partial(self._write, job, parts, last=last, at=chunks[0].offset))
+        except (StoreError, OSError) as exc:
+            self._end(job, exc)
+        except BaseException as exc:
+            self._end(job, exc)
+            raise
+        else:
+            self._end(job, None, written, source)
+
+    def _write(self, job: ReadJob, parts: list[bytes], *, last: bool, at: int | None = None) -> int:
+        """Write verified chunk bytes (and, if last, the padding), then complete (I/O thread)."""
+        action, span = job.action, job.span
+        assert span is not None  # noqa: S101 - set by fill()
+        at = span.start if at is None else at
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        written = _round_up(len(data))
+        pad = list(range(span.data_end, span.pad_to, len(_ZEROS))) if last else []
+        if self._log is not None:
+            self._log.debug("read_writing", msg_id=action.msg_id, at=at, bytes=len(data),
+                            backend=self.backend.name)
+        if data:
+            self.backend.fill(action.fd, data, at, action.msg_id, complete=last and not pad)
+        for i, off in enumerate(pad):
+            n = min(len(_ZEROS), span.pad_to - off)
+            self.backend.fill(action.fd, memoryview(_ZEROS)[:n], off, action.msg_id,
+                              complete=i == len(pad) - 1)
+            written += n
+        if last and not data and not pad:
+            self.backend.complete(action.fd, action.msg_id)
+        if last:
+            job.completed = True
+        return written
+
+    def _end(self, job: ReadJob, exc: BaseException | None, written: int = 0,
+             source: str = "") -> None:
+        self.reads.pop(job.action.msg_id, None)
+        if job.future.done():
+            return
+        if exc is None:
+            assert job.span is not None  # noqa: S101 - a READ without a plan failed
+            report = FillReport(protocol.Filled(max(job.span.pad_to, job.span.data_end)),
+                                job.start, len(job.chunks), written, source)
+        else:
+            report = FillReport(protocol.Failed(completed=job.completed), job.start,
+                                len(job.chunks), error=exc)
+        job.future.set_result(report)
+
+    # -- background -------------------------------------------------------------------
+
+    async def background(self, action: protocol.StartBackground, progress: Progress) -> None:
+        """Write [off, end) of the blob where the cache file has holes.
+
+        Batches are read and verified concurrently, so hashing uses every core.
+        A prefill or prefetch of a remote blob is fetched at prefetch priority.
+        Cancelling it stops after the writes under way.
+        """
+        blob = self.blobs[action.blob_id]
+        chunks = blob.chunks_for(action.off, action.end - action.off)
+        if not chunks:
+            return
+        gaps = await self._in_thread(functools.partial(
+            cachedir.holes, action.fd, chunks[0].offset, _round_up(chunks[-1].end)))
+        chunks = in_holes(chunks, gaps)
+        progress.chunks = len(chunks)
+        priority = getattr(self.fetcher.remote, "prefetching", None)
+        low = action.kind != "readahead" and priority is not None and blob.is_remote
+
+        async def write(batch: tuple[Chunk, ...]) -> None:
+            parts, _ = await self.fetcher.get(blob, batch)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            await self._in_thread(functools.partial(
+                self.backend.fill, action.fd, data, batch[0].offset, 0, complete=False))
+            progress.written += _round_up(len(data))
+
+        with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
+            batches = windows(chunks, BACKGROUND_BATCH)
+            for i in range(0, len(batches), self._io_jobs):
+                await asyncio.gather(*map(write, batches[i : i + self._io_jobs]))
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def keep(self, blob_ids: set[str]) -> None:
+        """Forget the chunk tables of blobs no object uses (a few spare are kept)."""
+        if len(self.blobs) > 2 * len(blob_ids) + 8:
+            self.blobs = {k: v for k, v in self.blobs.items() if k in blob_ids}
+
+    def pending(self) -> set[Any]:
+        """What still runs: READ tasks and batch jobs (for the drain)."""
+        return set(self._tasks) | {asyncio.wrap_future(j) for j in self._jobs}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _in_thread(self, job: Callable[[], T]) -> T:
+        """Run `job` in the pool; if cancelled, still let it finish (the kernel waits on it)."""
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, job)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await fut
+            raise
+
+
+_ORDER = {"zero": 0, "cache": 1, "joined": 2, "local": 3, "remote": 4}
+
+
+def _farthest(a: str, b: str) -> str:
+    return a if _ORDER.get(a, 0) >= _ORDER.get(b, 0) else b
+
+
+def _round_up(n: int) -> int:
+    return -(-n // PAGE) * PAGE
