@@ -83,6 +83,7 @@ class FakeKernel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.restore_supported = True  # False: a kernel before 6.8 (no `restore`)
         self.commands: list[bytes] = []  # what FakeDevice wrote besides copen
+        self._retired: list[FakeObject] = []  # objects replaced by a second OPEN (reopen)
 
     @property
     def device_fd(self) -> int:
@@ -133,7 +134,7 @@ class FakeKernel:
             self._loop.remove_reader(self.kernel_sock.fileno())
             if self._writer_armed:
                 self._loop.remove_writer(self.kernel_sock.fileno())
-        for obj in self.objects.values():
+        for obj in [*self.objects.values(), *self._retired]:
             _close_if_ours(obj)
             os.close(obj.reader)
         self.daemon_sock.close()
@@ -176,6 +177,23 @@ class FakeKernel:
         self.send_raw(wire.build(wire.OpenRequest(msg_id, object_id, volume, cookie, fd, 0)))
         obj.copen_result = await asyncio.wait_for(fut, timeout)
         return obj
+
+    async def reopen(self, obj: FakeObject, volume: bytes = b"erofs,dom",
+                     timeout: float = 10) -> FakeObject:
+        """A second OPEN of the same object id: the same cache file, a new anon fd."""
+        msg_id = next(self._msg_ids)
+        fd = os.open(obj.path, os.O_WRONLY)
+        new = FakeObject(obj.object_id, obj.cookie, obj.path, fd, obj.inode,
+                         os.open(obj.path, os.O_RDONLY))
+        self.objects[obj.object_id] = new
+        self._retired.append(obj)
+        fut = asyncio.get_running_loop().create_future()
+        self._open_waiters[msg_id] = fut
+        self._open_objects[msg_id] = obj.object_id
+        self.send_raw(wire.build(
+            wire.OpenRequest(msg_id, obj.object_id, volume, obj.cookie, fd, 0)))
+        new.copen_result = await asyncio.wait_for(fut, timeout)
+        return new
 
     def send_read(self, obj: FakeObject, off: int, length: int) -> ReadOutcome:
         msg_id = next(self._msg_ids)

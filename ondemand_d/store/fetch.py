@@ -35,7 +35,7 @@ class Claim:
     rest and wait for the joined chunks).
     """
 
-    __slots__ = ("_data", "_joined", "_owned", "_read", "chunks", "source", "stage")
+    __slots__ = ("_data", "_flying", "_joined", "_owned", "_read", "chunks", "source", "stage")
 
     def __init__(self, chunks: Sequence[Chunk]) -> None:
         self.chunks = tuple(chunks)
@@ -43,6 +43,7 @@ class Claim:
         self._owned: list[tuple[int, asyncio.Future[bytes]]] = []
         self._joined: list[tuple[int, asyncio.Future[bytes]]] = []
         self._read = False  # read_owned ran
+        self._flying: set[int] = set()  # owned chunks a fetch task now answers for
         self.source = "cache"  # where the bytes came from, the farthest one used
         self.stage = "local"  # what it waits for now: local (store), fetch (remote), joined
 
@@ -166,7 +167,7 @@ class ChunkFetcher:
         Loop thread. Chunks still unknown (remote) are left for `finish`.
         """
         for i, fut in claim._owned:
-            if fut.done():
+            if fut.done() or i in claim._flying:
                 continue
             digest = claim.chunks[i].digest
             data = claim._data[i]
@@ -212,6 +213,7 @@ class ChunkFetcher:
         self, blob: Blob, claim: Claim, missing: list[tuple[int, asyncio.Future[bytes]]]
     ) -> None:
         chunks = [claim.chunks[i] for i, _ in missing]
+        claim._flying.update(i for i, _ in missing)  # the task settles them, whoever waits
         task = asyncio.get_running_loop().create_task(
             self._flight(blob, chunks, [f for _, f in missing]))
         self._flights.add(task)
