@@ -6,13 +6,15 @@ A READ older than `hung_read_after` is flagged as hung, and logged once (`read_h
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
 
 from ondemand_d.control.server import ControlServer, json_ok
 from ondemand_d.control.status import runtime
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = structlog.get_logger()
 

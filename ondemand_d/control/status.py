@@ -6,9 +6,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 import ondemand_d
 from ondemand_d import cachedir
@@ -17,6 +15,9 @@ from ondemand_d.control.observe import Observer
 from ondemand_d.control.server import ControlServer, json_ok, state
 from ondemand_d.device import KernelFeatures
 from ondemand_d.errors import StoreError
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 @dataclass

@@ -2,13 +2,13 @@
 """The daemon's control socket: which views it serves, and starting it.
 
 A module that serves routes has `add_routes(server)`; list it in `ROUTE_MODULES`
-(or call `server.add_route` before `server.start()`). Its handlers find the running
-daemon in `state(request)["runtime"]` (a `status.Runtime`); a front end keeps its
-own objects in `Runtime.frontends`.
+(or call `server.add_route` before `server.start()`). The route modules and aiohttp
+are imported when the first client connects (server.py), none at start-up. Handlers
+find the running daemon in `state(request)["runtime"]` (a `status.Runtime`); a front
+end keeps its own objects in `Runtime.frontends`.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from ondemand_d import log
@@ -45,12 +45,10 @@ async def start(  # noqa: PLR0913 - what the views show
     """Serve the control socket at `cfg.control_socket`; return the running server."""
     assert cfg.control_socket is not None  # noqa: S101 - checked by the caller
     observer = Observer()
-    server = DaemonControl(cfg.control_socket)
+    server = DaemonControl(cfg.control_socket, ROUTE_MODULES)
     server.observer = observer
     server.state["runtime"] = Runtime(cfg, service, device, features, observer,
                                       restored=restored, backend=backend)
-    for name in ROUTE_MODULES:
-        importlib.import_module(name).add_routes(server)
     await server.start()
     log.observe(observer)
     return server
