@@ -43,7 +43,6 @@ FILL_WINDOW = 8 << 20
 PAD_LIMIT = 1 << 20
 #: Bytes per anon-fd write (and per verify job) when writing without a READ.
 BACKGROUND_BATCH = 1 << 20
-_ZEROS = bytes(max(PAD_LIMIT, PAGE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,25 +275,19 @@ class FillEngine:
             self._end(job, None, written, source)
 
     def _write(self, job: ReadJob, parts: list[bytes], *, last: bool, at: int | None = None) -> int:
-        """Write verified chunk bytes (and, if last, the padding), then complete (I/O thread)."""
+        """Write verified chunk bytes (and, if last, the padding), then complete (I/O thread).
+
+        The bytes are copied once into a reused page-aligned buffer and written
+        from there, a buffer at a time; the last write also completes (_native).
+        """
         action, span = job.action, job.span
         assert span is not None  # noqa: S101 - set by fill()
         at = span.start if at is None else at
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        written = _round_up(len(data))
-        pad = list(range(span.data_end, span.pad_to, len(_ZEROS))) if last else []
         if self._log is not None:
-            self._log.debug("read_writing", msg_id=action.msg_id, at=at, bytes=len(data),
-                            backend=self.backend.name)
-        if data:
-            self.backend.fill(action.fd, data, at, action.msg_id, complete=last and not pad)
-        for i, off in enumerate(pad):
-            n = min(len(_ZEROS), span.pad_to - off)
-            self.backend.fill(action.fd, memoryview(_ZEROS)[:n], off, action.msg_id,
-                              complete=i == len(pad) - 1)
-            written += n
-        if last and not data and not pad:
-            self.backend.complete(action.fd, action.msg_id)
+            self._log.debug("read_writing", msg_id=action.msg_id, at=at,
+                            bytes=sum(len(p) for p in parts), backend=self.backend.name)
+        written = self.backend.fill_parts(action.fd, parts, at, action.msg_id, complete=last,
+                                          size=span.pad_to - at if last else 0)
         if last:
             job.completed = True
         return written
@@ -335,10 +328,8 @@ class FillEngine:
 
         async def write(batch: tuple[Chunk, ...]) -> None:
             parts, _ = await self.fetcher.get(blob, batch)
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            await self._in_thread(functools.partial(
-                self.backend.fill, action.fd, data, batch[0].offset, 0, complete=False))
-            progress.written += _round_up(len(data))
+            progress.written += await self._in_thread(functools.partial(
+                self.backend.fill_parts, action.fd, parts, batch[0].offset, 0, complete=False))
 
         with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
             batches = windows(chunks, BACKGROUND_BATCH)

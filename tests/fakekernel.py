@@ -350,3 +350,19 @@ class RecordingBackend:
         self.real.fill(fd, buf, off, msg_id, complete=False)
         if complete:
             self.kernel.complete(fd, msg_id)
+
+    def fill_parts(
+        self, fd: int, parts: Any, off: int, msg_id: int, *, complete: bool, size: int = 0
+    ) -> int:
+        n = self.real.fill_parts(fd, parts, off, msg_id, complete=False, size=size)
+        if complete:
+            self.kernel.complete(fd, msg_id)
+        return n
+
+    def fill_aligned(
+        self, fd: int, buf: Any, length: int, off: int, msg_id: int, *, complete: bool
+    ) -> int:
+        n = self.real.fill_aligned(fd, buf, length, off, msg_id, complete=False)
+        if complete:
+            self.kernel.complete(fd, msg_id)
+        return n

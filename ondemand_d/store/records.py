@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ondemand_d.errors import ChunkNotFound, StoreError, UnknownName
+from ondemand_d.errors import ChunkNotFound, DigestMismatch, StoreError, UnknownName
 from ondemand_d.store import durable
 from ondemand_d.store.model import PAGE, Blob, Chunk, check_digest
-from ondemand_d.store.verify import verified
+from ondemand_d.store.verify import check, verified
 
 #: Chunk size used when a blob is ingested whole (import); the daemon fills a
 #: whole chunk per READ, and vm.md measured 1 MiB as a good trade.
@@ -150,6 +150,39 @@ class RecordStore:
         finally:
             os.close(fd)
         return verified(chunk, data)
+
+    def read_chunk_into(self, chunk: Chunk, buf: Any, at: int = 0) -> None:
+        """read_chunk into buf[at:at+length] (e.g. a pooled aligned buffer), verified there.
+
+        No bytes object is made: the fill path can write `buf` to the cache file
+        as it is. On DigestMismatch or ChunkNotFound, buf's range holds garbage.
+        """
+        view = memoryview(buf).cast("B")[at : at + chunk.length]
+        if len(view) != chunk.length:
+            msg = f"chunk {chunk.digest}: {chunk.length} bytes do not fit at {at} of the buffer"
+            raise ValueError(msg)
+        d = chunk.digest
+        try:
+            fd = os.open(f"{self._chunk_dir}/{d[:2]}/{d}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ChunkNotFound(f"chunk {d} is not in the store {self.root}") from None
+        extra = bytearray(1)  # a byte past the length: catches a chunk file that grew
+        got = 0
+        try:
+            while True:
+                n = os.readv(fd, [view[got:], extra] if got < len(view) else [extra])
+                if n == 0:
+                    break
+                got += n
+                if got > len(view):
+                    break
+        finally:
+            os.close(fd)
+        if got != chunk.length:
+            found = f"{got} bytes" if got < chunk.length else "more bytes"
+            msg = f"chunk {d}: {found}, expected {chunk.length}"
+            raise DigestMismatch(msg)
+        check(chunk, view)
 
     def quarantine(self, path: Path) -> Path:
         """Move a damaged file out of the way (kept for inspection); return where it went."""

@@ -14,6 +14,12 @@ def verified(chunk: Chunk, data: bytes | bytearray | memoryview) -> bytes:
     Raises:
         DigestMismatch: wrong length or wrong sha256.
     """
+    check(chunk, data)
+    return bytes(data)
+
+
+def check(chunk: Chunk, data: bytes | bytearray | memoryview) -> None:
+    """Raise DigestMismatch unless `data` is exactly the chunk's content (no copy made)."""
     if len(data) != chunk.length:
         msg = f"chunk {chunk.digest}: {len(data)} bytes, expected {chunk.length}"
         raise DigestMismatch(msg)
@@ -21,4 +27,3 @@ def verified(chunk: Chunk, data: bytes | bytearray | memoryview) -> bytes:
     if got != chunk.digest:
         msg = f"chunk {chunk.digest}: content hashes to {got}"
         raise DigestMismatch(msg)
-    return bytes(data)

@@ -108,3 +108,33 @@ def test_a_format_1_store_is_refused_with_a_way_out(tmp_path):
     with pytest.raises(StoreError, match="older ondemand-d.*create a new store"):
         LocalStore(tmp_path / "old")
     assert not (tmp_path / "old" / "format").exists()
+
+
+def test_read_chunk_into_an_aligned_buffer(tmp_path):
+    """The fill path's read: straight into a pooled buffer, verified there, no bytes made."""
+    from ondemand_d import _native
+
+    s = LocalStore(tmp_path / "s")
+    (tmp_path / "f").write_bytes(os.urandom(3 * 4096 + 100))
+    blob = s.ingest_file(tmp_path / "f", chunk_size=8192)
+    with _native.POOL.take(blob.size) as buf:
+        for c in blob.chunks:
+            s.read_chunk_into(c, buf, c.offset)
+        assert buf[: blob.size] == (tmp_path / "f").read_bytes()
+        first = blob.chunks[0]
+        path = s.chunk_path(first.digest)
+        os.chmod(path, 0o644)
+        path.write_bytes(path.read_bytes() + b"x")  # grew by a byte
+        with pytest.raises(DigestMismatch, match="more bytes"):
+            s.read_chunk_into(first, buf)
+        path.write_bytes(path.read_bytes()[:-2])  # now one byte short
+        with pytest.raises(DigestMismatch, match="8191 bytes"):
+            s.read_chunk_into(first, buf)
+        path.write_bytes(b"y" * 8192)  # right length, wrong content
+        with pytest.raises(DigestMismatch, match="hashes to"):
+            s.read_chunk_into(first, buf)
+        path.unlink()
+        with pytest.raises(ChunkNotFound):
+            s.read_chunk_into(first, buf)
+        with pytest.raises(ValueError, match="do not fit"):
+            s.read_chunk_into(blob.chunks[1], buf, len(buf) - 4096)
