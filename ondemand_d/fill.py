@@ -328,8 +328,9 @@ class FillEngine:
 
         async def write(batch: tuple[Chunk, ...]) -> None:
             parts, _ = await self.fetcher.get(blob, batch)
-            progress.written += await self._in_thread(functools.partial(
+            n = await self._in_thread(functools.partial(
                 self.backend.fill_parts, action.fd, parts, batch[0].offset, 0, complete=False))
+            progress.written += n  # after the await: the batches run concurrently
 
         with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
             batches = windows(chunks, BACKGROUND_BATCH)

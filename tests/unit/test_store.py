@@ -110,6 +110,7 @@ def test_a_format_1_store_is_refused_with_a_way_out(tmp_path):
     assert not (tmp_path / "old" / "format").exists()
 
 
+@pytest.mark.damages_store
 def test_read_chunk_into_an_aligned_buffer(tmp_path):
     """The fill path's read: straight into a pooled buffer, verified there, no bytes made."""
     from ondemand_d import _native
