@@ -2,7 +2,8 @@
 """`ondemand-d add`: register a registry image in the LocalStore without its data.
 
 Downloads the manifest, the config blob, every chunk table and the bootstrap
-layer (small, and always read whole at mount), and nothing else. Data blobs
+layer (always read whole at mount; spooled to an unlinked file, then cut
+into chunks one at a time), and nothing else. Data blobs
 are written as Blob records whose chunks carry `remote` ranges into their
 registry layer, with ``extra["remote"] = {"registry", "repository"}`` telling
 the RegistrySource where to send the Range GETs. Everything goes into the
@@ -18,6 +19,7 @@ builder hashed itself).
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import structlog
@@ -104,41 +106,41 @@ async def add(
 
     boot_table = await _table(client, ref, config.bootstrap)
     boot_remote = _blob(boot_table, config.bootstrap.data, where, max_chunk)
-    boot_layer = await client.get_blob(
-        ref.registry, ref.repository, config.bootstrap.data, MAX_BOOTSTRAP
-    )
-    boot_chunks: list[tuple[Chunk, bytes]] = []
-    for chunk in boot_remote.chunks:
-        assert chunk.remote is not None  # noqa: S101 - to_blob sets it on every chunk
-        data = decode(
-            boot_remote,
-            chunk,
-            boot_layer[chunk.remote.offset : chunk.remote.offset + chunk.remote.length],
+    # The bootstrap layer is spooled to an unlinked file under the store and cut
+    # into chunks one at a time: memory stays at one chunk whatever the layer's size.
+    with tempfile.TemporaryFile(dir=store.root / "tmp") as spool:
+        await client.get_blob_to(
+            ref.registry, ref.repository, config.bootstrap.data, MAX_BOOTSTRAP, spool
         )
-        boot_chunks.append((Chunk(chunk.offset, chunk.length, chunk.digest), data))
-    # The bootstrap becomes an ordinary local blob: the kernel reads it whole at mount.
-    # Its chunks were verified by decode(), and its id commits to them.
-    bootstrap = Blob(boot_table.blob_id, boot_table.size, tuple(c for c, _ in boot_chunks))
-
-    devices = [
-        (_blob(await _table(client, ref, e), e.data, where, max_chunk), e.key)
-        for e in config.devices
-    ]
-    try:
-        image = Image(
-            name,
-            bootstrap.blob_id,
-            tuple((key or blob.blob_id, blob.blob_id) for blob, key in devices),
-            {"remote": {"reference": str(ref), "manifest": manifest_digest}},
+        # The bootstrap becomes an ordinary local blob: the kernel reads it whole at mount.
+        # Its chunks are verified by decode(), and its id commits to them.
+        bootstrap = Blob(
+            boot_table.blob_id,
+            boot_table.size,
+            tuple(Chunk(c.offset, c.length, c.digest) for c in boot_remote.chunks),
         )
-    except StoreError as exc:
-        raise ImageError(f"{ref} is refused: {exc}") from None
-    with store.transaction():
-        for chunk, data in boot_chunks:
-            store.put_chunk(data, chunk.digest)
-        for blob in (bootstrap, *(b for b, _ in devices)):
-            store.put_blob(blob)  # a record already there is kept: same id, same bytes
-        store.put_image(image, replace=replace)
+        devices = [
+            (_blob(await _table(client, ref, e), e.data, where, max_chunk), e.key)
+            for e in config.devices
+        ]
+        try:
+            image = Image(
+                name,
+                bootstrap.blob_id,
+                tuple((key or blob.blob_id, blob.blob_id) for blob, key in devices),
+                {"remote": {"reference": str(ref), "manifest": manifest_digest}},
+            )
+        except StoreError as exc:
+            raise ImageError(f"{ref} is refused: {exc}") from None
+        with store.transaction():
+            for chunk in boot_remote.chunks:
+                assert chunk.remote is not None  # noqa: S101 - to_blob sets it on every chunk
+                spool.seek(chunk.remote.offset)
+                packed = spool.read(chunk.remote.length)
+                store.put_chunk(decode(boot_remote, chunk, packed), chunk.digest)
+            for blob in (bootstrap, *(b for b, _ in devices)):
+                store.put_blob(blob)  # a record already there is kept: same id, same bytes
+            store.put_image(image, replace=replace)
     result = AddResult(
         name,
         manifest_digest,

@@ -18,7 +18,7 @@ import hashlib
 import random
 import ssl
 import time
-from typing import Self, TypeVar
+from typing import BinaryIO, Self, TypeVar
 
 import aiohttp
 import structlog
@@ -324,6 +324,37 @@ class RegistryClient:
             msg = f"blob {digest} from {registry}/{repository}: content hashes to {got}"
             raise DigestMismatch(msg)
         return data
+
+    async def get_blob_to(  # noqa: PLR0913
+        self, registry: str, repository: str, digest: str, max_size: int, out: BinaryIO
+    ) -> int:
+        """A whole blob streamed into `out` (a seekable file), checked against its digest.
+
+        Memory stays at one network piece whatever the blob's size. Returns its length.
+        """
+        url = api(repository) / "blobs" / digest
+
+        async def handle(resp: aiohttp.ClientResponse) -> tuple[int, str]:
+            expect(resp, (200,), f"blob {digest}")
+            out.seek(0)
+            out.truncate()  # a retried attempt starts again from the first byte
+            sha, size = hashlib.sha256(), 0
+            async for piece in iter_body(resp):
+                size += len(piece)
+                if size > max_size:
+                    msg = f"blob {digest}: response is larger than {max_size} bytes"
+                    raise FetchError(msg, retryable=False)
+                sha.update(piece)
+                out.write(piece)
+            return size, "sha256:" + sha.hexdigest()
+
+        size, got = await self.request("GET", registry, url, handle, scope=scope(repository))
+        self.bytes_received += size
+        if got != digest:
+            msg = f"blob {digest} from {registry}/{repository}: content hashes to {got}"
+            raise DigestMismatch(msg)
+        out.flush()
+        return size
 
     async def get_range(  # noqa: PLR0913
         self,

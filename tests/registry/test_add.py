@@ -63,6 +63,30 @@ async def test_add_downloads_metadata_only(registry: Registry, tmp_path: Path) -
     assert result.bytes_downloaded < 20_000  # bootstrap (8 KiB, compressed) + small JSON
 
 
+async def test_add_keeps_one_chunk_of_the_bootstrap_in_memory(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A large bootstrap layer is spooled to disk: add's peak memory is far below its size."""
+    import tracemalloc  # noqa: PLC0415
+
+    src = LocalStore(tmp_path / "src")
+    size = 24 << 20  # half random: the zstd layer stays above 12 MB
+    image = make_image(src, tmp_path, "bigboot", (size, 8192), chunk=1 << 20)
+    ref = reference.parse(f"{registry.host}/test/bigboot:v1")
+    async with RegistryClient(RegistryConfig()) as client:
+        await push(src, "bigboot", ref, client)
+    dst = LocalStore(tmp_path / "dst")
+    tracemalloc.start()
+    try:
+        async with RegistryClient(RegistryConfig()) as client:
+            await add(dst, ref, client)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert blob_bytes(dst, image.bootstrap) == blob_bytes(src, image.bootstrap)
+    assert peak < size // 4, f"add held {peak} bytes for a {size}-byte bootstrap"
+
+
 async def test_second_push_uploads_nothing(registry: Registry, tmp_path: Path) -> None:
     """Layers already in the repository are found by HEAD and not sent again."""
     src = LocalStore(tmp_path / "src")
