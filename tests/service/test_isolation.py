@@ -14,6 +14,7 @@ import tracemalloc
 
 from ondemand_d import wire
 from ondemand_d.fill import PAD_LIMIT
+from ondemand_d.store.model import Image
 from tests.service.test_service import (
     PAGE, _all_complete_once, _events, _ingest, _remote_blob, _until,
 )
@@ -167,3 +168,22 @@ async def test_huge_read_length_does_not_allocate_its_length(env):
     assert env.kernel.cache_bytes(obj)[: 5 * PAGE] == source
     assert await env.kernel.read(obj, 0, PAGE, timeout=GUARD)
     _all_complete_once(env.kernel)
+
+
+async def test_remount_of_a_cached_image_writes_nothing(env):
+    """The cache file of a bootstrap is full after the first mount: the second prefill writes 0."""
+    env.kernel.layout = True  # one cache file per cookie, kept across OPENs as cachefiles does
+    blob, source = _ingest(env, (3 << 20) + 5000)
+    env.store.put_image(Image("boot", blob.blob_id))  # the image's own name: a bootstrap
+    first = await env.kernel.open(b"boot", b"erofs,boot")
+    await _until(lambda: _events(env, "prefilled"), GUARD)
+    assert _events(env, "prefilled")[0]["bytes"] == -(-blob.size // PAGE) * PAGE
+    env.kernel.close(first)
+    await _until(lambda: not env.kernel.fd_open(first), GUARD)
+
+    second = await env.kernel.open(b"boot", b"erofs,boot")
+    assert second.path == first.path
+    await _until(lambda: len(_events(env, "prefilled")) == 2, GUARD)
+    again = _events(env, "prefilled")[1]
+    assert (again["outcome"], again["bytes"]) == ("ok", 0)
+    assert env.kernel.cache_bytes(second)[: blob.size] == source
