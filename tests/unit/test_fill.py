@@ -44,10 +44,14 @@ class Counting:
         pass
 
     def fill(self, fd: int, buf: Any, off: int, msg_id: int, *, complete: bool) -> None:
-        n = len(memoryview(buf))
+        self.fill_parts(fd, [buf], off, msg_id, complete=complete)
+
+    def fill_parts(self, fd: int, parts: Any, off: int, msg_id: int, *, complete: bool,
+                   size: int = 0) -> int:
+        n = max(size, sum(len(memoryview(p)) for p in parts))
         self.written += -(-n // PAGE) * PAGE
         self.writes.append((off, n))
-        self.real.fill(fd, buf, off, msg_id, complete=False)
+        return self.real.fill_parts(fd, parts, off, msg_id, complete=False, size=size)
 
 
 def test_plan_widens_to_chunks_and_pads_past_the_end(tmp_path):
