@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -262,6 +261,8 @@ def load(
 
 
 def _file_values(text: str, source: str) -> Iterator[tuple[str, Any]]:
+    import tomllib  # noqa: PLC0415 - only with a config file (serve start-up)
+
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -10,9 +10,8 @@ Without the variable the hook costs one attribute test per call.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import os
 import signal
 from pathlib import Path
@@ -53,16 +52,16 @@ class _Faults:
 faults = _Faults()
 
 
+@functools.cache
 def _libc_syncfs() -> object:
-    name = ctypes.util.find_library("c")
+    """libc's syncfs, looked up on first use: ctypes costs start-up every serve would pay."""
+    import ctypes  # noqa: PLC0415
+
     try:
-        libc = ctypes.CDLL(name, use_errno=True) if name else None
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's among them
     except OSError:
         return None
     return getattr(libc, "syncfs", None)
-
-
-_syncfs = _libc_syncfs()
 
 
 def syncfs(anchor: Path) -> None:
@@ -73,7 +72,8 @@ def syncfs(anchor: Path) -> None:
     faults.hit("fsync", anchor)
     fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _syncfs is None or _syncfs(fd) != 0:  # type: ignore[operator]
+        call = _libc_syncfs()
+        if call is None or call(fd) != 0:  # type: ignore[operator]
             os.sync()
     finally:
         os.close(fd)
