@@ -42,7 +42,9 @@ def data_ranges(fd: int, start: int = 0, end: int | None = None) -> list[tuple[i
     The kernel's anon fds forward lseek to the cache file, so this is what the
     cache holds of an object: a hole is "not cached", and a READ fills it.
     """
-    size = os.fstat(fd).st_size
+    # Not fstat: on the kernel's anon fd it describes the anon inode (size 0); lseek
+    # is forwarded to the cache file, so SEEK_END gives the cache file's size.
+    size = os.lseek(fd, 0, os.SEEK_END)
     end = size if end is None else min(end, size)
     out: list[tuple[int, int]] = []
     pos = start
