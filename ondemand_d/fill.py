@@ -21,8 +21,10 @@ meet a hole: a remount of a fully cached image writes nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ondemand_d import cachedir, protocol
+from ondemand_d.erofs_meta import metadata_ranges
 from ondemand_d._native import Backend
 from ondemand_d.errors import StoreError
 from ondemand_d.store.fetch import ChunkFetcher, Claim
@@ -145,6 +148,7 @@ class Progress:
 
     written: int = 0
     chunks: int = 0  # chunks that met a hole and were written
+    note: str = ""  # what was chosen (metadata only, or why the whole blob)
 
 
 class FillEngine:
@@ -311,9 +315,12 @@ class FillEngine:
     async def background(self, action: protocol.StartBackground, progress: Progress) -> None:
         """Write [off, end) of the blob where the cache file has holes.
 
-        Batches are read and verified concurrently, so hashing uses every core.
-        A prefill or prefetch of a remote blob is fetched at prefetch priority.
-        Cancelling it stops after the writes under way.
+        A prefill (a bootstrap) writes only the image's metadata blocks
+        (erofs_meta.py), or the whole range if the blob is no EROFS image
+        the walk understands. Batches are read and verified concurrently on
+        half the I/O pool, so READs overtake a background write. A prefill or
+        prefetch of a remote blob is fetched at prefetch priority. Cancelling
+        it stops after the writes under way.
         """
         blob = self.blobs[action.blob_id]
         chunks = blob.chunks_for(action.off, action.end - action.off)
@@ -321,21 +328,87 @@ class FillEngine:
             return
         gaps = await self._in_thread(functools.partial(
             cachedir.holes, action.fd, chunks[0].offset, _round_up(chunks[-1].end)))
-        chunks = in_holes(chunks, gaps)
-        progress.chunks = len(chunks)
+        if not gaps:
+            return  # all cached: a remount writes nothing
         priority = getattr(self.fetcher.remote, "prefetching", None)
         low = action.kind != "readahead" and priority is not None and blob.is_remote
-
-        async def write(batch: tuple[Chunk, ...]) -> None:
-            parts, _ = await self.fetcher.get(blob, batch)
-            n = await self._in_thread(functools.partial(
-                self.backend.fill_parts, action.fd, parts, batch[0].offset, 0, complete=False))
-            progress.written += n  # after the await: the batches run concurrently
-
+        jobs = max(1, self._io_jobs // 2)
         with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
+            meta = await self._metadata(blob, progress) if action.kind == "prefill" else None
+            if meta is not None:
+                await self._write_pieces(action.fd, blob, _intersect(meta, gaps), jobs, progress)
+                return
+            chunks = in_holes(chunks, gaps)
+            progress.chunks = len(chunks)
+
+            async def write(batch: tuple[Chunk, ...]) -> None:
+                parts, _ = await self.fetcher.get(blob, batch)
+                n = await self._in_thread(functools.partial(
+                    self.backend.fill_parts, action.fd, parts, batch[0].offset, 0,
+                    complete=False))
+                progress.written += n  # after the await: the batches run concurrently
+
             batches = windows(chunks, BACKGROUND_BATCH)
-            for i in range(0, len(batches), self._io_jobs):
-                await asyncio.gather(*map(write, batches[i : i + self._io_jobs]))
+            for i in range(0, len(batches), jobs):
+                await asyncio.gather(*map(write, batches[i : i + jobs]))
+
+    async def _metadata(self, blob: Blob, progress: Progress) -> list[tuple[int, int]] | None:
+        """The blob's EROFS metadata ranges, read through the fetcher (verified); None if
+        it is not an image the walk understands (then the whole blob is prefilled)."""
+        loop = asyncio.get_running_loop()
+        recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+        def read(off: int, length: int) -> bytes:  # I/O thread; fetches run on the loop
+            need = blob.chunks_for(off, length)
+            if not need or need[-1].end < off + length:
+                msg = f"read of {off}+{length} past the blob's end"
+                raise ValueError(msg)
+            missing = tuple(c for c in need if c.offset not in recent)
+            if missing:
+                parts, _ = asyncio.run_coroutine_threadsafe(
+                    self.fetcher.get(blob, missing), loop).result()
+                recent.update((c.offset, p) for c, p in zip(missing, parts, strict=True))
+            for c in need:
+                recent.move_to_end(c.offset)
+            while len(recent) > max(8, len(need)):
+                recent.popitem(last=False)
+            first = need[0].offset
+            if len(need) == 1:
+                return recent[first][off - first : off - first + length]
+            joined = b"".join(recent[c.offset] for c in need)
+            return joined[off - first : off - first + length]
+
+        try:
+            ranges = await self._in_thread(functools.partial(metadata_ranges, read, blob.size))
+        except (ValueError, IndexError, struct.error) as exc:
+            progress.note = f"not walked as EROFS ({exc}): the whole blob"
+            return None
+        progress.note = f"metadata: {sum(e - s for s, e in ranges)} bytes"
+        return ranges
+
+    async def _write_pieces(self, fd: int, blob: Blob, pieces: list[tuple[int, int]],
+                            jobs: int, progress: Progress) -> None:
+        """Write byte ranges of the blob (block aligned), chunk by chunk."""
+        by_chunk: dict[int, tuple[Chunk, list[tuple[int, int]]]] = {}
+        for start, end in pieces:
+            for chunk in blob.chunks_for(start, end - start):
+                entry = by_chunk.setdefault(chunk.offset, (chunk, []))
+                entry[1].append((max(start, chunk.offset), min(end, chunk.end)))
+        progress.chunks = len(by_chunk)
+
+        async def write(chunk: Chunk, spans: list[tuple[int, int]]) -> None:
+            parts, _ = await self.fetcher.get(blob, (chunk,))
+            view = memoryview(parts[0])
+            n = 0
+            for s, e in spans:
+                n += await self._in_thread(functools.partial(
+                    self.backend.fill_parts, fd, [view[s - chunk.offset : e - chunk.offset]],
+                    s, 0, complete=False))
+            progress.written += n
+
+        work = list(by_chunk.values())
+        for i in range(0, len(work), jobs):
+            await asyncio.gather(*(write(c, spans) for c, spans in work[i : i + jobs]))
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -362,6 +435,17 @@ class FillEngine:
             with contextlib.suppress(Exception):
                 await fut
             raise
+
+
+def _intersect(ranges: list[tuple[int, int]], gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of sorted `ranges` that lie in sorted `gaps` (pure)."""
+    out = []
+    for s, e in ranges:
+        for gs, ge in gaps:
+            lo, hi = max(s, gs), min(e, ge)
+            if lo < hi:
+                out.append((lo, hi))
+    return out
 
 
 _ORDER = {"zero": 0, "cache": 1, "joined": 2, "local": 3, "remote": 4}

@@ -324,6 +324,7 @@ class Service:
                 event, object_id=action.object_id, blob=action.blob_id, kind=action.kind,
                 off=action.off, len=action.end - action.off, bytes=progress.written,
                 chunks_written=progress.chunks, outcome=outcome, duration_ms=_ms(start),
+                **({"note": progress.note} if progress.note else {}),
                 **({"error": error} if error else {}),
             )
             self._run(self.objects.background_done(action.fd, ok=outcome == "ok"))

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
+import subprocess
 import tracemalloc
 
 from ondemand_d import wire
 from ondemand_d.fill import PAD_LIMIT
+from ondemand_d.importer import import_image
 from ondemand_d.store.model import Image
 from tests.service.test_service import (
     PAGE, _all_complete_once, _events, _ingest, _remote_blob, _until,
@@ -187,3 +190,33 @@ async def test_remount_of_a_cached_image_writes_nothing(env):
     again = _events(env, "prefilled")[1]
     assert (again["outcome"], again["bytes"]) == ("ok", 0)
     assert env.kernel.cache_bytes(second)[: blob.size] == source
+
+
+async def test_prefill_of_a_plain_image_writes_only_its_metadata(env):
+    """A plain mkfs.erofs image is its own bootstrap: prefill writes its metadata, not its data.
+
+    The file's data stays a hole for the kernel's READs to fill (and to overtake the prefill).
+    """
+    src = env.tmp / "src"
+    (src / "d").mkdir(parents=True)
+    big = random.Random(7).randbytes(3 << 20)
+    (src / "big").write_bytes(big)
+    for i in range(40):
+        (src / "d" / f"f{i}").write_text(f"file {i}\n" * i)
+    img = env.tmp / "plain.img"
+    subprocess.run(["mkfs.erofs", str(img), str(src)], check=True, capture_output=True)
+    import_image(env.store, "plain", img, [])
+    data = img.read_bytes()
+    at = data.find(big[:PAGE])
+
+    obj = await env.kernel.open(b"plain", b"erofs,plain")
+    assert obj.copen_result == len(data)
+    await _until(lambda: _events(env, "prefilled"), GUARD)
+    (line,) = _events(env, "prefilled")
+    assert line["outcome"] == "ok" and line["note"].startswith("metadata")
+    assert 0 < line["bytes"] <= len(data) - len(big)  # never a byte of the file
+    assert env.kernel.range_present(obj, 0, PAGE)  # the superblock
+    assert not env.kernel.range_present(obj, at, PAGE)  # file data: a hole
+    assert await env.kernel.read(obj, at, len(big), timeout=GUARD)
+    assert env.kernel.cache_bytes(obj)[at : at + len(big)] == big
+    _all_complete_once(env.kernel)
