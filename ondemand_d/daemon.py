@@ -16,7 +16,7 @@ import structlog
 from ondemand_d import _native, systemd
 from ondemand_d.config import Config
 from ondemand_d.device import Device, KernelFeatures, kernel_features, raise_nofile_limit
-from ondemand_d.errors import OndemandError
+from ondemand_d.errors import DeviceError, OndemandError
 from ondemand_d.service import Service
 from ondemand_d.store.fetch import ChunkFetcher, RemoteSource
 from ondemand_d.store.local import LocalStore
@@ -135,20 +135,30 @@ def _open_store(cfg: Config) -> Any:
     return store
 
 
-async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = None) -> Service:
-    """Run the daemon until `stop` is set (or SIGTERM/SIGINT); return the finished Service."""
+async def serve(
+    cfg: Config, device: Any = None, stop: asyncio.Event | None = None, *,
+    fanotify: bool | None = None,
+) -> Service:
+    """Run the daemon until `stop` is set (or SIGTERM/SIGINT); return the finished Service.
+
+    Two front ends: fscache (/dev/cachefiles, when the kernel has it) and fanotify
+    (file-backed mounts, when pre-content events work; by default only when no
+    `device` is given, as under `ondemand-d serve`).
+    """
     raise_nofile_limit()
     adopted = False
     owned = device is None  # close only a device we opened
+    fan = _fanotify_check(cfg) if (device is None if fanotify is None else fanotify) else None
     if device is None:
-        device, adopted = open_device(cfg)
+        device, adopted = _open_device(cfg, fan)
+    fscache = not getattr(device, "absent", False)
     try:  # created only once the device is ours: a failed start leaves no empty store behind
         store = _open_store(cfg)
     except BaseException:
         if owned:
             device.close()
         raise
-    features = start_device(device, adopted)
+    features = start_device(device, adopted) if fscache else kernel_features(restore=False)
     restored = adopted and features.restore
     backend = _native.load_backend(None if cfg.native == "auto" else cfg.native)
     executor = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ondemand-io")
@@ -169,8 +179,9 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
     control = await start_control(
         cfg, service, device, features, restored=restored, backend=backend.name)
     service.start()
+    frontend = _fanotify_start(cfg, fan, store, fetcher, executor, control)
     log.info(
-        "ready", device=str(cfg.device), cache_dir=str(cfg.cache_dir), tag=cfg.tag,
+        "ready", frontends=[*(["fscache"] if fscache else []), *(["fanotify"] if frontend else [])], device=str(cfg.device), cache_dir=str(cfg.cache_dir), tag=cfg.tag,
         store=str(cfg.store), backend=backend.name, concurrency=cfg.concurrency,
         restored=restored, adopted=adopted, restore=features.restore, pid=os.getpid(),
     )
@@ -187,6 +198,8 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
                 await warming
         systemd.notify("STOPPING=1")
         log.info("stopping", in_flight=service.objects.reads_in_flight)
+        if frontend is not None:  # unmounts first: the group must outlive every mount
+            await frontend.stop(cfg.shutdown_timeout)
         await service.drain(cfg.shutdown_timeout)
         if control is not None:
             await control.stop()
@@ -200,6 +213,50 @@ async def serve(cfg: Config, device: Any = None, stop: asyncio.Event | None = No
             device.close()
         log.info("stopped", **vars(service.counters), **remote_stats)
     return service
+
+
+def _fanotify_check(cfg: Config) -> Any:
+    from ondemand_d.fanotify import serving  # noqa: PLC0415 - only where it is used
+
+    return serving.check(cfg)
+
+
+def _open_device(cfg: Config, fan: Any) -> tuple[Any, bool]:
+    """open_device; without /dev/cachefiles, a stand-in when the fanotify front end works."""
+    try:
+        return open_device(cfg)
+    except DeviceError as exc:
+        if fan is None:
+            raise
+        if not fan.probe.available:
+            msg = f"{exc}; the fanotify front end is not available either: {fan.probe.reason}"
+            raise DeviceError(msg) from exc
+        from ondemand_d.fanotify.serving import NoDevice  # noqa: PLC0415
+
+        log.warning("frontend_unavailable", frontend="fscache", reason=str(exc),
+                    consequence="serving fanotify mounts only (ondemand-d mount)")
+        return NoDevice(), False
+
+
+def _fanotify_start(  # noqa: PLR0913 - what the front end shares with the service
+    cfg: Config, fan: Any, store: Any, fetcher: ChunkFetcher, executor: ThreadPoolExecutor,
+    control: Any,
+) -> Any:
+    """Start the fanotify front end if it was probed and works; tell the control socket."""
+    if fan is None:
+        return None
+    frontend = None
+    if fan.probe.available:
+        from ondemand_d.fanotify import serving  # noqa: PLC0415
+
+        frontend = serving.start(cfg, fan, store, fetcher, executor)
+    else:
+        log.warning("frontend_unavailable", frontend="fanotify", reason=fan.probe.reason)
+    if control is not None:
+        rt = control.state["runtime"]
+        rt.frontends["fanotify"] = frontend
+        rt.frontends["fanotify_unavailable"] = None if frontend else fan.probe.reason
+    return frontend
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

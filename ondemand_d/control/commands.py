@@ -82,6 +82,14 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
             out.append(f"    {b['role']:9} {b['blob'][:12]}  {size(b['size']):>10}  cached "
                        f"{size(b['cached_bytes']):>10}  key={b['key']}"
                        + ("  open" if b["open"] else ""))
+    fan = st.get("frontends", {}).get("fanotify")
+    if fan is not None:
+        out.append(f"fanotify mounts ({len(fan['mounts'])}):")
+        for m in fan["mounts"]:
+            size_all = sum(b["size"] for b in m["blobs"])
+            filled = sum(b["filled_bytes"] for b in m["blobs"])
+            out.append(f"  {m['mountpoint']}  {m['image']} (domain {m['domain']}), "
+                       f"{size(size_all)}, filled {size(filled)}")
     c = st["counters"]
     out.append("requests since start:")
     for r in c["requests"]:

@@ -137,6 +137,8 @@ async def status_view(request: web.Request) -> web.Response:
         "reads_in_flight": rt.service.objects.reads_in_flight,
         "images": found,
         "counters": rt.observer.snapshot(),
+        "frontends": {name: fe.status() for name, fe in rt.frontends.items()
+                      if hasattr(fe, "status")},
     })
 
 

@@ -24,6 +24,7 @@ ROUTE_MODULES = [
     "ondemand_d.control.metrics",
     "ondemand_d.control.trace",
     "ondemand_d.control.cull",
+    "ondemand_d.fanotify.control",
 ]
 
 

@@ -1,0 +1,664 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fanotify front end: one pre-content group, one file per blob, the mounts on them.
+
+For each FAN_PRE_ACCESS event on a blob file the chunks that cover the range are
+fetched (local store or registry, verified by the shared `ChunkFetcher`), written
+whole through the file's fill fd, and the event is allowed; any failure denies it
+with EIO. A reader therefore gets correct bytes or EIO, never a hole's zeros.
+
+Files are written only through fds opened *before* the file was marked: the kernel
+decides at open time whether an fd raises pre-content events, and a write through
+one that does would wait for this daemon's own answer. Those fds and the group fd
+go to systemd's fd store, so a successor keeps the marks and pending events alive
+(a closed group allows every pending event: readers would get zeros).
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import errno
+import functools
+import hashlib
+import os
+import resource
+import time
+from collections.abc import Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ondemand_d import systemd
+from ondemand_d.errors import OndemandError, StoreError, UnknownName
+from ondemand_d.fanotify import layout, syscalls, uapi
+from ondemand_d.store.fetch import ChunkFetcher
+from ondemand_d.store.lease import Lease, gc_lock
+from ondemand_d.store.local import LocalStore
+from ondemand_d.store.model import Blob, Chunk
+
+log = structlog.get_logger()
+
+FDSTORE_GROUP = "fanotify"
+FDSTORE_FILE_PREFIX = "fanotify-file."
+IOV_MAX = 512  # buffers per pwritev (the kernel takes 1024)
+READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
+#: Orphaned events (read by a dead instance, never answered) are found by fd number.
+ORPHAN_FD_LIMIT = 1 << 16
+
+
+class MountError(OndemandError):
+    """A mount or umount request that cannot be carried out (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Whether pre-content events work here, and if not, the sentence saying why."""
+
+    available: bool
+    reason: str = ""
+
+
+def probe(cache_dir: Path, group: int | None = None) -> Probe:
+    """Try a FAN_PRE_ACCESS mark on a file in the front end's directory of `cache_dir`."""
+    own = group is None
+    try:
+        if group is None:
+            group = syscalls.fanotify_init()
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            return Probe(False, "fanotify pre-content groups need CAP_SYS_ADMIN: run as root")
+        return Probe(False, f"this kernel has no fanotify pre-content class ({exc.strerror}): "
+                     "it needs CONFIG_FANOTIFY_ACCESS_PERMISSIONS=y")
+    try:
+        where = layout.root(cache_dir)
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            fd = os.open(where / ".probe", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            return Probe(False, f"cannot create {where}: {exc.strerror}")
+        try:
+            syscalls.mark_fd(group, fd)
+            syscalls.mark_fd(group, fd, remove=True)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return Probe(False, f"kernel {os.uname().release} has no fanotify pre-content "
+                             "events (FAN_PRE_ACCESS needs Linux 6.14+)")
+            if exc.errno == errno.EOPNOTSUPP:
+                return Probe(False, f"the filesystem of {where} refuses pre-content marks "
+                             "(tmpfs does): put cache_dir on ext4, xfs or btrfs")
+            return Probe(False, f"a pre-content mark on {where} failed: {exc.strerror}")
+        finally:
+            os.close(fd)
+        return Probe(True)
+    finally:
+        if own:
+            os.close(group)
+
+
+@dataclass(eq=False)
+class BlobFile:
+    """One blob's file in one domain: its fill fd (raises no events) and what is filled."""
+
+    domain: str
+    blob: Blob
+    path: Path
+    fd: int
+    ino: tuple[int, int]
+    filled: bytearray  # one byte per chunk: 1 once its bytes are in the file
+    filling: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    pending: set[Pending] = field(default_factory=set)
+    fills: int = 0  # chunks written since start (tests: "filled once")
+    starts: list[int] = field(default_factory=list)  # chunk offsets, to find a range's first
+
+    def __post_init__(self) -> None:
+        self.starts = [c.offset for c in self.blob.chunks]
+
+    def missing(self, chunks: Iterable[int]) -> list[int]:
+        return [i for i in chunks if not self.filled[i]]
+
+    @property
+    def filled_bytes(self) -> int:
+        return sum(c.length for i, c in enumerate(self.blob.chunks) if self.filled[i])
+
+
+@dataclass(eq=False)
+class Pending:
+    """An event read and not yet answered."""
+
+    seq: int
+    event: uapi.Event
+    file: BlobFile | None
+    start: float
+    chunks: tuple[int, ...] = ()
+    answered: bool = False
+
+
+@dataclass
+class Mount:
+    record: layout.MountRecord
+    files: tuple[BlobFile, ...]
+
+
+class FanotifyFrontend:
+    """The group fd, the blob files and the mounts of one daemon.
+
+    Args:
+        cache_dir: where `fanotify/` lives (not tmpfs).
+        store: resolves images and blobs.
+        fetcher: verified chunk bytes (shared with the fscache front end).
+        executor: runs file writes.
+        readahead: after an event, fill this many bytes that follow it.
+    """
+
+    def __init__(
+        self, cache_dir: Path, store: LocalStore, fetcher: ChunkFetcher, executor: Executor,
+        *, readahead: int = 0, group: int | None = None, inherited: dict[str, int] | None = None,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.store = store
+        self.fetcher = fetcher
+        self._executor = executor
+        self._readahead = readahead
+        self.adopted = group is not None
+        self.group = group if group is not None else syscalls.fanotify_init()
+        if group is None:
+            systemd.store_fd(self.group, FDSTORE_GROUP)
+        self._inherited = dict(inherited or {})
+        self.files: dict[tuple[str, str], BlobFile] = {}
+        self._by_ino: dict[tuple[int, int], BlobFile] = {}
+        self.mounts: dict[str, Mount] = {}
+        self._seq = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lease = Lease(store.root)
+        self.counters = {"events": 0, "denied": 0, "bytes_filled": 0, "orphans": 0}
+
+    # -- start and stop -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Adopt what a previous instance left, answer its orphaned events, start reading."""
+        self._loop = asyncio.get_running_loop()
+        self._adopt()
+        if self.adopted:
+            self._answer_orphans()
+        self._loop.add_reader(self.group, self._on_readable)
+        self._on_readable()
+
+    def _adopt(self) -> None:
+        """Take over the files and the mounts of the previous instance that are still up."""
+        for name, fd in self._inherited.items():
+            if not name.startswith(FDSTORE_FILE_PREFIX):
+                continue
+            try:
+                path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+                domain, blob_id = path.parent.name, path.name
+                blob = self.store.get_blob(blob_id)
+                self._add_file(domain, blob, path, fd)
+            except (OSError, StoreError, ValueError) as exc:
+                log.warning("fanotify_file_not_adopted", fd=fd, error=str(exc))
+                os.close(fd)
+        up = layout.current_mounts()
+        kept = []
+        for record in layout.load_mounts(self.cache_dir):
+            fstype, source = up.get(record.mountpoint, ("", ""))
+            if fstype != "erofs" or not record.blobs:
+                continue
+            try:
+                files = tuple(self._file(record.domain, self.store.get_blob(b))
+                              for b in record.blobs)
+            except (OSError, StoreError, ValueError) as exc:
+                log.error("fanotify_mount_not_adopted", mountpoint=record.mountpoint,
+                          error=str(exc), consequence="its unfilled ranges read as EIO")
+                continue
+            self.mounts[record.mountpoint] = Mount(record, files)
+            kept.append(record)
+            log.info("fanotify_mount_adopted", mountpoint=record.mountpoint, image=record.image,
+                     domain=record.domain, source=source,
+                     filled_bytes=sum(f.filled_bytes for f in files))
+        if layout.root(self.cache_dir).is_dir():
+            layout.save_mounts(self.cache_dir, kept)
+        self._update_lease()
+
+    def _answer_orphans(self) -> None:
+        """Deny the events a dead instance read and never answered (found by fd number).
+
+        Their readers get EIO for that read, which EROFS retries page by page: those
+        retries are new events, which this instance fills. Writing an answer for a
+        number that is no pending event fails with ENOENT and changes nothing.
+        """
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = min(soft if soft > 0 else ORPHAN_FD_LIMIT, ORPHAN_FD_LIMIT)
+        answered = 0
+        for fd in range(limit):
+            try:
+                os.write(self.group, uapi.response(fd, errno.EIO))
+                answered += 1
+            except OSError:
+                continue
+        self.counters["orphans"] = answered
+        log.info("fanotify_orphans_answered", events=answered, probed=limit)
+
+    async def stop(self, timeout: float) -> None:
+        """Unmount every mount (clean stop), answer what is pending, close the group.
+
+        A mount still in use cannot be unmounted: its blobs are filled whole first and
+        it is then detached, so no reader of it ever sees a hole once the group is gone.
+        """
+        for mountpoint in list(self.mounts):
+            try:
+                await self.umount(mountpoint, lazy=False, wait=0.5)
+            except Exception:  # noqa: BLE001 - busy, or anything: fill it whole, then detach
+                mount = self.mounts[mountpoint]
+                log.warning("fanotify_mount_busy", mountpoint=mountpoint,
+                            consequence="filling its blobs whole, then detaching it")
+                try:
+                    await asyncio.wait_for(self._fill_all(mount.files), timeout)
+                except (TimeoutError, StoreError, OSError) as exc:
+                    log.error("fanotify_fill_failed", mountpoint=mountpoint, error=str(exc),
+                              consequence="readers of this mount may read zeros once the "
+                              "daemon is gone: unmount it")
+                try:
+                    await self.umount(mountpoint, lazy=True)
+                except Exception as exc:  # noqa: BLE001 - stopping goes on
+                    log.error("fanotify_umount_failed", mountpoint=mountpoint, error=repr(exc))
+        if self._loop is not None:
+            self._loop.remove_reader(self.group)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+        for file in self.files.values():
+            for pending in list(file.pending):
+                self._answer(pending, errno.EIO, "stopping")
+            os.close(file.fd)
+        os.close(self.group)
+        self._lease.close()
+
+    # -- files ----------------------------------------------------------------------
+
+    def _file(self, domain: str, blob: Blob) -> BlobFile:
+        """The blob's file in `domain`: known, or created sparse, opened, then marked."""
+        layout.check_domain(domain)
+        known = self.files.get((domain, blob.blob_id))
+        if known is not None:
+            return known
+        path = layout.blob_path(self.cache_dir, domain, blob.blob_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.adopted and path.exists():
+            # The previous instance's mark may still be on it (our group lives on):
+            # an fd opened now would raise events on our own writes. Start afresh.
+            path.unlink()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size != blob.size:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, blob.size)
+            syscalls.mark_fd(self.group, fd)  # after the open: this fd raises no events
+        except BaseException:
+            os.close(fd)
+            raise
+        name = FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
+        systemd.store_fd(fd, name)
+        return self._add_file(domain, blob, path, fd)
+
+    def _add_file(self, domain: str, blob: Blob, path: Path, fd: int) -> BlobFile:
+        st = os.fstat(fd)
+        if st.st_size != blob.size:
+            msg = f"{path} has {st.st_size} bytes, blob {blob.blob_id} has {blob.size}"
+            raise ValueError(msg)
+        file = BlobFile(domain, blob, path, fd, (st.st_dev, st.st_ino), _filled(fd, blob))
+        self.files[(domain, blob.blob_id)] = file
+        self._by_ino[file.ino] = file
+        return file
+
+    # -- events ---------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                buf = os.read(self.group, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("fanotify_read_failed", errno=exc.errno, error=exc.strerror)
+                return
+            try:
+                events = uapi.parse(buf)
+            except uapi.FanotifyProtocolError as exc:
+                log.error("malformed_message", frontend="fanotify", error=str(exc),
+                          raw=buf[:64].hex())
+                continue
+            for event in events:
+                self._dispatch(event)
+
+    def _dispatch(self, event: uapi.Event) -> None:
+        self.counters["events"] += 1
+        self._seq += 1
+        if event.fd < 0:  # an overflow: nothing to answer (the queue is unlimited)
+            log.error("fanotify_overflow", mask=event.mask)
+            return
+        file: BlobFile | None = None
+        with contextlib.suppress(OSError):
+            st = os.fstat(event.fd)
+            file = self._by_ino.get((st.st_dev, st.st_ino))
+        pending = Pending(self._seq, event, file, time.perf_counter())
+        if file is None or not event.range:
+            self._answer(pending, errno.EIO, "unknown file" if file is None else "no range")
+            return
+        file.pending.add(pending)
+        covered = file.blob.chunks_for(event.offset, event.count)
+        first = bisect.bisect_right(file.starts, covered[0].offset) - 1 if covered else 0
+        pending.chunks = tuple(range(first, first + len(covered)))
+        if not file.missing(pending.chunks):
+            self._answer(pending, 0, "", source="filled")  # no task: the common warm case
+            return
+        self._spawn(self._serve(pending))
+
+    async def _serve(self, pending: Pending) -> None:
+        file = pending.file
+        assert file is not None
+        try:
+            written, source = await self._ensure(file, pending.chunks)
+        except (StoreError, OSError) as exc:
+            self._answer(pending, errno.EIO, str(exc) or repr(exc), error_type=type(exc).__name__)
+        except asyncio.CancelledError:
+            self._answer(pending, errno.EIO, "cancelled")
+            raise
+        except Exception as exc:
+            self._answer(pending, errno.EIO, repr(exc), error_type=type(exc).__name__)
+            raise
+        else:
+            self._answer(pending, 0, "", written=written, source=source)
+            self._start_readahead(file, pending.chunks)
+
+    async def _ensure(self, file: BlobFile, indices: Iterable[int]) -> tuple[int, str]:
+        """Fill the chunks `indices` of `file` that are not filled; one fill per chunk."""
+        own: list[int] = []
+        waits: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for i in file.missing(indices):
+            fut = file.filling.get(i)
+            if fut is None:
+                file.filling[i] = loop.create_future()
+                own.append(i)
+            else:
+                waits.append(fut)
+        source = "joined" if waits else "filled"
+        written = 0
+        if own:
+            try:
+                written, source = await self._fill(file, own)
+            except BaseException as exc:
+                for i in own:
+                    fut = file.filling.pop(i)
+                    fut.set_exception(exc if isinstance(exc, Exception) else
+                                      StoreError("fill cancelled"))
+                    fut.exception()  # retrieved: joiners raise it themselves
+                raise
+            for i in own:
+                file.filled[i] = 1
+                file.filling.pop(i).set_result(None)
+        for fut in waits:
+            await asyncio.shield(fut)
+        return written, source
+
+    async def _fill(self, file: BlobFile, own: list[int]) -> tuple[int, str]:
+        chunks = [file.blob.chunks[i] for i in own]
+        parts, source = await self.fetcher.get(file.blob, chunks)
+        loop = asyncio.get_running_loop()
+        written = await loop.run_in_executor(self._executor, _write_runs, file.fd, chunks, parts)
+        file.fills += len(chunks)
+        self.counters["bytes_filled"] += written
+        return written, source
+
+    def _start_readahead(self, file: BlobFile, after: tuple[int, ...]) -> None:
+        if not self._readahead or not after:
+            return
+        last = file.blob.chunks[after[-1]]
+        ahead = file.blob.chunks_for(last.end, self._readahead)
+        first = after[-1] + 1
+        wanted = [i for i in range(first, first + len(ahead))
+                  if not file.filled[i] and i not in file.filling]
+        if wanted:
+            self._spawn(self._read_ahead(file, wanted))
+
+    async def _read_ahead(self, file: BlobFile, wanted: list[int]) -> None:
+        start = time.perf_counter()
+        try:
+            written, _ = await self._ensure(file, wanted)
+        except (StoreError, OSError) as exc:  # optional: a READ of it will say more
+            log.warning("read_ahead", frontend="fanotify", blob=file.blob.blob_id,
+                        off=file.blob.chunks[wanted[0]].offset, outcome="error", error=str(exc))
+            return
+        log.info("read_ahead", frontend="fanotify", blob=file.blob.blob_id,
+                 off=file.blob.chunks[wanted[0]].offset,
+                 len=file.blob.chunks[wanted[-1]].end - file.blob.chunks[wanted[0]].offset,
+                 bytes=written, outcome="ok", duration_ms=_ms(start))
+
+    async def _fill_all(self, files: Iterable[BlobFile]) -> None:
+        for file in files:
+            await self._ensure(file, range(len(file.blob.chunks)))
+
+    def _answer(
+        self, pending: Pending, error: int, reason: str, *, written: int = 0,
+        source: str = "", error_type: str = "",
+    ) -> None:
+        """Answer the event once, close its fd, and log the READ's one line."""
+        if pending.answered:
+            return
+        pending.answered = True
+        event = pending.event
+        try:
+            os.write(self.group, uapi.response(event.fd, error))
+        except OSError as exc:
+            log.error("fanotify_answer_failed", msg_id=pending.seq, errno=exc.errno)
+        with contextlib.suppress(OSError):
+            os.close(event.fd)
+        file = pending.file
+        if file is not None:
+            file.pending.discard(pending)
+        fields: dict[str, Any] = {
+            "op": "READ", "frontend": "fanotify", "msg_id": pending.seq, "object_id": None,
+            "key": f"{file.domain}/{file.blob.blob_id[:12]}" if file else None,
+            "blob": file.blob.blob_id if file else None, "off": event.offset,
+            "len": event.count, "chunks": len(pending.chunks), "pid": event.pid,
+            "duration_ms": _ms(pending.start),
+        }
+        if error == 0:
+            log.info("read_completed", **fields, bytes=written, source=source, outcome="ok")
+        else:
+            self.counters["denied"] += 1
+            log.warning("read_completed", **fields, bytes=0, outcome="eio", error=reason,
+                        error_type=error_type or "Denied")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("task_failed", frontend="fanotify", error=repr(exc), exc_info=exc)
+
+    # -- mounts ---------------------------------------------------------------------
+
+    async def mount(self, image_name: str, mountpoint: str, domain: str | None = None
+                    ) -> dict[str, Any]:
+        """Lay out the image's files, fill its bootstrap, mount it (file-backed EROFS).
+
+        Raises:
+            MountError: the image, the domain or the mountpoint is not usable, or mount(2)
+                failed; the message says which and what to do.
+        """
+        start = time.perf_counter()
+        target = _mountpoint(mountpoint)
+        if target in self.mounts or os.path.ismount(target):
+            msg = f"{target} is already a mount point: umount it first or pick another directory"
+            raise MountError(msg)
+        try:
+            domain = layout.check_domain(domain or image_name)
+        except ValueError as exc:
+            raise MountError(str(exc)) from None
+        loop = asyncio.get_running_loop()
+        try:
+            with gc_lock(self.store.root, exclusive=False):
+                image = self.store.get_image(image_name)
+                blobs = [self.store.get_blob(b) for b in image.blob_ids]
+                self._lease.keep(self._leased() | {b.blob_id for b in blobs})
+        except UnknownName as exc:
+            raise MountError(f"{exc}: add, build or import it first") from None
+        except StoreError as exc:
+            raise MountError(f"image {image_name!r} cannot be read from the store: {exc}") from None
+        try:
+            files = tuple(self._file(domain, b) for b in blobs)
+        except OSError as exc:
+            self._update_lease()
+            msg = f"cannot lay out the files of {image_name!r} in {layout.root(self.cache_dir)}: "
+            raise MountError(msg + (exc.strerror or str(exc))) from exc
+        try:
+            await self._fill_all(files[:1])  # EROFS reads metadata without raising events
+        except (StoreError, OSError) as exc:
+            self._update_lease()
+            msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
+            raise MountError(msg) from exc
+        options = layout.mount_options([f.path for f in files[1:]])
+        try:
+            await loop.run_in_executor(self._executor, syscalls.mount_erofs,
+                                       str(files[0].path), target, options)
+        except OSError as exc:
+            self._update_lease()
+            hint = {errno.EINVAL: "the image is not a valid EROFS image for this kernel "
+                    "(see dmesg)", errno.ENODEV: "the kernel has no EROFS (CONFIG_EROFS_FS)",
+                    errno.ENOTDIR: "the mountpoint is not a directory"}.get(
+                        exc.errno or 0, exc.strerror or "")
+            raise MountError(f"mounting {image_name!r} on {target} failed: {hint}") from exc
+        record = layout.MountRecord(target, image.name, domain, image.blob_ids)
+        self.mounts[target] = Mount(record, files)
+        self._save()
+        log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
+                 domain=domain, blobs=len(files), duration_ms=_ms(start))
+        return self.mount_view(self.mounts[target])
+
+    async def umount(self, mountpoint: str, *, lazy: bool = False, wait: float = 2.0
+                     ) -> dict[str, Any]:
+        """Answer the blocked readers of the mount's own blobs with EIO, then unmount.
+
+        Raises:
+            MountError: not a mount of this daemon, or still in use (pass lazy to detach).
+        """
+        target = _mountpoint(mountpoint)
+        mount = self.mounts.get(target)
+        if mount is None:
+            msg = f"{target} is not mounted by this daemon (see `ondemand-d status`)"
+            raise MountError(msg)
+        shared = {f for m in self.mounts.values() if m is not mount for f in m.files}
+        denied = 0
+        for file in mount.files:
+            if file in shared:
+                continue  # another mount reads it: its readers keep being served
+            for pending in list(file.pending):
+                self._answer(pending, errno.EIO, "unmounting")
+                denied += 1
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                await loop.run_in_executor(self._executor, syscalls.umount, target)
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # not mounted any more
+                    break
+                if exc.errno != errno.EBUSY:
+                    raise MountError(f"umount {target} failed: {exc.strerror}") from exc
+                if lazy:
+                    await loop.run_in_executor(self._executor, functools.partial(
+                        syscalls.umount, target, detach=True))
+                    break
+                if time.monotonic() >= deadline:
+                    msg = (f"{target} is in use (a process has a file open there): close it, "
+                           "or umount --lazy to detach it now")
+                    raise MountError(msg) from exc
+                await asyncio.sleep(0.05)
+        del self.mounts[target]
+        self._save()
+        self._update_lease()
+        log.info("fanotify_unmounted", frontend="fanotify", image=mount.record.image,
+                 mountpoint=target, readers_answered=denied, lazy=lazy)
+        return {"mountpoint": target, "image": mount.record.image, "readers_answered": denied}
+
+    def mount_view(self, mount: Mount) -> dict[str, Any]:
+        return {
+            "mountpoint": mount.record.mountpoint, "image": mount.record.image,
+            "domain": mount.record.domain,
+            "blobs": [{"blob": f.blob.blob_id, "role": "bootstrap" if i == 0 else "data",
+                       "path": str(f.path), "size": f.blob.size, "filled_bytes": f.filled_bytes,
+                       "pending": len(f.pending)}
+                      for i, f in enumerate(mount.files)],
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"adopted": self.adopted, "mounts": [self.mount_view(m)
+                                                    for m in self.mounts.values()],
+                "files": len(self.files), **self.counters}
+
+    def _leased(self) -> set[str]:
+        return {f.blob.blob_id for m in self.mounts.values() for f in m.files}
+
+    def _update_lease(self) -> None:
+        self._lease.keep(self._leased())
+
+    def _save(self) -> None:
+        layout.save_mounts(self.cache_dir, [m.record for m in self.mounts.values()])
+
+
+def _mountpoint(path: str) -> str:
+    target = os.path.realpath(path)
+    if not os.path.isdir(target):
+        msg = f"{path} is not a directory: create it first"
+        raise MountError(msg)
+    return target
+
+
+def _filled(fd: int, blob: Blob) -> bytearray:
+    """Which chunks of the file are fully written: no hole anywhere in their range.
+
+    A chunk is written whole with one write, and a killed write stops at a page, so
+    a chunk with data on every page has all of its bytes (lseek raises no events).
+    """
+    out = bytearray(len(blob.chunks))
+    for i, chunk in enumerate(blob.chunks):
+        try:
+            hole = os.lseek(fd, chunk.offset, os.SEEK_HOLE)
+        except OSError:  # ENXIO: at or past the end
+            continue
+        out[i] = 1 if hole >= min(chunk.end, blob.size) > chunk.offset else 0
+    return out
+
+
+def _write_runs(fd: int, chunks: list[Chunk], parts: list[bytes]) -> int:
+    """Write chunks' verified bytes, one pwritev per contiguous run (I/O thread)."""
+    written = 0
+    i = 0
+    while i < len(chunks):
+        j = i + 1
+        while j < len(chunks) and chunks[j].offset == chunks[j - 1].end and j - i < IOV_MAX:
+            j += 1
+        pos = chunks[i].offset
+        run = parts[i:j]
+        want = sum(len(p) for p in run)
+        done = os.pwritev(fd, run, pos)
+        while done < want:  # short write: the rest, byte-exact
+            rest = b"".join(run)[done:]
+            done += os.pwrite(fd, rest, pos + done)
+        written += want
+        i = j
+    return written
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)

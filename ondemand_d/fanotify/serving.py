@@ -1,0 +1,82 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What `serve` asks of the fanotify front end: is it available, start it, stop it.
+
+Kept apart from daemon.py so that the daemon's hooks are three calls.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import structlog
+
+from ondemand_d import systemd
+from ondemand_d.config import Config
+from ondemand_d.fanotify.frontend import (
+    FDSTORE_FILE_PREFIX,
+    FDSTORE_GROUP,
+    FanotifyFrontend,
+    Probe,
+    probe,
+)
+from ondemand_d.store.fetch import ChunkFetcher
+from ondemand_d.store.local import LocalStore
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Startup:
+    """The probe's verdict and what a previous instance left in the fd store."""
+
+    probe: Probe
+    group: int | None = None
+    files: dict[str, int] = field(default_factory=dict)
+
+
+def check(cfg: Config) -> Startup:
+    """Probe pre-content events (with an inherited group if there is one)."""
+    fds = systemd.listen_fds()
+    group = fds.get(FDSTORE_GROUP)
+    files = {k: v for k, v in fds.items() if k.startswith(FDSTORE_FILE_PREFIX)}
+    if group is not None:
+        os.set_blocking(group, False)
+    return Startup(probe(cfg.cache_dir, group), group, files)
+
+
+def start(cfg: Config, startup: Startup, store: LocalStore, fetcher: ChunkFetcher,
+          executor: Executor) -> FanotifyFrontend:
+    """The running front end (call on the loop; it starts reading at once)."""
+    frontend = FanotifyFrontend(cfg.cache_dir, store, fetcher, executor,
+                                readahead=cfg.readahead, group=startup.group,
+                                inherited=startup.files)
+    frontend.start()
+    return frontend
+
+
+class NoDevice:
+    """The fscache front end's device when /dev/cachefiles is absent: never readable."""
+
+    absent = True
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def read_message(self) -> bytes | None:
+        return None
+
+    def copen(self, msg_id: int, size_or_errno: int) -> None:
+        raise OSError(22, f"no cachefiles device: cannot answer OPEN {msg_id} ({size_or_errno})")
+
+    def command(self, text: bytes) -> None:
+        msg = f"no cachefiles device: cannot send {text!r}"
+        raise OSError(95, msg)
+
+    def try_restore(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
