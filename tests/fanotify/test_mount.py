@@ -121,6 +121,7 @@ def test_two_images_share_one_file_filled_once(daemon: Daemon, workdir: Path) ->
         assert written == store.get_blob(blob_id).size  # every chunk once, none twice
 
 
+@pytest.mark.damages_store
 def test_corrupt_chunk_fails_only_its_files(daemon: Daemon, workdir: Path) -> None:
     """A damaged chunk in the store: EIO for the file it holds, the others read exact."""
     src = workdir / "src"
