@@ -9,6 +9,7 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,6 +30,7 @@ FDSTORE_NAME = "cachefiles"
 #: blobs share). The kernel does not ask twice for what it was given, so few ever
 #: hit; the fetcher's 64 MiB default was most of the daemon's RSS after a few images.
 RECENT_CHUNKS = 4 << 20
+DEFAULT_DEVICE = Path("/dev/cachefiles")
 
 
 def open_device(cfg: Config) -> tuple[Device, bool]:
@@ -226,7 +228,9 @@ def _open_device(cfg: Config, fan: Any) -> tuple[Any, bool]:
     try:
         return open_device(cfg)
     except DeviceError as exc:
-        if fan is None:
+        # Only the kernel's own devnode being absent means "no fscache here"; a --device
+        # that is wrong, busy or not the device is a mistake to report.
+        if fan is None or cfg.device != DEFAULT_DEVICE or cfg.device.exists():
             raise
         if not fan.probe.available:
             msg = f"{exc}; the fanotify front end is not available either: {fan.probe.reason}"
