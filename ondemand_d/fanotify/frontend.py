@@ -171,6 +171,7 @@ class FanotifyFrontend:
         self._by_ino: dict[tuple[int, int], BlobFile] = {}
         self.mounts: dict[str, Mount] = {}
         self._seq = 0
+        self._closing: set[BlobFile] = set()  # files of mounts being unmounted: events get EIO
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease = Lease(store.root)
@@ -347,6 +348,9 @@ class FanotifyFrontend:
         pending = Pending(self._seq, event, file, time.perf_counter())
         if file is None or not event.range:
             self._answer(pending, errno.EIO, "unknown file" if file is None else "no range")
+            return
+        if file in self._closing:
+            self._answer(pending, errno.EIO, "unmounting")
             return
         file.pending.add(pending)
         covered = file.blob.chunks_for(event.offset, event.count)
@@ -557,10 +561,18 @@ class FanotifyFrontend:
             msg = f"{target} is not mounted by this daemon (see `ondemand-d status`)"
             raise MountError(msg)
         shared = {f for m in self.mounts.values() if m is not mount for f in m.files}
+        # Files no other mount reads: their readers (and EROFS's retries) get EIO from now.
+        own = {f for f in mount.files if f not in shared}
+        self._closing |= own
+        try:
+            return await self._umount(mount, target, own, lazy=lazy, wait=wait)
+        finally:
+            self._closing -= own
+
+    async def _umount(self, mount: Mount, target: str, own: set[BlobFile], *, lazy: bool,
+                      wait: float) -> dict[str, Any]:
         denied = 0
-        for file in mount.files:
-            if file in shared:
-                continue  # another mount reads it: its readers keep being served
+        for file in own:
             for pending in list(file.pending):
                 self._answer(pending, errno.EIO, "unmounting")
                 denied += 1
