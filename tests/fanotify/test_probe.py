@@ -45,7 +45,7 @@ def test_serve_without_either_front_end_fails(tmp_path: Path) -> None:
             [sys.executable, "-m", "ondemand_d", "--store", str(tmp_path / "s"), "serve",
              "--cache-dir", tmp, "--control-socket", str(tmp_path / "c.sock")],
             capture_output=True, text=True, check=False, timeout=60)
-    assert out.returncode == 4, out.stderr  # noqa: PLR2004 - the device exit code
+    assert out.returncode == 4, out.stderr  # the device exit code
     assert "tmpfs" in out.stderr
     assert "/dev/cachefiles" in out.stderr
     assert out.stderr.count("\n") == 1
