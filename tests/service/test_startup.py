@@ -95,3 +95,29 @@ def test_control_socket_loads_its_server_on_the_first_client(tmp_path):
     assert "aiohttp" not in out["modules"]
     assert out["status_images"] == ["k"]
     assert {"aiohttp", "ondemand_d.control.metrics"} <= set(out["modules_after"])
+
+
+async def test_control_server_that_cannot_load_says_so_and_lets_go(tmp_path):
+    """The HTTP side fails to load on the first client: one log line, the client is let
+    go (not left waiting in the backlog), and stop() still cleans up."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from ondemand_d.control.client import ControlClient, ControlUnavailable
+    from ondemand_d.control.server import ControlServer
+
+    server = ControlServer(tmp_path / "ctl", ["ondemand_d.no_such_views"])
+    with capture_logs() as logs:
+        await server.start()
+        assert (tmp_path / "ctl").exists() and not server.loaded
+        client = ControlClient(tmp_path / "ctl", timeout=20)
+        try:
+            await asyncio.to_thread(client.get, "/status")
+            raise AssertionError("a server without views answered")
+        except ControlUnavailable:
+            pass
+        await server.stop()
+    failed = [e for e in logs if e["event"] == "control_unavailable"]
+    assert len(failed) == 1 and "no_such_views" in failed[0]["error"]
+    assert not (tmp_path / "ctl").exists()
