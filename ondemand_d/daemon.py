@@ -163,6 +163,7 @@ async def serve(
     features = start_device(device, adopted) if fscache else kernel_features(restore=False)
     restored = adopted and features.restore
     backend = _native.load_backend(None if cfg.native == "auto" else cfg.native)
+    _native.POOL.keep = max(_native.POOL.keep, cfg.io_threads)  # a buffer per I/O thread
     executor = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ondemand-io")
     remote = make_remote_source(cfg)
     fetcher = ChunkFetcher(store, executor, remote, write_through=cfg.write_through,
