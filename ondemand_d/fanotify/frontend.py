@@ -43,6 +43,7 @@ log = structlog.get_logger()
 
 FDSTORE_GROUP = "fanotify"
 FDSTORE_FILE_PREFIX = "fanotify-file."
+READAHEAD_PIECE = 1 << 20
 IOV_MAX = 512  # buffers per pwritev (the kernel takes 1024)
 READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 #: Orphaned events (read by a dead instance, never answered) are found by fd number.
@@ -358,6 +359,7 @@ class FanotifyFrontend:
         pending.chunks = tuple(range(first, first + len(covered)))
         if not file.missing(pending.chunks):
             self._answer(pending, 0, "", source="filled")  # no task: the common warm case
+            self._start_readahead(file, pending.chunks)  # keep ahead of a sequential reader
             return
         self._spawn(self._serve(pending))
 
@@ -380,6 +382,13 @@ class FanotifyFrontend:
 
     async def _ensure(self, file: BlobFile, indices: Iterable[int]) -> tuple[int, str]:
         """Fill the chunks `indices` of `file` that are not filled; one fill per chunk."""
+        own, waits = self._claim(file, indices)
+        return await self._complete(file, own, waits)
+
+    @staticmethod
+    def _claim(file: BlobFile, indices: Iterable[int]
+               ) -> tuple[list[int], list[asyncio.Future[None]]]:
+        """Missing chunks this caller fills (claimed at once, on the loop) and fills it joins."""
         own: list[int] = []
         waits: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
@@ -390,6 +399,10 @@ class FanotifyFrontend:
                 own.append(i)
             else:
                 waits.append(fut)
+        return own, waits
+
+    async def _complete(self, file: BlobFile, own: list[int],
+                        waits: list[asyncio.Future[None]]) -> tuple[int, str]:
         source = "joined" if waits else "filled"
         written = 0
         if own:
@@ -426,13 +439,23 @@ class FanotifyFrontend:
         first = after[-1] + 1
         wanted = [i for i in range(first, first + len(ahead))
                   if not file.filled[i] and i not in file.filling]
-        if wanted:
-            self._spawn(self._read_ahead(file, wanted))
+        # About 1 MiB per task: they run on the I/O pool side by side, and a reader that
+        # catches up waits for its own piece only.
+        # Claimed now, so the next event does not start the same piece again.
+        group: list[int] = []
+        size = 0
+        for i in wanted:
+            group.append(i)
+            size += file.blob.chunks[i].length
+            if size >= READAHEAD_PIECE or i == wanted[-1]:
+                own, _ = self._claim(file, group)
+                self._spawn(self._read_ahead(file, own))
+                group, size = [], 0
 
     async def _read_ahead(self, file: BlobFile, wanted: list[int]) -> None:
         start = time.perf_counter()
         try:
-            written, _ = await self._ensure(file, wanted)
+            written, _ = await self._complete(file, wanted, [])
         except (StoreError, OSError) as exc:  # optional: a READ of it will say more
             log.warning("read_ahead", frontend="fanotify", blob=file.blob.blob_id,
                         off=file.blob.chunks[wanted[0]].offset, outcome="error", error=str(exc))
