@@ -91,6 +91,8 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=3000, help="files in the small-file tree")
     ap.add_argument("--large-mib", type=int, default=128, help="size of the large file")
     ap.add_argument("--chunk-size", default="1M", help="build --chunk-size")
+    ap.add_argument("--readahead", default="4M", help="serve --readahead")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (and its log)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-fanotify-", dir=args.dir))
     py = [sys.executable, "-m", "ondemand_d"]
@@ -103,11 +105,13 @@ def main() -> int:
             subprocess.run([*py, "--store", str(store), "build", str(src), "--name", name,
                             "--chunk-size", args.chunk_size], check=True,
                            stdout=subprocess.DEVNULL)
+        os.sync()  # no writeback of the fresh store during the runs
         sock = work / "control.sock"
         log = (work / "daemon.log").open("wb")
         daemon = subprocess.Popen(
             [*py, "--store", str(store), "serve", "--cache-dir", str(work / "cache"),
-             "--control-socket", str(sock), "--log-format", "json", "--log-level", "info"],
+             "--control-socket", str(sock), "--log-format", "json", "--log-level", "info",
+             "--readahead", args.readahead],
             stdout=log, stderr=subprocess.STDOUT)
         client = ControlClient(sock)
         for _ in range(600):
@@ -124,6 +128,7 @@ def main() -> int:
                                                    "domain": f"cold-{name}"})
             mounts.append(mnt)
             paths = files_under(mnt)
+            os.sync()  # the bootstrap just written
             drop_cache(paths)
             cold, size = read_all(paths)
             drop_cache(paths)
@@ -132,6 +137,7 @@ def main() -> int:
             data = [Path(b["path"]) for b in done["blobs"] if b["role"] == "data"]
             raw = sum(cat(p) for p in data)
             rows.append((name, len(paths), size, cold, floor, raw))
+        print(f"readahead {args.readahead}, chunk size {args.chunk_size}")
         print(f"{'image':6} {'files':>6} {'MiB':>7} {'cold s':>8} {'floor s':>8} {'cat s':>7} "
               f"{'cold MB/s':>9} {'cold/floor':>10} {'cold/cat':>9}")
         for name, n, size, cold, floor, raw in rows:
@@ -145,7 +151,10 @@ def main() -> int:
         for mnt in mounts:
             if mnt.is_mount():
                 subprocess.run(["umount", "-l", str(mnt)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
