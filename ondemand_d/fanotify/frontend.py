@@ -209,6 +209,11 @@ class FanotifyFrontend:
             if fstype != "erofs" or not record.blobs:
                 continue
             try:
+                if self.adopted:  # our group lives on: only the files handed over are safe
+                    missing = [b for b in record.blobs if (record.domain, b) not in self.files]
+                    if missing:
+                        msg = f"the fill fd of blob {missing[0]} was not handed over"
+                        raise ValueError(msg)
                 files = tuple(self._file(record.domain, self.store.get_blob(b))
                               for b in record.blobs)
             except (OSError, StoreError, ValueError) as exc:

@@ -14,7 +14,7 @@ from ondemand_d.store.local import LocalStore
 
 from ..registry._proxy import Fault, FaultProxy
 from ..registry._server import Registry
-from .conftest import Daemon, tree
+from .conftest import Daemon, build, tree
 from .test_mount import make_tree
 from .test_registry import WAIT_S, proxy, publish, registry  # noqa: F401 - fixtures
 
@@ -120,3 +120,28 @@ async def test_kill_9_during_a_cold_read(workdir: Path, registry: Registry,  # n
     finally:
         await asyncio.to_thread(daemon.stop)  # the proxy runs on this loop: never block it
     assert not mnt.is_mount()  # a clean stop unmounts first
+
+
+def test_restart_without_fd_store_readopts(daemon: Daemon, workdir: Path) -> None:
+    """No fd store: a restarted daemon re-marks the files of the mounts still up and serves
+    them again from what is filled, fetching nothing twice."""
+    src = make_tree(workdir / "src", seed=22)
+    build(daemon.store, src, "app", "--chunk-size", "64K")
+    mnt = workdir / "mnt"
+    daemon.mount("app", mnt)
+    assert tree(mnt) == tree(src)  # everything filled, nothing pending
+    assert daemon.proc is not None
+    daemon.proc.kill()
+    daemon.proc.wait()
+    daemon.start()
+    daemon.wait_ready(2)
+    st = daemon.client.get("/fanotify")
+    assert st["adopted"] is False
+    (mount,) = st["mounts"]
+    assert mount["mountpoint"] == str(mnt)
+    assert all(b["filled_bytes"] == b["size"] for b in mount["blobs"])
+    lines = len(daemon.lines())
+    drop_cache(mnt)
+    assert tree(mnt) == tree(src)
+    again = [r for r in daemon.lines()[lines:] if r.get("event") == "read_completed"]
+    assert again and all(r["source"] == "filled" and r["bytes"] == 0 for r in again)
