@@ -30,7 +30,7 @@ test: kernel
 test-fast: setup
 	$(PY) -m pytest tests -m "not vm" $(PYTEST_ARGS)
 
-demo: kernel
+demo: setup  # the guest's kernel is built on first use, only where it is needed
 	$(VENV)/bin/ondemand-d demo
 
 bench: setup
