@@ -256,7 +256,8 @@ def _fanotify_start(  # noqa: PLR0913 - what the front end shares with the servi
 
         frontend = serving.start(cfg, fan, store, fetcher, executor)
     else:
-        log.warning("frontend_unavailable", frontend="fanotify", reason=fan.probe.reason)
+        # Info, not a warning: fscache serves (without it, serve failed before this).
+        log.info("frontend_unavailable", frontend="fanotify", reason=fan.probe.reason)
     if control is not None:
         rt = control.state["runtime"]
         rt.frontends["fanotify"] = frontend

@@ -9,7 +9,6 @@ of C the per-READ path needs. Failures raise OSError with the errno, like `os`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 from ondemand_d.fanotify import uapi
@@ -18,7 +17,8 @@ AT_FDCWD = -100
 MS_RDONLY = 1
 MNT_DETACH = 2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The libc this process already has (no ctypes.util.find_library: it runs ldconfig).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_init.restype = ctypes.c_int
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
