@@ -8,7 +8,10 @@ kernel raises a FAN_PRE_ACCESS event for a range nobody has read yet
 
 * ``uapi``: the event and response records (no I/O);
 * ``syscalls``: fanotify_init, fanotify_mark, mount and umount2 through libc;
+* ``probe``: whether pre-content events work here (serve's start-up check);
 * ``layout``: where the files of a mounted image live and what is mounted;
-* ``frontend``: the group fd, the blob files, the events and the mounts;
+* ``blobfile``: one blob's file (fill fd, filled chunks) and the writes into it;
+* ``frontend``: the group fd, the events and the mounts;
+* ``serving``: the daemon's hooks; ``demo``: `ondemand-d demo` through this front end;
 * ``control``: the control socket's ``mount``/``umount`` routes and commands.
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ondemand_d.control.client import ControlClient, ControlUnavailable
-from ondemand_d.fanotify.frontend import probe
+from ondemand_d.fanotify.probe import probe
 from ondemand_d.guest.runner import ondemand_d_argv
 from ondemand_d.store.local import LocalStore
 

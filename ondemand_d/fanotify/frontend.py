@@ -25,7 +25,7 @@ import resource
 import time
 from collections.abc import Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +34,17 @@ import structlog
 from ondemand_d import systemd
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
 from ondemand_d.fanotify import layout, syscalls, uapi
+from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks, write_runs
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.lease import Lease, gc_lock
 from ondemand_d.store.local import LocalStore
-from ondemand_d.store.model import Blob, Chunk
+from ondemand_d.store.model import Blob
 
 log = structlog.get_logger()
 
 FDSTORE_GROUP = "fanotify"
 FDSTORE_FILE_PREFIX = "fanotify-file."
 READAHEAD_PIECE = 1 << 20
-IOV_MAX = 512  # buffers per pwritev (the kernel takes 1024)
 READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 #: Orphaned events (read by a dead instance, never answered) are found by fd number.
 ORPHAN_FD_LIMIT = 1 << 16
@@ -52,89 +52,6 @@ ORPHAN_FD_LIMIT = 1 << 16
 
 class MountError(OndemandError):
     """A mount or umount request that cannot be carried out (the message says why)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """Whether pre-content events work here, and if not, the sentence saying why."""
-
-    available: bool
-    reason: str = ""
-
-
-def probe(cache_dir: Path, group: int | None = None) -> Probe:
-    """Try a FAN_PRE_ACCESS mark on a file in the front end's directory of `cache_dir`."""
-    own = group is None
-    try:
-        if group is None:
-            group = syscalls.fanotify_init()
-    except OSError as exc:
-        if exc.errno == errno.EPERM:
-            return Probe(False, "fanotify pre-content groups need CAP_SYS_ADMIN: run as root")
-        return Probe(False, f"this kernel has no fanotify pre-content class ({exc.strerror}): "
-                     "it needs CONFIG_FANOTIFY_ACCESS_PERMISSIONS=y")
-    try:
-        where = layout.root(cache_dir)
-        try:
-            where.mkdir(parents=True, exist_ok=True)
-            fd = os.open(where / ".probe", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            return Probe(False, f"cannot create {where}: {exc.strerror}")
-        try:
-            syscalls.mark_fd(group, fd)
-            syscalls.mark_fd(group, fd, remove=True)
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                return Probe(False, f"kernel {os.uname().release} has no fanotify pre-content "
-                             "events (FAN_PRE_ACCESS needs Linux 6.14+)")
-            if exc.errno == errno.EOPNOTSUPP:
-                return Probe(False, f"the filesystem of {where} refuses pre-content marks "
-                             "(tmpfs does): put cache_dir on ext4, xfs or btrfs")
-            return Probe(False, f"a pre-content mark on {where} failed: {exc.strerror}")
-        finally:
-            os.close(fd)
-        return Probe(True)
-    finally:
-        if own:
-            os.close(group)
-
-
-@dataclass(eq=False)
-class BlobFile:
-    """One blob's file in one domain: its fill fd (raises no events) and what is filled."""
-
-    domain: str
-    blob: Blob
-    path: Path
-    fd: int
-    ino: tuple[int, int]
-    filled: bytearray  # one byte per chunk: 1 once its bytes are in the file
-    filling: dict[int, asyncio.Future[None]] = field(default_factory=dict)
-    pending: set[Pending] = field(default_factory=set)
-    fills: int = 0  # chunks written since start (tests: "filled once")
-    starts: list[int] = field(default_factory=list)  # chunk offsets, to find a range's first
-
-    def __post_init__(self) -> None:
-        self.starts = [c.offset for c in self.blob.chunks]
-
-    def missing(self, chunks: Iterable[int]) -> list[int]:
-        return [i for i in chunks if not self.filled[i]]
-
-    @property
-    def filled_bytes(self) -> int:
-        return sum(c.length for i, c in enumerate(self.blob.chunks) if self.filled[i])
-
-
-@dataclass(eq=False)
-class Pending:
-    """An event read and not yet answered."""
-
-    seq: int
-    event: uapi.Event
-    file: BlobFile | None
-    start: float
-    chunks: tuple[int, ...] = ()
-    answered: bool = False
 
 
 @dataclass
@@ -316,7 +233,7 @@ class FanotifyFrontend:
         if st.st_size != blob.size:
             msg = f"{path} has {st.st_size} bytes, blob {blob.blob_id} has {blob.size}"
             raise ValueError(msg)
-        file = BlobFile(domain, blob, path, fd, (st.st_dev, st.st_ino), _filled(fd, blob))
+        file = BlobFile(domain, blob, path, fd, (st.st_dev, st.st_ino), filled_chunks(fd, blob))
         self.files[(domain, blob.blob_id)] = file
         self._by_ino[file.ino] = file
         return file
@@ -431,7 +348,7 @@ class FanotifyFrontend:
         chunks = [file.blob.chunks[i] for i in own]
         parts, source = await self.fetcher.get(file.blob, chunks)
         loop = asyncio.get_running_loop()
-        written = await loop.run_in_executor(self._executor, _write_runs, file.fd, chunks, parts)
+        written = await loop.run_in_executor(self._executor, write_runs, file.fd, chunks, parts)
         file.fills += len(chunks)
         self.counters["bytes_filled"] += written
         return written, source
@@ -662,42 +579,6 @@ def _mountpoint(path: str) -> str:
         msg = f"{path} is not a directory: create it first"
         raise MountError(msg)
     return target
-
-
-def _filled(fd: int, blob: Blob) -> bytearray:
-    """Which chunks of the file are fully written: no hole anywhere in their range.
-
-    A chunk is written whole with one write, and a killed write stops at a page, so
-    a chunk with data on every page has all of its bytes (lseek raises no events).
-    """
-    out = bytearray(len(blob.chunks))
-    for i, chunk in enumerate(blob.chunks):
-        try:
-            hole = os.lseek(fd, chunk.offset, os.SEEK_HOLE)
-        except OSError:  # ENXIO: at or past the end
-            continue
-        out[i] = 1 if hole >= min(chunk.end, blob.size) > chunk.offset else 0
-    return out
-
-
-def _write_runs(fd: int, chunks: list[Chunk], parts: list[bytes]) -> int:
-    """Write chunks' verified bytes, one pwritev per contiguous run (I/O thread)."""
-    written = 0
-    i = 0
-    while i < len(chunks):
-        j = i + 1
-        while j < len(chunks) and chunks[j].offset == chunks[j - 1].end and j - i < IOV_MAX:
-            j += 1
-        pos = chunks[i].offset
-        run = parts[i:j]
-        want = sum(len(p) for p in run)
-        done = os.pwritev(fd, run, pos)
-        while done < want:  # short write: the rest, byte-exact
-            rest = b"".join(run)[done:]
-            done += os.pwrite(fd, rest, pos + done)
-        written += want
-        i = j
-    return written
 
 
 def _ms(start: float) -> float:

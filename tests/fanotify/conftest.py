@@ -26,7 +26,7 @@ import pytest
 from ondemand_d import cli
 from ondemand_d.control.client import ControlClient
 from ondemand_d.fanotify import layout
-from ondemand_d.fanotify.frontend import probe
+from ondemand_d.fanotify.probe import probe
 from ondemand_d.store.local import LocalStore
 
 OPT_OUT = "ONDEMAND_D_FANOTIFY_TESTS"

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ondemand_d.fanotify.frontend import probe
+from ondemand_d.fanotify.probe import probe
 
 from .conftest import Daemon
 
