@@ -8,6 +8,7 @@ import mmap
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,30 @@ def test_mmap_readers(daemon: Daemon, workdir: Path) -> None:
         random.Random(1).shuffle(pages)
         for off in pages:
             assert m[off : off + 4096] == want[off : off + 4096]
+
+
+def test_cli_mount_and_umount(daemon: Daemon, workdir: Path) -> None:
+    """`ondemand-d mount` / `umount` through the socket: one line each; a refusal is one
+    line on stderr with exit code 1."""
+    src = make_tree(workdir / "src", seed=6)
+    build(daemon.store, src, "app")
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    cli_ = [sys.executable, "-m", "ondemand_d"]
+    sock = ["--socket", str(daemon.socket)]
+    out = subprocess.run([*cli_, "mount", "app", str(mnt), "--domain", "d", *sock],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"mounted app on {mnt} (domain d, 1 data blob(s))\n"
+    assert tree(mnt) == tree(src)
+    again = subprocess.run([*cli_, "mount", "app", str(mnt), *sock], capture_output=True,
+                           text=True, check=False)
+    assert again.returncode == 1
+    assert again.stderr.startswith("ondemand-d mount: error: ") and again.stderr.count("\n") == 1
+    status = subprocess.run([*cli_, "status", *sock], capture_output=True, text=True, check=True)
+    assert f"  {mnt}  app (domain d)" in status.stdout
+    out = subprocess.run([*cli_, "umount", str(mnt), *sock], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"unmounted app from {mnt}\n"
+    assert not mnt.is_mount()
