@@ -49,6 +49,7 @@ def main() -> int:
         return pid
 
     child = spawn()
+    parent = os.getppid()
 
     def on_term(_signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -75,6 +76,8 @@ def main() -> int:
             else:
                 for fd in fds:
                     os.close(fd)
+        if os.getppid() != parent and not stopping:  # the test runner is gone: stop too
+            on_term(signal.SIGTERM, None)
         pid, status = os.waitpid(child, os.WNOHANG)
         if pid == 0:
             continue
