@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from ondemand_d import _native, systemd
+from ondemand_d import _native, faults, systemd
 from ondemand_d.config import Config
 from ondemand_d.device import Device, KernelFeatures, kernel_features, raise_nofile_limit
 from ondemand_d.errors import DeviceError, OndemandError
@@ -49,8 +49,6 @@ def open_device(cfg: Config) -> tuple[Device, bool]:
     except BaseException:
         device.close()
         raise
-    # Keep the bound device across a crash or restart (Linux 6.8+ failover).
-    systemd.store_fd(device.fd, FDSTORE_NAME)
     return device, False
 
 
@@ -58,17 +56,26 @@ def start_device(device: Any, adopted: bool) -> KernelFeatures:  # noqa: FBT001
     """Send `restore` (which also tells whether the kernel has failover); say once if not.
 
     On an adopted device it makes the kernel resend the requests the dead instance
-    had read but not answered. On a fresh one nothing was read yet, so it only probes.
-    A kernel without it (before 6.8) still serves new mounts through the same device:
-    the daemon keeps serving, and says what is lost.
+    had read but not answered. On a fresh one nothing was read yet, so it only probes;
+    `serve` then stores the device in systemd's fd store only if a successor can use it.
+
+    A kernel without `restore` (before 6.8) still serves new mounts through the same
+    device, so the daemon keeps serving and says once what is lost. It keeps the device
+    out of the fd store (and drops an inherited one from it): a stored device would
+    outlive a crash with the dead instance's requests taken and never answered, and
+    their readers would wait until the device is closed. Unstored, a crash closes it:
+    those readers get EIO at once, and the next instance binds afresh.
     """
     restore = device.try_restore()
     if not restore:
+        if adopted:
+            systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={FDSTORE_NAME}")
         log.warning(
             "restore_unsupported", adopted=adopted,
             consequence=("requests and images of the previous instance are lost: remount "
                          "the images mounted before this restart") if adopted else
             "a restarted daemon cannot take over mounted images (failover needs Linux 6.8+)",
+            fd_store="not used: a crash closes the device, so no reader waits on a dead daemon",
         )
     return kernel_features(restore)
 
@@ -161,8 +168,12 @@ async def serve(
             device.close()
         raise
     features = start_device(device, adopted) if fscache else kernel_features(restore=False)
+    if owned and fscache and not adopted and features.restore:
+        # Keep the bound device across a crash or restart (Linux 6.8+ failover).
+        systemd.store_fd(device.fd, FDSTORE_NAME)
     restored = adopted and features.restore
-    backend = _native.load_backend(None if cfg.native == "auto" else cfg.native)
+    backend = faults.wrap_backend(
+        _native.load_backend(None if cfg.native == "auto" else cfg.native))
     _native.POOL.keep = max(_native.POOL.keep, cfg.io_threads)  # a buffer per I/O thread
     executor = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ondemand-io")
     remote = make_remote_source(cfg)
@@ -182,13 +193,16 @@ async def serve(
     control = await start_control(
         cfg, service, device, features, restored=restored, backend=backend.name)
     service.start()
+    faults.arm(service)
     frontend = _fanotify_start(cfg, fan, store, fetcher, executor, control)
     log.info(
         "ready", frontends=[*(["fscache"] if fscache else []), *(["fanotify"] if frontend else [])], device=str(cfg.device), cache_dir=str(cfg.cache_dir), tag=cfg.tag,
         store=str(cfg.store), backend=backend.name, concurrency=cfg.concurrency,
         restored=restored, adopted=adopted, restore=features.restore, pid=os.getpid(),
     )
-    systemd.notify(f"READY=1\nSTATUS=serving from {cfg.store}")
+    # The first watchdog ping with READY: the loop has just started taking requests.
+    ping = "\nWATCHDOG=1" if systemd.watchdog_usec() else ""
+    systemd.notify(f"READY=1\nSTATUS=serving from {cfg.store}{ping}")
     warm_up = getattr(remote, "warm_up", None)
     warming = loop.run_in_executor(None, warm_up, store) if warm_up is not None else None
     status = loop.create_task(_report_status(service, cfg.hung_read_after))
@@ -276,6 +290,13 @@ def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, on_signal, signum)
+    # `systemctl reload` (ExecReload= sends SIGHUP): by default SIGHUP ends the process, and
+    # systemd counts that as a clean exit, so Restart=on-failure would not bring it back and
+    # the mounts would lose their daemon. Nothing here can change while serving: say so.
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+            "reload_ignored", signal="SIGHUP",
+            hint="settings apply at start: `systemctl restart ondemand-d` (mounts stay up)"))
 
 
 async def _report_status(service: Service, hung_after: float) -> None:

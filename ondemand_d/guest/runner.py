@@ -55,6 +55,7 @@ from pathlib import Path
 from ondemand_d.guest import kernel as _kernel
 
 INIT_SCRIPT = "init.sh"
+SYSTEMD_INIT_SCRIPT = "init-systemd.sh"
 GUEST_CACHE = "/mnt/cache"
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+:,=@%")
 
@@ -142,9 +143,10 @@ def guest_path() -> str:
     return os.pathsep.join(parts)
 
 
-def init_script() -> Path:
-    """Return the path of init.sh (package data; the guest reads it over the 9p root)."""
-    return Path(str(resources.files("ondemand_d.guest").joinpath(INIT_SCRIPT))).resolve()
+def init_script(systemd: bool = False) -> Path:
+    """Return the path of init.sh, or of init-systemd.sh (package data, read over 9p)."""
+    name = SYSTEMD_INIT_SCRIPT if systemd else INIT_SCRIPT
+    return Path(str(resources.files("ondemand_d.guest").joinpath(name))).resolve()
 
 
 def make_cache_disk(path: Path, size: str = "1G") -> Path:
@@ -166,9 +168,10 @@ def _command_script(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> st
 
 
 def qemu_argv(bzimage: Path, results_dir: Path, cache_disk: Path, *, memory_mb: int = 2048,
-              cpus: int = 2, path: str | None = None, keep_cache: bool = False) -> list[str]:
+              cpus: int = 2, path: str | None = None, keep_cache: bool = False,
+              systemd: bool = False) -> list[str]:
     """Return the QEMU command line that boots the guest (see spec/vm.md)."""
-    for value in (str(results_dir), str(init_script())):
+    for value in (str(results_dir), str(init_script(systemd))):
         if not set(value) <= _SAFE:
             raise GuestError(f"path {value!r} has characters the kernel command line cannot carry")
     accel = os.environ.get("ONDEMAND_D_GUEST_ACCEL", "tcg")
@@ -178,7 +181,7 @@ def qemu_argv(bzimage: Path, results_dir: Path, cache_disk: Path, *, memory_mb: 
         "panic=-1", "quiet",
         "init=/bin/sh", f"ODG_RESULTS={results_dir}", f"ODG_CACHE={GUEST_CACHE}",
         f"PATH={path or guest_path()}", *(["ODG_KEEP_CACHE=1"] if keep_cache else []),
-        "--", str(init_script()),
+        "--", str(init_script(systemd)),
     ])
     return [
         "qemu-system-x86_64", "-machine", f"q35,accel={accel}",
@@ -210,7 +213,8 @@ def _float(path: Path) -> float | None:
 def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  timeout: float = 300, results_dir: Path | None = None, cwd: str | None = None,
                  kernel: Path | None = None, cache_disk: Path | None = None,
-                 cache_size: str = "1G", memory_mb: int = 2048, cpus: int = 2) -> GuestResult:
+                 cache_size: str = "1G", memory_mb: int = 2048, cpus: int = 2,
+                 systemd: bool = False) -> GuestResult:
     """Boot the guest, run ``argv`` as root, and return what happened.
 
     Args:
@@ -226,6 +230,9 @@ def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
             the same cache); default a fresh sparse 1 GiB image, deleted afterwards.
         cache_size: size of the fresh cache image.
         memory_mb, cpus: guest size.
+        systemd: boot systemd as PID 1 (:mod:`ondemand_d.guest.sysboot`) and run the command
+            as its ``odg-test.service`` once ``multi-user.target`` is up; the root is then an
+            overlay (writable, changes kept in the guest's memory) over the host's.
 
     Raises:
         GuestError: QEMU could not be started.
@@ -243,10 +250,15 @@ def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     full_env = {"PATH": path, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
                 "LANG": "C.UTF-8", "ONDEMAND_D_IN_GUEST": "1", **(env or {})}
     (guest_dir / "cmd.sh").write_text(_command_script(argv, full_env, cwd or os.getcwd()))
+    if systemd:
+        from ondemand_d.guest.sysboot import build_layer
+
+        build_layer(guest_dir / "layer", python=guest_python(),
+                    package_root=Path(__file__).resolve().parent.parent.parent)
     with tempfile.TemporaryDirectory(prefix="odg-disk-") as scratch:
         disk = cache_disk or make_cache_disk(Path(scratch) / "cache.img", cache_size)
         cmd = qemu_argv(kernel, results, disk, memory_mb=memory_mb, cpus=cpus, path=path,
-                        keep_cache=cache_disk is not None)
+                        keep_cache=cache_disk is not None, systemd=systemd)
         (guest_dir / "qemu.argv").write_text(shlex.join(cmd) + "\n")
         started = time.monotonic()
         timed_out = False

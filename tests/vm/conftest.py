@@ -124,11 +124,15 @@ class Guest:
 
     def run(self, argv: Sequence[str], *, timeout: float = 120,
             env: Mapping[str, str] | None = None, results_dir: Path | None = None,
-            name: str = "guest") -> GuestResult:
-        """Boot, run argv as root, return the GuestResult (not checked)."""
+            name: str = "guest", systemd: bool = False) -> GuestResult:
+        """Boot, run argv as root, return the GuestResult (not checked).
+
+        ``systemd=True`` boots systemd as PID 1 and runs argv as a oneshot service once
+        multi-user.target is up (ondemand_d.guest.sysboot).
+        """
         results = results_dir or self.tmp_factory.mktemp(name)
         return run_in_guest(list(argv), env=self.env(env), timeout=timeout, results_dir=results,
-                            kernel=self.kernel, cwd=str(PACKAGE_ROOT))
+                            kernel=self.kernel, cwd=str(PACKAGE_ROOT), systemd=systemd)
 
     def shell(self, script: str, **kwargs: Any) -> GuestResult:
         """Run a /bin/sh script (``set -e`` is not implied)."""
@@ -141,7 +145,8 @@ class Guest:
         return self.run([guest_python(), "-c", code_or_path, *args], **kwargs)
 
     def checks(self, test_file: str, names: Sequence[str] = (), *, timeout: float | None = None,
-               env: Mapping[str, str] | None = None, results_dir: Path | None = None) -> Checks:
+               env: Mapping[str, str] | None = None, results_dir: Path | None = None,
+               systemd: bool = False) -> Checks:
         """Boot once and run the module's check_* functions (all, or ``names``) in the guest.
 
         ``results_dir`` may already hold inputs prepared by the host (same path in the guest).
@@ -150,10 +155,11 @@ class Guest:
         results = results_dir or self.tmp_factory.mktemp(stem)
         out = results / "checks.json"
         if timeout is None:
-            timeout = 60 + sum(_guard_of(test_file, n) + 15 for n in names or _check_names(
+            timeout = (90 if systemd else 60) + sum(_guard_of(test_file, n) + 15 for n in names or _check_names(
                 test_file))
         result = self.python(VM_DIR / "harness.py", str(Path(test_file).resolve()), str(out),
-                             *names, timeout=timeout, env=env, results_dir=results)
+                             *names, timeout=timeout, env=env, results_dir=results,
+                             systemd=systemd)
         try:
             records = json.loads(out.read_text())
         except (FileNotFoundError, json.JSONDecodeError):

@@ -6,6 +6,13 @@ The test plays systemd's part: it is the NOTIFY_SOCKET, receives the bound
 starts the next instance with that fd as LISTEN_FDS. The mount stays up
 throughout: files not cached before the kill read correctly afterwards,
 through the new instance, without a remount (Linux 6.8+).
+
+The first instance is killed with a READ pending: it took the READ from the device and
+never completed it (the ONDEMAND_D_TEST_HOLD_READS fault, ondemand_d/faults.py). What is
+asserted is what the kernel did, from its tracepoints: that READ (same msg_id) was completed
+after the first instance was dead, which only a re-send to the successor after `restore`
+makes possible, and the reader blocked on it got the right bytes. The full kill loop under
+systemd is tests/vm/test_systemd_failover.py.
 """
 from __future__ import annotations
 
@@ -16,14 +23,22 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from guestlib import (
-    errname, guard, mount_erofs, ondemand_d_argv, read_in_child, tree_digests, umount,
+    errname,
+    guard,
+    mount_erofs,
+    ondemand_d_argv,
+    read_in_child,
+    tree_digests,
+    umount,
 )
+from systemdlib import Tracer
 
 pytestmark = pytest.mark.vm
 
@@ -50,10 +65,16 @@ def checks(guest: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_successor_adopts_device_and_serves_without_remount(checks: Any) -> None:
-    """kill -9 while mounted; the next instance gets the fd, sends restore, serves the mount."""
+    """kill -9 with a READ pending; the kernel re-sends it to the successor after `restore`."""
     data = checks.passed("check_failover")
-    assert data["restored"] is True
-    assert data["reads_after_restart"] > 0
+    held = data["held_msg_id"]
+    # The kernel created the READ before the kill, and it was completed after the first
+    # instance was gone (never before): the kernel sent it again to the successor.
+    assert data["kernel_read_before_kill"] == [held]
+    assert data["completions_before_death"] == 0
+    assert data["completions_after_death"] >= 1
+    assert held in data["successor_completed"]
+    assert data["blocked_reader"] == "ok"
     assert data["files_compared"] == data["files_expected"]
 
 
@@ -88,6 +109,9 @@ def _wait_for(pred: Any, what: str, timeout: float = 90) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+_SHA256 = "import sys, hashlib; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
+
+
 @guard(300)
 def check_failover(ctx: Any) -> None:
     inp = json.loads((ctx.out.parent / "inputs" / "manifest.json").read_text())
@@ -108,21 +132,35 @@ def check_failover(ctx: Any) -> None:
         ready.append(msg)
         return any(m.startswith(b"READY=1") for m in ready)
 
+    tracing = Path("/sys/kernel/tracing")
+    if not (tracing / "instances").is_dir():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(tracing)], check=True)
+    tracer = Tracer("odg-failover").start()
     log1 = ctx.out / "first.log"
+    hold = ctx.tmp / "hold"  # while it exists, the first instance completes no READ
     env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
     with log1.open("wb") as out:
         first = subprocess.Popen(_serve_argv(inp, ctx), stdout=out, stderr=subprocess.STDOUT,
-                                 env=env)
+                                 env={**env, "ONDEMAND_D_TEST_HOLD_READS": str(hold)})
     _wait_for(drain_notify, "READY=1 from the first instance")
     assert len(stored) == 1, f"expected the device fd in the fd store, got {ready}"
     rc = mount_erofs("/mnt/fo", "fo", domain="fo", timeout=60)
     assert rc == 0, f"mount failed: {errname(rc)}"
     want = inp["digests"]
     names = sorted(want)
-    first_file = names[0]
-    assert Path("/mnt/fo", first_file).read_bytes()  # served by the first instance
+    victim = names[0]
+    hold.touch()
+    # This read blocks: the first instance takes its READ and holds it.
+    reader = subprocess.Popen([sys.executable, "-c", _SHA256, f"/mnt/fo/{victim}"],
+                              stdout=subprocess.PIPE, text=True)
+    (held,) = _wait_for(lambda: _events(log1, "test_fault_holding")[:1],
+                        "the first instance to hold a READ")
+    ctx.data["held_msg_id"] = held["msg_id"]
+    t_kill = time.monotonic()
     first.send_signal(signal.SIGKILL)
     first.wait()
+    t_dead = time.monotonic()
+    assert reader.poll() is None, "the read finished without a daemon to complete it"
 
     log2 = ctx.out / "second.log"
     # The successor gets the stored fd as fd 3, as systemd passes LISTEN_FDS.
@@ -136,6 +174,8 @@ def check_failover(ctx: Any) -> None:
     try:
         (line,) = _wait_for(lambda: _events(log2, "ready"), "the second instance's ready line")
         ctx.data["restored"] = line.get("restored")
+        got, _ = reader.communicate(timeout=60)
+        ctx.data["blocked_reader"] = "ok" if got.strip() == want[victim] else "wrong bytes"
         compared = 0
         for name in names:
             status, data = read_in_child(f"/mnt/fo/{name}", timeout=60)
@@ -144,7 +184,8 @@ def check_failover(ctx: Any) -> None:
             compared += 1
         ctx.data["files_expected"] = len(want)
         ctx.data["files_compared"] = compared
-        ctx.data["reads_after_restart"] = len(_events(log2, "read_completed"))
+        ctx.data["successor_completed"] = [e.get("msg_id") for e in
+                                           _events(log2, "read_completed")]
         assert umount("/mnt/fo") == 0
     finally:
         second.send_signal(signal.SIGTERM)
@@ -152,3 +193,11 @@ def check_failover(ctx: Any) -> None:
         for fd in stored:
             os.close(fd)
         notify.close()
+        trace = tracer.stop()
+    mid = held["msg_id"]
+    ctx.data["kernel_read_before_kill"] = [ev["mid"] for ev in trace if ev["event"] == "read"
+                                           and ev.get("mid") == mid and ev["ts"] < t_kill]
+    creads = [ev["ts"] for ev in trace if ev["event"] == "cread" and ev.get("mid") == mid]
+    ctx.data["completions_before_death"] = sum(ts < t_dead for ts in creads)
+    ctx.data["completions_after_death"] = sum(ts > t_dead for ts in creads)
+    ctx.data["trace_events"] = len(trace)

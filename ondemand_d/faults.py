@@ -1,0 +1,73 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Faults a test can inject into a running daemon through its environment (a systemd drop-in).
+
+Only for tests of what supervises the daemon (the watchdog, restarts); off unless set:
+
+``ONDEMAND_D_TEST_WEDGE=SECONDS``
+    that many seconds after `ready`, the request loop stops taking requests from the device
+    for good, while the event loop, the control socket and the status reports run on: the
+    daemon is wedged, not dead, and only the watchdog can tell.
+
+``ONDEMAND_D_TEST_HOLD_READS=PATH``
+    while the file PATH exists, READs are taken from the device and their data written, but
+    never completed: the I/O thread that would complete one waits forever (logged as
+    `test_fault_holding` with the msg_id). A daemon killed then leaves READs the kernel must
+    send again after `restore`. (A file, so a test can mount first and hold later.)
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger()
+
+WEDGE = "ONDEMAND_D_TEST_WEDGE"
+HOLD = "ONDEMAND_D_TEST_HOLD_READS"
+
+
+def wrap_backend(backend: Any) -> Any:
+    """The READ fill backend, or one that never completes a READ (ONDEMAND_D_TEST_HOLD_READS)."""
+    flag = os.environ.get(HOLD)
+    return _Holding(backend, flag) if flag else backend
+
+
+class _Holding:
+    def __init__(self, inner: Any, flag: str) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.flag = flag
+        self._never = threading.Event()
+
+    def _hold(self, msg_id: int) -> bool:
+        if not os.path.exists(self.flag):
+            return False
+        log.warning("test_fault_holding", fault=HOLD, msg_id=msg_id)
+        self._never.wait()
+        return True
+
+    def complete(self, fd: int, msg_id: int) -> None:
+        if not self._hold(msg_id):
+            self.inner.complete(fd, msg_id)
+
+    def fill(self, fd: int, buf: Any, off: int, msg_id: int, *, complete: bool) -> None:
+        self.inner.fill(fd, buf, off, msg_id, complete=False)
+        if complete and not self._hold(msg_id):
+            self.inner.complete(fd, msg_id)
+
+
+def arm(service: Any) -> None:
+    """Schedule the faults the environment asks for (none in normal operation)."""
+    after = os.environ.get(WEDGE)
+    if not after:
+        return
+    asyncio.get_running_loop().call_later(float(after), _wedge, service)
+
+
+def _wedge(service: Any) -> None:
+    log.warning("test_fault_wedged", fault=WEDGE, note="the request loop stops reading")
+    service._pause()  # the fault is exactly this
+    service._resume = lambda: None  # and it never resumes
