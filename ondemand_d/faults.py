@@ -49,14 +49,31 @@ class _Holding:
         self._never.wait()
         return True
 
-    def complete(self, fd: int, msg_id: int) -> None:
-        if not self._hold(msg_id):
+    def __getattr__(self, name: str) -> Any:  # anything else the backend has (its pool)
+        return getattr(self.inner, name)
+
+    def _then(self, fd: int, msg_id: int, complete: bool) -> None:
+        if complete and not self._hold(msg_id):
             self.inner.complete(fd, msg_id)
+
+    def complete(self, fd: int, msg_id: int) -> None:
+        self._then(fd, msg_id, True)
 
     def fill(self, fd: int, buf: Any, off: int, msg_id: int, *, complete: bool) -> None:
         self.inner.fill(fd, buf, off, msg_id, complete=False)
-        if complete and not self._hold(msg_id):
-            self.inner.complete(fd, msg_id)
+        self._then(fd, msg_id, complete)
+
+    def fill_parts(self, fd: int, parts: Any, off: int, msg_id: int, *, complete: bool,
+                   size: int = 0) -> int:
+        n = int(self.inner.fill_parts(fd, parts, off, msg_id, complete=False, size=size))
+        self._then(fd, msg_id, complete)
+        return n
+
+    def fill_aligned(self, fd: int, buf: Any, length: int, off: int, msg_id: int, *,
+                     complete: bool) -> int:
+        n = int(self.inner.fill_aligned(fd, buf, length, off, msg_id, complete=False))
+        self._then(fd, msg_id, complete)
+        return n
 
 
 def arm(service: Any) -> None:

@@ -253,4 +253,9 @@ def test_hold_fault_completes_nothing_while_its_file_exists(tmp_path, monkeypatc
     assert held.is_alive() and calls[-1] == ("fill", 8, False)  # written, never completed
     monkeypatch.delenv("ONDEMAND_D_TEST_HOLD_READS")
     assert faults.wrap_backend(Inner()).__class__ is Inner  # off unless asked for
+    # The real backends' pooled paths are held the same way (complete=False, then hold).
+    from ondemand_d import _native
+
+    real = faults._Holding(_native.load_backend("python"), str(tmp_path / "absent"))
+    assert real.pool is _native.POOL and real.name == "python"
 
