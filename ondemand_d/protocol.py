@@ -181,7 +181,22 @@ class _Read:
     obj: ObjectState
     off: int
     len: int
+    at: float = 0.0  # when it arrived, as the caller's clock says
     started: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRead:
+    """A READ taken from the kernel and not completed yet (for `inflight`)."""
+
+    msg_id: int
+    object_id: int
+    fd: int
+    blob_id: str
+    off: int
+    len: int
+    at: float
+    started: bool  # False: waiting for a slot of its source
 
 
 class Objects:
@@ -234,6 +249,10 @@ class Objects:
     def reads_queued(self) -> int:
         return sum(len(q) for q in self._queued.values())
 
+    def held(self) -> list[HeldRead]:
+        return [HeldRead(r.msg_id, r.obj.object_id, r.obj.fd, r.obj.blob_id or "", r.off,
+                         r.len, r.at, r.started) for r in self._reads.values()]
+
     def read_started(self, msg_id: int) -> bool:
         read = self._reads.get(msg_id)
         return read is not None and read.started
@@ -261,7 +280,8 @@ class Objects:
         actions.append(Lookup(req.msg_id, req.object_id, req.volume_key, req.cookie_key))
         return actions
 
-    def read(self, req: ReadRequest) -> list[Action]:
+    def read(self, req: ReadRequest, at: float = 0.0) -> list[Action]:
+        """A READ arrived (at time `at`, kept only to be shown)."""
         obj = self._objects.get(req.object_id)
         if obj is None:
             # No fd for the object, so no way to complete: the kernel fails it
@@ -272,7 +292,7 @@ class Objects:
         if obj.blob_id is None:
             return [Complete(req.msg_id, obj.object_id, obj.fd),
                     Ignore(req.msg_id, req.object_id, "READ before the object's copen")]
-        read = _Read(req.msg_id, obj, req.off, req.len)
+        read = _Read(req.msg_id, obj, req.off, req.len, at)
         self._reads[req.msg_id] = read
         obj.reads.add(req.msg_id)
         if self._active[obj.source] < self.limit:

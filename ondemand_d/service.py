@@ -154,7 +154,7 @@ class Service:
             self.counters.opens += 1
             self._run(self.objects.open(req))
         elif isinstance(req, wire.ReadRequest):
-            self._run(self.objects.read(req))
+            self._run(self.objects.read(req, time.perf_counter()))
         else:
             self.counters.closes += 1
             obj = self.objects.get(req.object_id)

@@ -20,18 +20,22 @@ log = structlog.get_logger()
 
 
 def inflight(service: Any, hung_after: float) -> list[dict[str, Any]]:
-    """The READs in flight, oldest first (loop thread only)."""
+    """The READs in flight (filling, or waiting for a slot of their source), oldest first.
+
+    Loop thread only.
+    """
     now = time.perf_counter()
     rows = []
-    for msg_id, read in list(service.reads.items()):
-        action = read.action
-        obj = service.objects.by_fd(action.fd)
-        age = now - read.start
+    for held in service.objects.held():
+        job = service.reads.get(held.msg_id)
+        obj = service.objects.by_fd(held.fd)
+        age = now - held.at
         rows.append({
-            "msg_id": msg_id, "object_id": action.object_id,
+            "msg_id": held.msg_id, "object_id": held.object_id,
             "key": obj.cookie_key.decode("utf-8", "backslashreplace") if obj else None,
-            "blob": action.blob_id, "off": action.off, "len": action.len,
-            "chunks": len(read.chunks), "age_s": round(age, 3), "waits_on": read.waits_on,
+            "blob": held.blob_id, "off": held.off, "len": held.len,
+            "chunks": len(job.chunks) if job is not None else 0, "age_s": round(age, 3),
+            "waits_on": job.waits_on if job is not None else "slot",
             "hung": age >= hung_after,
         })
     rows.sort(key=lambda r: -r["age_s"])

@@ -15,6 +15,7 @@ import subprocess
 import tracemalloc
 
 from ondemand_d import wire
+from ondemand_d.control.inflight import inflight
 from ondemand_d.fill import PAD_LIMIT
 from ondemand_d.importer import import_image
 from ondemand_d.store.model import Image
@@ -45,6 +46,8 @@ async def test_stalled_registry_does_not_stop_local_opens_and_reads(make_env):
     assert env.kernel.cache_bytes(near)[: 5 * PAGE] == local
     assert not any(o.done.is_set() for o in stuck), "the remote READs were answered meanwhile"
     assert env.service.objects.reads_queued == 80 - 64  # held by the daemon, in order
+    rows = inflight(env.service, hung_after=3600)
+    assert len(rows) == 80 and sum(r["waits_on"] == "slot" for r in rows) == 80 - 64
 
     remote.release.set()
     await asyncio.wait_for(asyncio.gather(*(o.done.wait() for o in stuck)), GUARD)
