@@ -11,8 +11,7 @@ The first instance is killed with a READ pending: it took the READ from the devi
 never completed it (the ONDEMAND_D_TEST_HOLD_READS fault, ondemand_d/faults.py). What is
 asserted is what the kernel did, from its tracepoints: that READ (same msg_id) was completed
 after the first instance was dead, which only a re-send to the successor after `restore`
-makes possible, and the reader blocked on it got the right bytes. The full kill loop under
-systemd is tests/vm/test_systemd_failover.py.
+makes possible, and the reader blocked on it got the right bytes.
 """
 from __future__ import annotations
 
