@@ -15,7 +15,8 @@ its baseline from the same boot:
    the cache file full (a remount): mount time, read time, READs and bytes the daemon wrote.
 2. **floor**: ondemand-d stops; a minimal daemon (tests/vm/guestlib.MiniDaemon, which only
    answers OPENs: no READ reaches it once the cache is full) binds the same cache and the
-   same mounts and reads run again. This is what the kernel alone costs.
+   same mounts and reads run again. This is what the kernel alone costs. Steps 1 and 2
+   alternate per round, so the two sides of a ratio are measured minutes apart at most.
 3. **RSS**: a fresh ondemand-d with the eight ``rss`` images mounted and fully read
    (VmRSS and VmHWM of the daemon), and its VmRSS right after READY.
 4. **start-up**: ``python -c pass``, the serve path's imports, and ``serve`` until its
@@ -202,49 +203,48 @@ def guest_main(base: Path, rounds: int) -> int:  # noqa: PLR0915 - one boot, one
     print(f"start-up: python -c pass {out['python_pass_s']:.2f} s, serve imports "
           f"{out['imports_s']:.2f} s, READY {out['ready_s']:.2f} s", flush=True)
 
-    # 1. cold and warm passes through ondemand-d
+    # Per round: 1. cold and warm passes through ondemand-d, then 2. the floor, the same
+    # mounts and reads with a daemon that only answers OPENs, on the same cache files.
+    # Alternating per round keeps each ratio's two sides minutes apart at most (the
+    # host's load drifts; a floor measured long after the daemon's passes is not one).
     fscache = cache / "fscache"
-    daemon = Daemon(store, fscache, base / "daemon.log", tag="bench").start()
-    try:
-        for name, (_tree, blobdev) in IMAGES.items():
-            rows = out["images"][name] = {"blobdev": blobdev, "cold": [], "warm": []}
-            for r in range(rounds):
+    images = base / "images"
+    for name, (_tree, blobdev) in IMAGES.items():
+        out["images"][name] = {"blobdev": blobdev, "cold": [], "warm": [], "floor": []}
+    for r in range(rounds):
+        daemon = Daemon(store, fscache, base / "daemon.log", tag="bench").start()
+        try:
+            for name, (_tree, blobdev) in IMAGES.items():
+                rows = out["images"][name]
                 for phase in ("cold", "warm"):
                     got = _pass(name, f"{name}{r}", blobdev, daemon)
                     rows[phase].append(got)
                     print(f"{name}{r} {phase}: mount {got['mount_s']:.3f} s, read "
                           f"{got['mb']:.1f} MB in {got['read_s']:.2f} s, {got['reads']} READs, "
                           f"{got['written']} bytes written", flush=True)
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
-
-    # 2. the floor: the same mounts and reads with a daemon that only answers OPENs
-    images = base / "images"
-    blobs: dict[bytes, Path] = {}
-    for name, (_tree, blobdev) in IMAGES.items():
-        for r in range(rounds):
+            assert daemon.stop() == 0
+        finally:
+            daemon.kill()
+        blobs: dict[bytes, Path] = {}
+        for name, (_tree, blobdev) in IMAGES.items():
             blobs[f"{name}{r}".encode()] = images / f"{name}.erofs"
             if blobdev:
                 blobs[f"{name}{r}-data".encode()] = images / f"{name}.blob"
-    devfd = bind_device(fscache, "bench")
-    mini = MiniDaemon(devfd, blobs)
-    mini.start()
-    try:
-        for name, (_tree, blobdev) in IMAGES.items():
-            rows = out["images"][name]
-            rows["floor"] = []
-            for r in range(rounds):
+        devfd = bind_device(fscache, "bench")
+        mini = MiniDaemon(devfd, blobs)
+        mini.start()
+        try:
+            for name, (_tree, blobdev) in IMAGES.items():
                 before = len(mini.messages)
                 got = _pass(name, f"{name}{r}", blobdev)
                 got["reads"] = sum(1 for m in mini.messages[before:] if m.opcode == 2)
-                rows["floor"].append(got)
+                out["images"][name]["floor"].append(got)
                 print(f"{name}{r} floor: mount {got['mount_s']:.3f} s, read {got['read_s']:.2f} s,"
                       f" {got['reads']} READs", flush=True)
-    finally:
-        mini.stop()
-        os.close(devfd)
-    assert not mini.errors, mini.errors
+        finally:
+            mini.stop()
+            os.close(devfd)
+        assert not mini.errors, mini.errors
 
     # 3. RSS with eight images mounted and read
     daemon = Daemon(store, cache / "fscache-rss", base / "daemon-rss.log", tag="rss").start()
