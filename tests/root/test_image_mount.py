@@ -178,6 +178,18 @@ def test_fingerprint_image_mounts(tmp_path: Path) -> None:
         tiny = os.getxattr(mnt / "tiny.txt", "trusted.erofs.fingerprint")
         assert tiny == b"sha256:" + hashlib.sha256(b"hello, erofs\n").digest()
         assert "trusted.erofs.fingerprint" not in os.listxattr(mnt / "empty")
+        checked = 0
+        for path in mnt.rglob("*"):
+            if _nonempty_regular(path):
+                want = b"sha256:" + hashlib.sha256(path.read_bytes()).digest()
+                assert os.getxattr(path, "trusted.erofs.fingerprint") == want, path
+                checked += 1
+        assert checked == sum(1 for p in src.rglob("*") if _nonempty_regular(p)) > 1
+
+
+def _nonempty_regular(path: Path) -> bool:
+    st = path.lstat()
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0
 
 
 def test_default_fingerprint_is_hidden_but_mounts(tmp_path: Path) -> None:
