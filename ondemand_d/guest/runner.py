@@ -253,8 +253,7 @@ def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     if systemd:
         from ondemand_d.guest.sysboot import build_layer
 
-        build_layer(guest_dir / "layer", python=guest_python(),
-                    package_root=Path(__file__).resolve().parent.parent.parent)
+        build_layer(guest_dir / "layer", package_root=Path(__file__).resolve().parent.parent.parent)
     with tempfile.TemporaryDirectory(prefix="odg-disk-") as scratch:
         disk = cache_disk or make_cache_disk(Path(scratch) / "cache.img", cache_size)
         cmd = qemu_argv(kernel, results, disk, memory_mb=memory_mb, cpus=cpus, path=path,

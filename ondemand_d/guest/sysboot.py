@@ -12,9 +12,9 @@
   reboots the guest (which ends QEMU);
 * installs ``/usr/bin/ondemand-d``, the console script the shipped unit's ``ExecStart=`` runs,
   as this interpreter's ``-m ondemand_d`` (so the guest runs the checkout under test). The
-  unit has ``ProtectHome=yes``: an interpreter under /root or /home (pyenv) is invisible to
-  it, so ``odg-test.service`` bind-mounts its installation at ``/opt/odg-python`` and the
-  script runs it from there, with the virtualenv's site-packages on ``PYTHONPATH``.
+  unit has ``ProtectHome=yes`` and ``PrivateTmp=yes``: an interpreter under /root (pyenv) or
+  a checkout in /tmp is invisible to it, so ``odg-test.service`` bind-mounts what is hidden
+  under ``/opt/odg-python*`` and the script runs it from there (``_shim``).
 
 The shipped unit and config (``systemd/``) are *not* in the layer: the tests install them as
 the README says, with ``install`` and ``systemctl daemon-reload``.
@@ -74,8 +74,9 @@ AllowIsolate=yes
 RUN_SCRIPT = """\
 # odg-test.service: run the command as init.sh does, then reboot (QEMU runs -no-reboot).
 G="$ODG_RESULTS/.guest"
-[ -f /etc/odg/python-prefix ] && read -r prefix < /etc/odg/python-prefix &&
-    mkdir -p {mount} && mount --bind -o ro "$prefix" {mount}
+while IFS="$(printf '\t')" read -r src dst; do
+    mkdir -p "$dst" && mount --bind -o ro "$src" "$dst"
+done < /etc/odg/binds
 mkdir -p "$ODG_CACHE" && mount -t ext4 /dev/vda "$ODG_CACHE" 2> "$G/mount.err"
 read -r up _ < /proc/uptime && echo "$up" > "$G/booted"
 echo odg-guest > /proc/sys/kernel/hostname
@@ -94,27 +95,48 @@ def _mask(units: Path, name: str) -> None:
         link.symlink_to("/dev/null")
 
 
-def _hidden_by_protect_home(path: str) -> bool:
-    return any(path == top or path.startswith(top + "/") for top in ("/root", "/home"))
+#: What the shipped unit's sandbox hides: ProtectHome=yes and PrivateTmp=yes.
+HIDDEN_TOPS = ("/root", "/home", "/run/user", "/tmp", "/var/tmp")
 
 
-def _shim(python: str, package_root: Path, odg: Path) -> str:
-    """/usr/bin/ondemand-d: run ``python -m ondemand_d`` where the unit's sandbox can see it."""
+def _hidden_from_unit(path: str) -> bool:
+    return any(path == top or path.startswith(top + "/") for top in HIDDEN_TOPS)
+
+
+def _shim(package_root: Path, odg: Path) -> str:
+    """/usr/bin/ondemand-d: run ``python -m ondemand_d`` where the unit's sandbox can see it.
+
+    A checkout, virtualenv or interpreter under a hidden path (a clone in /tmp, pyenv under
+    /root) is bind-mounted read-only under /opt by ``odg-test.service`` (``/etc/odg/binds``),
+    and the script runs the base interpreter with the checkout and the virtualenv's
+    site-packages on ``PYTHONPATH``.
+    """
+    binds: list[tuple[str, str]] = []
+
+    def visible(path: str, name: str) -> str:
+        real = os.path.realpath(path)
+        if not _hidden_from_unit(real):
+            return real
+        binds.append((real, f"{PYTHON_MOUNT}-{name}" if name else PYTHON_MOUNT))
+        return binds[-1][1]
+
     lines = ["#!/bin/sh", "# the checkout under test, as the installed console script"]
+    path = [visible(str(package_root), "project")]
+    if sys.prefix != sys.base_prefix:
+        path += [visible(p, f"site{i}") for i, p in enumerate(site.getsitepackages())]
     prefix = os.path.realpath(sys.base_prefix)
-    path = [str(package_root)]
-    if _hidden_by_protect_home(os.path.realpath(python)):
-        (odg / "python-prefix").write_text(prefix + "\n")
-        path += site.getsitepackages() if sys.prefix != sys.base_prefix else []
-        lines.append(f"export LD_LIBRARY_PATH={PYTHON_MOUNT}/lib")
-        exe = os.path.basename(os.path.realpath(sys.executable))
-        python = f"{PYTHON_MOUNT}/bin/{exe}"
+    exe = os.path.basename(os.path.realpath(sys.executable))
+    seen_prefix = visible(prefix, "")
+    if seen_prefix != prefix:
+        lines.append(f"export LD_LIBRARY_PATH={seen_prefix}/lib")
+    python = f"{seen_prefix}/bin/{exe}"
+    (odg / "binds").write_text("".join(f"{src}\t{dst}\n" for src, dst in binds))
     lines.append("export PYTHONPATH=" + shlex.quote(":".join(path)))
     lines.append(f'exec {shlex.quote(python)} -m ondemand_d "$@"')
     return "\n".join(lines) + "\n"
 
 
-def build_layer(layer: Path, *, python: str, package_root: Path) -> Path:
+def build_layer(layer: Path, *, package_root: Path) -> Path:
     """Write the /etc layer (and /usr/bin/ondemand-d) under ``layer``; return it."""
     units = layer / "etc" / "systemd" / "system"
     units.mkdir(parents=True, exist_ok=True)
@@ -140,6 +162,6 @@ def build_layer(layer: Path, *, python: str, package_root: Path) -> Path:
     usr_bin = layer / "usr" / "bin"
     usr_bin.mkdir(parents=True, exist_ok=True)
     shim = usr_bin / "ondemand-d"
-    shim.write_text(_shim(python, package_root, odg))
+    shim.write_text(_shim(package_root, odg))
     os.chmod(shim, 0o755)
     return layer
