@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--op", type=str.upper, choices=OPS, help="only this kind of request")
     parser.add_argument("--kernel", action="store_true",
                         help="also read the kernel's cachefiles_ondemand_* tracepoints (tracefs) "
-                        "and join them to the daemon's lines by msg_id and object")
+                        "and join them to the daemon's lines by msg_id, object and range")
     parser.add_argument("--duration", type=float, metavar="S",
                         help="stop after S seconds (default: until Ctrl-C)")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
