@@ -109,7 +109,7 @@ async def add(
     # The bootstrap layer is spooled to an unlinked file under the store and cut
     # into chunks one at a time: memory stays at one chunk whatever the layer's size.
     with tempfile.TemporaryFile(dir=store.root / "tmp") as spool:
-        await client.get_blob_to(
+        spooled = await client.get_blob_to(
             ref.registry, ref.repository, config.bootstrap.data, MAX_BOOTSTRAP, spool
         )
         # The bootstrap becomes an ordinary local blob: the kernel reads it whole at mount.
@@ -135,6 +135,10 @@ async def add(
         with store.transaction():
             for chunk in boot_remote.chunks:
                 assert chunk.remote is not None  # noqa: S101 - to_blob sets it on every chunk
+                if chunk.remote.offset + chunk.remote.length > spooled:
+                    msg = (f"{ref} is refused: its bootstrap's chunk table reaches past the "
+                           f"layer's {spooled} bytes")
+                    raise ImageError(msg)
                 spool.seek(chunk.remote.offset)
                 packed = spool.read(chunk.remote.length)
                 store.put_chunk(decode(boot_remote, chunk, packed), chunk.digest)

@@ -330,14 +330,15 @@ class RegistryClient:
     ) -> int:
         """A whole blob streamed into `out` (a seekable file), checked against its digest.
 
-        Memory stays at one network piece whatever the blob's size. Returns its length.
+        Memory stays at one network piece whatever the blob's size. Returns its length:
+        only `out`'s first that many bytes are the blob (a failed attempt may have left
+        more; `out` is not truncated, as ftruncate of an unlinked file fails on 9p).
         """
         url = api(repository) / "blobs" / digest
 
         async def handle(resp: aiohttp.ClientResponse) -> tuple[int, str]:
             expect(resp, (200,), f"blob {digest}")
-            out.seek(0)
-            out.truncate()  # a retried attempt starts again from the first byte
+            out.seek(0)  # a retried attempt starts again from the first byte
             sha, size = hashlib.sha256(), 0
             async for piece in iter_body(resp):
                 size += len(piece)

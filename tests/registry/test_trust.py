@@ -186,3 +186,33 @@ async def test_registry_extents_never_feed_dedup(registry: Registry, tmp_path: P
     (_, data_id), = dst.get_image("victim").devices
     assert data_id != evil.devices[0][1]
     assert (await _served(dst, data_id.encode()))[: len(secret)] == secret
+
+
+async def test_bootstrap_table_reaching_past_its_layer_is_refused(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A bootstrap chunk table that points past the end of the layer add downloaded is
+    refused by name, before any of its chunks is stored."""
+    src = LocalStore(tmp_path / "src")
+    make_image(src, tmp_path, "longboot", (8192, 200_000))
+    ref = reference.parse(f"{registry.host}/trust/longboot:v1")
+    dst = LocalStore(tmp_path / "dst")
+    async with RegistryClient(RegistryConfig()) as client:
+        await push(src, "longboot", ref, client)
+        raw, _ = await client.get_manifest(ref, media.MANIFEST)
+        manifest = json.loads(raw)
+        config = json.loads(await client.get_blob(
+            ref.registry, ref.repository, manifest["config"]["digest"], 1 << 20))
+        table = json.loads(await client.get_blob(
+            ref.registry, ref.repository, config["bootstrap"]["table"], 1 << 20))
+        table["chunks"][-1][4] += 4096  # the last chunk's layer length: past the layer's end
+        config["bootstrap"]["table"] = await _put(client, ref, media.dumps(table))
+
+        def same(config_: dict[str, Any]) -> None:
+            config_["bootstrap"] = config["bootstrap"]
+
+        evil = await _tampered(client, ref, "longboot-evil", same)
+        with pytest.raises(ImageError, match="reaches past the layer's"):
+            await add(dst, evil, client, name="longboot")
+    assert not dst.has_image("longboot")
+    assert not list((dst.root / "chunks").rglob("*"))  # nothing of it was stored
