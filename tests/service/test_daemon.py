@@ -223,6 +223,45 @@ async def test_wedge_fault_stops_the_loop_and_the_watchdog_ping(tmp_path, monkey
     kernel.stop()
 
 
+def test_hold_background_fault_writes_half_then_blocks(tmp_path, monkeypatch):
+    """ONDEMAND_D_TEST_HOLD_BACKGROUND=PATH: the first background write writes the first half
+    of its range (whole blocks) and blocks; a later one blocks before writing; READs
+    (msg_id != 0) are never held by it, and nothing is held without the file."""
+    import threading
+
+    from ondemand_d import faults
+
+    calls = []
+
+    class Inner:
+        name = "python"
+
+        def fill_parts(self, fd, parts, off, msg_id, *, complete, size=0):
+            data = b"".join(bytes(p) for p in parts)
+            calls.append((msg_id, off, data))
+            return len(data)
+
+        def complete(self, fd, msg_id):
+            calls.append(("complete", msg_id))
+
+    flag = tmp_path / "hold-bg"
+    monkeypatch.setenv("ONDEMAND_D_TEST_HOLD_BACKGROUND", str(flag))
+    backend = faults.wrap_backend(Inner())
+    assert backend.fill_parts(3, [b"a" * 4096], 0, 0, complete=False) == 4096  # no file yet
+    flag.touch()
+    body = [b"b" * 6000, b"c" * 6288]  # 12288 bytes: the first 4096 + 2048 are half, in blocks
+    threads = [threading.Thread(target=backend.fill_parts, args=(3, parts, off, 0),
+                                kwargs={"complete": False}, daemon=True)
+               for parts, off in ((body, 4096), ([b"d" * 4096], 65536))]
+    for t in threads:
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()
+    assert calls == [(0, 0, b"a" * 4096), (0, 4096, b"b" * 4096)]  # half, whole blocks; no d
+    assert backend.fill_parts(3, [b"z"], 8192, 9, complete=True) == 1  # a READ is not held
+    assert calls[-2:] == [(9, 8192, b"z"), ("complete", 9)]
+
+
 def test_hold_fault_completes_nothing_while_its_file_exists(tmp_path, monkeypatch):
     """ONDEMAND_D_TEST_HOLD_READS=PATH: data written, completion held only while PATH exists."""
     import threading
@@ -256,6 +295,6 @@ def test_hold_fault_completes_nothing_while_its_file_exists(tmp_path, monkeypatc
     # The real backends' pooled paths are held the same way (complete=False, then hold).
     from ondemand_d import _native
 
-    real = faults._Holding(_native.load_backend("python"), str(tmp_path / "absent"))
+    real = faults._Holding(_native.load_backend("python"), str(tmp_path / "absent"), None)
     assert real.pool is _native.POOL and real.name == "python"
 
