@@ -52,7 +52,8 @@ class ControlClient:
         self.path = path
         self.timeout = timeout
 
-    def _request(self, method: str, url: str, body: Any = None) -> http.client.HTTPResponse:
+    def _request(self, method: str, url: str, body: Any = None, *,
+                 stream: bool = False) -> http.client.HTTPResponse:
         conn = _UnixConnection(self.path, self.timeout)
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -71,6 +72,9 @@ class ControlClient:
             except (ValueError, KeyError, TypeError):
                 message = f"{method} {url}: HTTP {resp.status} {text[:200]}"
             raise ControlUnavailable(message)
+        if stream and conn.sock is not None:
+            # A stream may stay quiet for as long as nothing happens: only the answer is timed.
+            conn.sock.settimeout(None)
         return resp
 
     def get(self, url: str) -> Any:
@@ -86,8 +90,8 @@ class ControlClient:
         return self._request("GET", url).read().decode()
 
     def lines(self, url: str) -> Iterator[dict[str, Any]]:
-        """GET a stream of JSON lines; ends when the daemon ends it."""
-        resp = self._request("GET", url)
+        """GET a stream of JSON lines; ends when the daemon ends it (never times out)."""
+        resp = self._request("GET", url, stream=True)
         while True:
             line = resp.readline()
             if not line:

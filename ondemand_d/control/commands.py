@@ -74,14 +74,20 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
         f"objects open {st['objects_open']}, READs in flight {st['reads_in_flight']}",
         f"images ({len(st['images'])}):",
     ]
+    unknown = False
     for img in st["images"]:
         share = f" ({100 * img['cached_bytes'] // img['size']}%)" if img["size"] else ""
+        more = " and ?" if img.get("cached_unknown") else ""
         out.append(f"  {img['name']}  {len(img['blobs'])} blob(s), {size(img['size'])}, "
-                   f"cached {size(img['cached_bytes'])}{share}")
+                   f"cached {size(img['cached_bytes'])}{share}{more}")
         for b in img["blobs"]:
+            cached = "?" if b["cached_bytes"] is None else size(b["cached_bytes"])
+            unknown |= b["cached_bytes"] is None
             out.append(f"    {b['role']:9} {b['blob'][:12]}  {size(b['size']):>10}  cached "
-                       f"{size(b['cached_bytes']):>10}  key={b['key']}"
-                       + ("  open" if b["open"] else ""))
+                       f"{cached:>10}  key={b['key']}" + ("  open" if b["open"] else ""))
+    if unknown:
+        out.append("  (cached ?: not open since this instance took over; a cache file the "
+                   "kernel still holds is measured once it is read again or unmounted)")
     fan = st.get("frontends", {}).get("fanotify")
     if fan is not None:
         out.append(f"fanotify mounts ({len(fan['mounts'])}):")

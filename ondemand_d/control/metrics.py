@@ -106,8 +106,10 @@ def render(rt: Runtime, cache: list[dict[str, Any]], now: float | None = None) -
                [({}, snap["hung_reads"])])
     out.family("objects_open", "gauge", "Cache objects (blobs) the kernel holds open.",
                [({}, len(rt.service.objects))])
-    out.family("cache_bytes", "gauge", "Bytes the cache files of an image's blobs hold.",
-               [({"image": img["name"]}, img["cached_bytes"]) for img in cache])
+    out.family("cache_bytes", "gauge", "Bytes the cache files of an image's blobs hold "
+               "(absent while one cannot be measured: opened before a restart, still held).",
+               [({"image": img["name"]}, img["cached_bytes"]) for img in cache
+                if not img["cached_unknown"]])
     return out.text()
 
 

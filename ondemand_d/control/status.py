@@ -95,12 +95,17 @@ def images(rt: Runtime, cached: dict[str, dict[str, int]],
                 size = store.get_blob(blob_id).size
             except (StoreError, OSError):
                 size = -1
-            c = cached.get(blob_id, {"cached_bytes": 0, "cache_files": 0})
+            c = cached.get(blob_id) or {
+                # After a restart, an object the previous instance opened may still be held by
+                # the kernel; its cache file is an unlinked tmpfile until the kernel lets go of
+                # it (umount) and no fd of ours reaches it until it is reopened: unknown, not 0.
+                "cached_bytes": None if rt.restored else 0, "cache_files": 0}
             blobs.append({"role": role, "key": key, "blob": blob_id, "size": size,
                           "open": blob_id in open_blobs, **c})
         out.append({"name": image.name, "blobs": blobs,
                     "size": sum(b["size"] for b in blobs if b["size"] > 0),
-                    "cached_bytes": sum(b["cached_bytes"] for b in blobs)})
+                    "cached_bytes": sum(b["cached_bytes"] or 0 for b in blobs),
+                    "cached_unknown": sum(b["cached_bytes"] is None for b in blobs)})
     return out
 
 

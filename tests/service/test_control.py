@@ -270,6 +270,21 @@ async def test_trace_streams_the_request_flow(tmp_path):
         next(reads)
 
 
+async def test_trace_stream_outlives_a_quiet_spell_longer_than_the_timeout(tmp_path):
+    """The client's timeout bounds the answer, not the stream: a trace with nothing to show
+    for longer than it still gets the next line (it raised TimeoutError in the guest)."""
+    async with Running(tmp_path) as d:
+        d.add_image("img", os.urandom(CHUNK))
+        lines = ControlClient(d.socket, timeout=0.2).lines("/trace")
+        assert (await asyncio.to_thread(next, lines))["event"] == "_subscribed"
+        waiting = asyncio.create_task(asyncio.to_thread(next, lines))
+        await asyncio.sleep(0.6)  # three timeouts' worth of nothing
+        assert not waiting.done()
+        await d.kernel.open(b"img-data", b"erofs,dom")
+        line = await asyncio.wait_for(waiting, 10)
+    assert (line["op"], line["key"]) == ("OPEN", "img-data")
+
+
 async def test_trace_command_prints_a_table(tmp_path, capsys, monkeypatch):
     """`ondemand-d trace --duration` prints the header and a row per request, then a count."""
     # In one process the command's own logging set-up would replace the daemon's.
@@ -337,3 +352,25 @@ async def test_cull_image_through_the_command(tmp_path, capsys, monkeypatch):
     assert "culled 1 cache file(s), freed 1.0 MiB" in out
     assert d.kernel.cache_path(b"erofs,dom", b"b-data").exists()
     assert not d.kernel.cache_path(b"erofs,dom", b"a-data").exists()
+
+
+def test_status_says_unknown_for_blobs_a_previous_instance_left_open(tmp_path):
+    """After a restart (restored), a blob that is neither open nor linked under cache/ may be
+    cached in a file the kernel still holds: status reports None (shown as ?), never 0."""
+    from types import SimpleNamespace
+
+    from ondemand_d.control import status as status_view
+
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "boot").write_bytes(os.urandom(5000))
+    (tmp_path / "data").write_bytes(os.urandom(CHUNK))
+    boot, data = (store.ingest_file(tmp_path / n).blob_id for n in ("boot", "data"))
+    store.put_image(Image("img", boot, (("img-data", data),)))
+    known = {boot: {"cached_bytes": 8192, "cache_files": 1}}
+    for restored, want in ((True, None), (False, 0)):
+        rt = SimpleNamespace(restored=restored, service=SimpleNamespace(store=store))
+        (img,) = status_view.images(rt, known, open_blobs=set())
+        b_boot, b_data = img["blobs"]
+        assert (b_boot["cached_bytes"], b_data["cached_bytes"]) == (8192, want)
+        assert img["cached_bytes"] == 8192
+        assert img["cached_unknown"] == (1 if restored else 0)
