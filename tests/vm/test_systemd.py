@@ -5,7 +5,9 @@ One boot runs the checks in order against one installed unit: start (READY only 
 cache is bound), mount and read, `systemctl reload`, `systemctl restart` with images mounted
 (the fd store carries the device; the successor sends `restore`), a crash loop faster than
 systemd's default start limit, a wedged request loop the watchdog must restart, and
-`systemctl stop` draining a READ in flight.
+`systemctl stop` draining a READ in flight. Between restart and the crash loop, the control
+socket's commands run against the unit's daemon: `status`, `metrics` (checked by promtool),
+`trace --kernel` around cold reads, and `cull --unused` after an image's umount.
 """
 from __future__ import annotations
 
@@ -66,13 +68,18 @@ def prepare(base: Path) -> None:
         (b / "extra" / f"x{i:02d}").write_bytes(rng.randbytes(rng.choice([5000, 900_000])))
     (b / "wd.bin").write_bytes(rng.randbytes(4 << 20))      # first read: check_watchdog
     (b / "stop.bin").write_bytes(rng.randbytes(24 << 20))   # first read: check_stop
+    (b / "trace.bin").write_bytes(rng.randbytes(3 << 20))   # first read: check_control
+    c = base / "trees" / "c"  # its own domain: unmounted, its blobs are unused (cull)
+    for i in range(6):
+        (c / "c").mkdir(parents=True, exist_ok=True)
+        (c / "c" / f"c{i}").write_bytes(rng.randbytes(rng.choice([9000, 600_000])))
     store = base / "store"
-    for name, tree in zip(IMAGES, (a, b), strict=True):
+    for name, tree in zip((*IMAGES, "sd-c"), (a, b, c), strict=True):
         subprocess.run([*ondemand_d_argv(), "--store", str(store), "build", str(tree), "--name",
                         name], check=True, capture_output=True)
     (base / "manifest.json").write_text(json.dumps({
         "store": str(store), "trees": str(base / "trees"),
-        "md5": {"sd-a": md5_tree(a), "sd-b": md5_tree(b)}}))
+        "md5": {"sd-a": md5_tree(a), "sd-b": md5_tree(b), "sd-c": md5_tree(c)}}))
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +114,51 @@ def test_restart_keeps_the_mounts(checks: Any) -> None:
     assert data["ready"]["adopted"] is True and data["ready"]["restored"] is True
     assert data["reads_by_successor"] > 0
     assert data["files_ok"] == data["files"]
+
+
+def test_control_commands_against_the_unit(checks: Any) -> None:
+    """status, metrics (promtool), trace --kernel and cull --unused from the CLI, against the
+    daemon the unit runs on the real kernel."""
+    data = checks.passed("check_control")
+    st = data["status"]
+    assert st["kernel"]["restore"] is True and st["kernel"]["tracing"] is True
+    assert st["cache_dir"] == "/var/cache/ondemand-d"
+    images = {i["name"]: i for i in st["images"]}
+    assert {"sd-a", "sd-b", "sd-c"} <= set(images)
+    # Since check_restart this instance is a successor (restored): a blob it has opened is
+    # measured through its fd; one the kernel still holds from the previous instance has an
+    # unlinked cache file nobody can measure: unknown (None), never a made-up 0.
+    assert st["restored"] is True
+    blobs = [b for name in IMAGES for b in images[name]["blobs"]]
+    measured = [b for b in blobs if b["open"]]
+    assert measured and all(0 < b["cached_bytes"] <= b["size"] for b in measured), blobs
+    assert all(b["cached_bytes"] is None for b in blobs if not b["open"]), blobs
+    assert data["status_text_unknown"] is True  # and the text says so
+    assert data["status_reads_ok"] > 0
+    assert data["promtool"] == {"rc": 0, "out": ""}, data["promtool"]
+    assert data["metrics_read_ok"] > 0
+    # trace --kernel: the cold file's READs, each joined: the kernel's read and completion
+    # and the daemon's line, with distinct msg_ids, and time split into phases.
+    # A READ slower than the join wait is first shown pending, then again once answered.
+    joined = [r for r in data["trace_reads"] if r["msg_id"] is not None]
+    pending = [r for r in data["trace_reads"] if r["msg_id"] is None]
+    assert joined, data["trace_tail"]
+    assert len({r["msg_id"] for r in joined}) == len(joined)
+    for r in joined:
+        assert {"read", "cread"} <= set(r["kernel_events"]), r
+        assert r["outcome"] == "ok" and r["total_ms"] is not None and r["total_ms"] > 0, r
+        assert r["queued_ms"] is not None, r
+    answered = {(r["debug_id"], r["off"], r["len"]) for r in joined}
+    assert all((r["debug_id"], r["off"], r["len"]) in answered for r in pending), pending
+    # Every READ the daemon answered while the trace ran is one joined row, no more.
+    assert sorted(r["msg_id"] for r in joined) == data["daemon_read_ids"]
+    assert data["trace_file_ok"] is True
+    # cull --unused: sd-c's cache files (unmounted), none of the mounted images'.
+    cull = data["cull"]
+    assert cull["culled"] >= 2 and cull["bytes_freed"] >= data["sd_c_cached_before"] > 0
+    assert data["sd_c_cached_after"] == 0
+    assert data["mounted_cached_after"] == data["mounted_cached_before"]
+    assert data["sd_c_files_ok"] == data["sd_c_files"]  # re-read from the store after the cull
 
 
 def test_crash_loop_keeps_the_unit_and_the_device(checks: Any) -> None:
@@ -170,8 +222,9 @@ def _compare(name: str, want: dict[str, str], only: str = "") -> int:
 
 
 def _warm(md5: dict[str, str]) -> dict[str, str]:
-    """The files the checks may read at any time (not the cold ones of watchdog and stop)."""
-    return {k: v for k, v in md5.items() if k not in ("wd.bin", "stop.bin")}
+    """The files the checks may read at any time (not the cold ones of watchdog, stop and
+    control)."""
+    return {k: v for k, v in md5.items() if k not in ("wd.bin", "stop.bin", "trace.bin")}
 
 
 def _pick(data: dict[str, Any]) -> dict[str, Any]:
@@ -227,6 +280,84 @@ def check_restart(ctx: Any) -> None:
     ok += _compare("sd-b", {k: v for k, v in want.items() if not k.startswith("extra/")})
     ctx.data["files"], ctx.data["files_ok"] = len(want), ok
     ctx.data["reads_by_successor"] = len(events("read_completed", new))
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return run(*ondemand_d_argv(), *args, timeout=timeout)
+
+
+def _cached(status: dict[str, Any], names: tuple[str, ...]) -> int:
+    return sum(i["cached_bytes"] for i in status["images"] if i["name"] in names)
+
+
+@guard(300)
+def check_control(ctx: Any) -> None:
+    md5 = _state["md5"]
+    status = json.loads(_cli("status", "--json").stdout)
+    ctx.data["status"] = status
+    text = _cli("status").stdout
+    (ctx.out / "status.txt").write_text(text)
+    ctx.data["status_text_unknown"] = "cached          ?" in text and "(cached ?:" in text
+    ctx.data["status_reads_ok"] = sum(
+        r["count"] for r in status["counters"]["reads"] if r["outcome"] == "ok")
+    metrics = _cli("metrics").stdout
+    (ctx.out / "metrics.txt").write_text(metrics)
+    prom = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True,
+                          text=True, check=False)
+    ctx.data["promtool"] = {"rc": prom.returncode, "out": (prom.stdout + prom.stderr).strip()}
+    ctx.data["metrics_read_ok"] = sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+        if line.startswith("ondemand_requests_total{") and 'op="READ"' in line
+        and 'outcome="ok"' in line)
+
+    # trace --kernel around the first read of a cold file.
+    duration = 40.0
+    tracer = subprocess.Popen([*ondemand_d_argv(), "trace", "--kernel", "--json", "--op", "READ",
+                               "--duration", str(duration)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+
+    def tracing() -> bool:  # the CLI's tracefs instance, with its last event turned on
+        enable = Path(f"/sys/kernel/tracing/instances/ondemand-d-{tracer.pid}/events/"
+                      "cachefiles/cachefiles_ondemand_fd_release/enable")
+        assert tracer.poll() is None, tracer.communicate()
+        return enable.exists() and enable.read_text().strip() == "1"
+    wait_for(tracing, "trace --kernel to turn its tracepoints on", 60, every=0.2)
+    pid = main_pid()
+    answered_before = {e["msg_id"] for e in events("read_completed", pid)}
+    drop_caches()
+    data = Path("/mnt/sd-b/trace.bin").read_bytes()
+    ctx.data["trace_file_ok"] = hashlib.md5(data).hexdigest() == md5["sd-b"]["trace.bin"]
+    ctx.data["trace_file_bytes"] = len(data)
+    out, err = tracer.communicate(timeout=duration + 60)
+    ctx.data["daemon_read_ids"] = sorted(
+        {e["msg_id"] for e in events("read_completed", pid)} - answered_before)
+    (ctx.out / "trace-kernel.jsonl").write_text(out)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    ctx.data["trace_tail"] = err.strip().splitlines()[-3:]
+    ctx.data["trace_reads"] = [r for r in rows if r["op"] == "READ"]
+
+    # cull --unused: mount sd-c in its own domain, read it, umount; its files are unused.
+    rc = mount_erofs("/mnt/sd-c", "sd-c", domain="sdc", timeout=60)
+    assert rc == 0, f"mount sd-c: {errname(rc)}"
+    assert _compare("sd-c", md5["sd-c"]) == len(md5["sd-c"])
+    assert umount("/mnt/sd-c") == 0
+    before = json.loads(_cli("status", "--json").stdout)
+    ctx.data["sd_c_cached_before"] = _cached(before, ("sd-c",))
+    ctx.data["mounted_cached_before"] = _cached(before, IMAGES)
+
+    def culled() -> dict[str, Any] | None:  # the kernel lets go of a cookie shortly after umount
+        result = json.loads(_cli("cull", "--unused", "--json").stdout)
+        return result if result["culled"] else None
+    ctx.data["cull"] = {k: v for k, v in wait_for(culled, "cull to free sd-c", 60, every=2).items()
+                        if k != "files"}
+    after = json.loads(_cli("status", "--json").stdout)
+    ctx.data["sd_c_cached_after"] = _cached(after, ("sd-c",))
+    ctx.data["mounted_cached_after"] = _cached(after, IMAGES)
+    rc = mount_erofs("/mnt/sd-c", "sd-c", domain="sdc", timeout=60)
+    assert rc == 0, f"mount sd-c again: {errname(rc)}"
+    ctx.data["sd_c_files"] = len(md5["sd-c"])
+    ctx.data["sd_c_files_ok"] = _compare("sd-c", md5["sd-c"])
+    assert umount("/mnt/sd-c") == 0
 
 
 def _next_pid(old: int) -> int:
