@@ -14,7 +14,9 @@ import hashlib
 import mmap
 import os
 import select
+import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -363,3 +365,31 @@ def mount_erofs(target: str, fsid: str, *, domain: str | None = None,
         opts.append(f"domain_id={domain}")
     opts += [f"device={d}" for d in devices]
     return mount_in_child("none", target, "erofs", ",".join(opts), timeout=timeout)
+
+
+def registry_config(path: Path, storage: Path, addr: str) -> None:
+    """Write (on the host) a docker-registry config serving `storage` on `addr` in the guest."""
+    path.write_text(
+        "version: 0.1\nlog: {level: warn, accesslog: {disabled: true}}\n"
+        f"storage: {{filesystem: {{rootdirectory: {storage}}}}}\n"
+        f"http: {{addr: '{addr}', secret: guest-secret}}\n")
+
+
+def start_registry(config: Path, log: Path, addr: str, timeout: float = 60) -> subprocess.Popen[bytes]:
+    """Start docker-registry with `config` in the guest; return once it listens on `addr`."""
+    # The guest boots with its loopback down (systemd brings it up; the plain init does not).
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    host, port = addr.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) == 0:
+                return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"docker-registry exited: {log.read_text()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"docker-registry did not listen on {addr} within {timeout} s")

@@ -16,16 +16,22 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from guestlib import (
-    Daemon, errname, guard, mount_erofs, ondemand_d_argv, tree_digests, umount,
+    Daemon,
+    errname,
+    guard,
+    mount_erofs,
+    ondemand_d_argv,
+    registry_config,
+    start_registry,
+    tree_digests,
+    umount,
 )
 
 pytestmark = pytest.mark.vm
@@ -72,11 +78,7 @@ def prepare(base: Path) -> dict[str, Any]:
         _run([*cli, "push", "app-v2", f"{registry.host}/{REPO}"])
     finally:
         stop_registry(registry)
-    storage = base / "registry" / "storage"
-    (base / "guest-registry.yml").write_text(
-        "version: 0.1\nlog: {level: warn, accesslog: {disabled: true}}\n"
-        f"storage: {{filesystem: {{rootdirectory: {storage}}}}}\n"
-        f"http: {{addr: '{GUEST_REGISTRY}', secret: guest-secret}}\n")
+    registry_config(base / "guest-registry.yml", base / "registry" / "storage", GUEST_REGISTRY)
     manifest = {
         "store": str(store), "images": images,
         "trees": {"v1": tree_digests(v1), "v2": tree_digests(v2)},
@@ -152,22 +154,8 @@ def check_builder_share_domain(ctx: Any) -> None:
 
 
 def _start_registry(ctx: Any) -> subprocess.Popen[bytes]:
-    # The guest boots with its loopback down; the registry listens there.
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    config = ctx.out.parent / "inputs" / "guest-registry.yml"
-    log = (ctx.out / "registry.log").open("wb")
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT)
-    host, port = GUEST_REGISTRY.split(":")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((host, int(port))) == 0:
-                return proc
-        assert proc.poll() is None, f"docker-registry exited: {(ctx.out / 'registry.log').read_text()}"
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("docker-registry did not listen within 60 s")
+    return start_registry(ctx.out.parent / "inputs" / "guest-registry.yml",
+                          ctx.out / "registry.log", GUEST_REGISTRY)
 
 
 def _stopped(daemon: Daemon) -> dict[str, Any]:
