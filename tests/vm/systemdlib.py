@@ -165,7 +165,7 @@ class Tracer:
 
     def stop(self) -> list[dict[str, Any]]:
         """Disable, and return every recorded event parsed (ondemand_d's own parser)."""
-        from ondemand_d.control.ktrace import parse
+        from ondemand_d.control.kjoin import parse
 
         for ev in self.EVENTS:
             (self.dir / "events" / "cachefiles" / f"cachefiles_ondemand_{ev}" / "enable"

@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""ktrace: trace_pipe lines in the kernel's TP_printk formats, joined to daemon lines."""
+"""kjoin: trace_pipe lines in the kernel's TP_printk formats, joined to daemon lines."""
 from __future__ import annotations
 
 from typing import Any
 
-from ondemand_d.control.ktrace import JOIN_WAIT, Joiner, parse, table_row
+from ondemand_d.control.kjoin import JOIN_WAIT, Joiner, parse, table_row
 
 # Lines as trace_pipe prints them (include/trace/events/cachefiles.h, Linux 6.12): `read`,
 # `open` and `close` are traced before the kernel fills in msg_id and object_id (mid=0 oid=0).
