@@ -45,10 +45,13 @@ def test_open_message_bytes_and_failed_copen(checks: Any) -> None:
     """An fsid mount sends OPEN(volume "erofs,x\\0", cookie "x"); copen -ENOENT fails it fast.
 
     The errno given in copen does not reach mount(2) on 6.12: the failed lookup leaves the
-    cookie without a cache object and erofs's superblock read then fails, so mount says EIO.
+    cookie without a cache object and erofs's superblock read then fails. Which errno that
+    read gives depends on how far the cookie got when it began: ENOBUFS (fscache found no
+    cache resources for it) or EIO; both were seen on the same kernel, in runs of one suite.
+    Either way the mount fails at once (the guest check bounds it at 10 s), never hangs.
     """
     data = checks.passed("check_open_bytes_and_copen_error")
-    assert data["mount"] == "EIO", data
+    assert data["mount"] in ("EIO", "ENOBUFS"), data
 
 
 def test_minimal_daemon_serves_an_image(checks: Any) -> None:
