@@ -16,7 +16,10 @@ at a time, so memory does not follow the READ's length.
 
 Background writes (prefill, prefetch, readahead) first ask the cache file what
 it holds (SEEK_DATA/SEEK_HOLE on the anon fd) and write only the chunks that
-meet a hole: a remount of a fully cached image writes nothing.
+meet a hole: a remount of a fully cached image writes nothing. They ask again
+right before each write, and so does a READ that joined another caller's fetch,
+under a lock per fd: of two writers of one chunk (a READ and the readahead that
+fetched it), the second finds it written and writes nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import collections
 import contextlib
 import functools
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -173,6 +177,10 @@ class FillEngine:
         self._batch: list[ReadJob] = []
         self._jobs: set[Future[Any]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Per anon fd: "ask the cache file, then write the holes" is one step for the
+        # writers that may overlap (joined READs, background writes), so one of two
+        # writers of the same chunk finds it written instead of writing it again.
+        self._write_locks: dict[int, threading.Lock] = {}
 
     # -- READs -----------------------------------------------------------------------
 
@@ -265,11 +273,13 @@ class FillEngine:
             for n, chunks in enumerate(parts_of):
                 claim = job.claim if job.claim is not None and n == 0 else None
                 job.claim = claim or self.fetcher.claim(chunks)
+                joined = job.claim.joined > 0
                 parts = await self.fetcher.finish(blob, job.claim)
                 source = _farthest(source, job.claim.source)
                 last = n == len(parts_of) - 1
-                written += await self._in_thread(
-                    functools.partial(self._write, job, parts, last=last, at=chunks[0].offset))
+                written += await self._in_thread(functools.partial(
+                    self._write, job, parts, last=last, at=chunks[0].offset,
+                    unless_written=joined))
         except (StoreError, OSError) as exc:
             self._end(job, exc)
         except BaseException as exc:
@@ -278,15 +288,30 @@ class FillEngine:
         else:
             self._end(job, None, written, source)
 
-    def _write(self, job: ReadJob, parts: list[bytes], *, last: bool, at: int | None = None) -> int:
+    def _write(self, job: ReadJob, parts: list[bytes], *, last: bool, at: int | None = None,
+               unless_written: bool = False) -> int:
         """Write verified chunk bytes (and, if last, the padding), then complete (I/O thread).
 
         The bytes are copied once into a reused page-aligned buffer and written
         from there, a buffer at a time; the last write also completes (_native).
+        `unless_written`: a READ that joined another caller's fetch (a readahead's)
+        first asks the cache file; if that caller already wrote every page, it
+        only completes.
         """
         action, span = job.action, job.span
         assert span is not None  # noqa: S101 - set by fill()
         at = span.start if at is None else at
+        if unless_written:
+            end = span.pad_to if last else _round_up(at + sum(len(p) for p in parts))
+            with self._write_lock(action.fd):
+                if cachedir.holes(action.fd, at, end):
+                    return self._write(job, parts, last=last, at=at)
+            if self._log is not None:
+                self._log.debug("read_already_written", msg_id=action.msg_id, at=at, end=end)
+            if last:
+                self.backend.complete(action.fd, action.msg_id)
+                job.completed = True
+            return 0
         if self._log is not None:
             self._log.debug("read_writing", msg_id=action.msg_id, at=at,
                             bytes=sum(len(p) for p in parts), backend=self.backend.name)
@@ -344,8 +369,7 @@ class FillEngine:
             async def write(batch: tuple[Chunk, ...]) -> None:
                 parts, _ = await self.fetcher.get(blob, batch)
                 n = await self._in_thread(functools.partial(
-                    self.backend.fill_parts, action.fd, parts, batch[0].offset, 0,
-                    complete=False))
+                    self._write_holes, action.fd, batch, parts))
                 progress.written += n  # after the await: the batches run concurrently
 
             batches = windows(chunks, BACKGROUND_BATCH)
@@ -396,19 +420,41 @@ class FillEngine:
                 entry[1].append((max(start, chunk.offset), min(end, chunk.end)))
         progress.chunks = len(by_chunk)
 
+        def write_spans(chunk: Chunk, spans: list[tuple[int, int]], data: bytes) -> int:
+            view, n = memoryview(data), 0
+            with self._write_lock(fd):  # asked again now: a READ may have written it
+                gaps = cachedir.holes(fd, chunk.offset, _round_up(chunk.end))
+                for s, e in _intersect(spans, gaps):
+                    n += int(self.backend.fill_parts(
+                        fd, [view[s - chunk.offset : e - chunk.offset]], s, 0, complete=False))
+            return n
+
         async def write(chunk: Chunk, spans: list[tuple[int, int]]) -> None:
             parts, _ = await self.fetcher.get(blob, (chunk,))
-            view = memoryview(parts[0])
-            n = 0
-            for s, e in spans:
-                n += await self._in_thread(functools.partial(
-                    self.backend.fill_parts, fd, [view[s - chunk.offset : e - chunk.offset]],
-                    s, 0, complete=False))
-            progress.written += n
+            progress.written += await self._in_thread(
+                functools.partial(write_spans, chunk, spans, parts[0]))
 
         work = list(by_chunk.values())
         for i in range(0, len(work), jobs):
             await asyncio.gather(*(write(c, spans) for c, spans in work[i : i + jobs]))
+
+    def _write_holes(self, fd: int, batch: tuple[Chunk, ...], parts: list[bytes]) -> int:
+        """Write the chunks of `batch` that still meet a hole (I/O thread).
+
+        Asked right before writing, not only when the background write began: a READ
+        (which writes whole chunks) may have written some of them since.
+        """
+        by_offset = {c.offset: part for c, part in zip(batch, parts, strict=True)}
+        n = 0
+        with self._write_lock(fd):
+            gaps = cachedir.holes(fd, batch[0].offset, _round_up(batch[-1].end))
+            for run in windows(in_holes(batch, gaps), BACKGROUND_BATCH):
+                data = [by_offset[c.offset] for c in run]
+                n += int(self.backend.fill_parts(fd, data, run[0].offset, 0, complete=False))
+        return n
+
+    def _write_lock(self, fd: int) -> threading.Lock:
+        return self._write_locks.setdefault(fd, threading.Lock())  # atomic in CPython
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -435,6 +435,50 @@ async def test_readahead_writes_the_chunks_after_a_read(make_env):
     _all_complete_once(env.kernel)
 
 
+def _count_writes(env) -> list[tuple[int, int, int]]:
+    """(offset, bytes, msg_id) of every write into a cache file, from now on."""
+    writes: list[tuple[int, int, int]] = []
+    real = env.service.engine.backend
+
+    class Counting:
+        name = real.name
+
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+        def fill_parts(self, fd, parts, off, msg_id, *, complete, size=0):
+            writes.append((off, sum(len(p) for p in parts), msg_id))
+            return real.fill_parts(fd, parts, off, msg_id, complete=complete, size=size)
+
+    env.service.engine.backend = Counting()
+    return writes
+
+
+async def test_read_joining_a_readahead_and_the_readahead_write_its_chunk_once(make_env):
+    """A READ that joins the fetch of a readahead: the first to write the chunk writes it,
+    the other finds it written (the cold-read double write); bytes and completion right."""
+    env = await make_env(readahead=3 << 20)
+    blob, source, remote = _remote_blob(env, 8 << 20)
+    remote.free = 1  # the first READ's fetch passes; the readahead's waits at the gate
+    env.fetcher.remote = remote
+    writes = _count_writes(env)
+    obj = await env.kernel.open(b"data")
+    assert await env.kernel.read(obj, 0, PAGE)
+    await _until(lambda: env.service._background, 2)
+    joined = env.kernel.send_read(obj, 2 << 20, PAGE)  # a chunk the readahead is fetching
+    await _until(lambda: any(j.waits_on == "joined" for j in env.service.engine.reads.values()),
+                 2)
+    assert [j.waits_on for j in env.service.engine.reads.values()] == ["joined"]
+    remote.release.set()
+    await asyncio.wait_for(joined.done.wait(), 5)
+    await _until(lambda: _events(env, "read_ahead"), 3)
+    assert joined.present is True
+    assert env.kernel.cache_bytes(obj)[: 4 << 20] == source[: 4 << 20]
+    # Chunk 0 by the first READ, 1-3 by the readahead or the joined READ: each once.
+    assert sum(n for _, n, _ in writes) == 4 << 20, writes
+    _all_complete_once(env.kernel)
+
+
 async def test_close_cancels_readahead(make_env):
     env = await make_env(readahead=4 << 20)
     blob, source, remote = _remote_blob(env, 8 << 20)
