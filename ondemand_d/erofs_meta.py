@@ -11,7 +11,8 @@ asynchronous requests. Prefilling the metadata and nothing else makes a mount
 fast without writing the data of a plain image (where the "bootstrap" is the
 whole image) before the first READ.
 
-The walk follows the directory tree from the root (spec §2-§5, §8), reading
+The walk follows the directory tree from the root (spec §2-§5, §8; compressed
+files' map headers and indexes as fs/erofs/zmap.c reads them), reading
 through `read(off, len)`. The image is untrusted: every nid is visited once,
 every offset is checked against the image size, and anything unexpected
 (another block size, a compressed directory) raises `ValueError`; the caller
@@ -40,6 +41,12 @@ _DIRENT = struct.Struct("<QHBB")  # spec §4.1
 _XATTR_HEADER = 12  # spec §8.1
 _FLAT_PLAIN, _COMPRESSED_FULL, _FLAT_INLINE, _COMPRESSED_COMPACT, _CHUNK_BASED = 0, 1, 2, 3, 4
 _CHUNK_FORMAT_INDEXES = 0x20
+# Compressed inodes (fs/erofs/erofs_fs.h, zmap.c): an 8-byte map header at the inode's end
+# aligned to 8, then the lcluster indexes, then (ztailpacking) the inline tail pcluster.
+_Z_MAP_HEADER = struct.Struct("<HHHBB")  # -, h_idata_size, h_advise, h_algorithmtype, h_clusterbits
+_Z_COMPACTED_2B = 0x0001
+_Z_INLINE_PCLUSTER = 0x0008
+_Z_FRAGMENT_INODE = 0x80  # in h_clusterbits: the whole file is in the packed inode
 MAX_INODES = 1 << 22
 
 
@@ -98,7 +105,10 @@ class _Walk:
             self._mark(pos, 2 + length)
             pos += _align(2 + length, 4)
         seen: set[int] = set()
-        pending = [root_nid]
+        # The packed inode holds compressed files' tails (FRAGMENTS): its inode and index are
+        # read before any of them, and no directory names it.
+        packed_nid = sb[21]
+        pending = [root_nid, *([packed_nid] if packed_nid else [])]
         while pending:
             nid = pending.pop()
             if nid in seen:
@@ -147,7 +157,7 @@ class _Walk:
                 head_data = self._get(h.i_u * BLOCK, full)
             data = head_data + (self._get(body_end, tail) if tail else b"")
         elif h.datalayout in (_COMPRESSED_FULL, _COMPRESSED_COMPACT) and not (is_dir or is_link):
-            self._mark(at, body_end - at + BLOCK)  # its compression index follows the inode
+            self._mark(at, self._z_index_end(h, body_end) - at)
             return []
         else:
             msg = f"inode {nid}: layout {h.datalayout} is not understood here"
@@ -155,6 +165,30 @@ class _Walk:
         if not is_dir:
             return []
         return _children(data)
+
+    def _z_index_end(self, h: _Inode, body_end: int) -> int:
+        """Where a compressed file's map header, lcluster indexes and inline tail end.
+
+        As the kernel reads them (zmap.c): full indexes are 8 bytes each after an 8-byte
+        gap; compact ones are 4 bytes each until a 32-byte boundary, then 2-byte ones in
+        packs of 16 (with COMPACTED_2B), then 4-byte ones in packs of 2. One index per
+        block of the file.
+        """
+        header = _align(body_end, 8)
+        _, idata_size, advise, _, clusterbits = _Z_MAP_HEADER.unpack(self._get(header, 8))
+        end = header + 8
+        if clusterbits & _Z_FRAGMENT_INODE:
+            return end  # no indexes: the file lives in the packed inode
+        count = -(-h.size // BLOCK)
+        if h.datalayout == _COMPRESSED_FULL:
+            end += 8 + count * 8
+        else:
+            initial = min(((32 - end % 32) // 4) & 7, count)
+            twos = (count - initial) // 16 * 16 if advise & _Z_COMPACTED_2B else 0
+            end += initial * 4 + twos * 2 + _align((count - initial - twos) * 4, 8)
+        if advise & _Z_INLINE_PCLUSTER:
+            end += idata_size
+        return end
 
     def _chunked(self, size: int, chunkbits: int, index: int, start: int, count: int) -> bytes:
         raw = self._get(start, count * index)

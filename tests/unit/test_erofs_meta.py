@@ -115,3 +115,30 @@ def test_not_erofs_or_out_of_range_is_refused(plain_image):
     bad[1024 + 0x0E : 1024 + 0x10] = (0xFFFF).to_bytes(2, "little")  # root nid past the end
     with pytest.raises(ValueError, match="outside"):
         _ranges(bytes(bad[: 1 << 20]))
+
+
+@pytest.mark.parametrize("opts", [["-zlz4hc"], ["-zlz4hc", "-Eztailpacking"],
+                                  ["-zlz4", "-Eztailpacking", "-C65536"],
+                                  ["-zlz4hc", "-Elegacy-compress"]])
+def test_compressed_images_are_walked_not_prefilled_whole(tmp_path, opts):
+    """lz4 images (compact or full indexes, with or without ztailpacking): the walk finds
+    each compressed file's map header, indexes and inline tail, stays inside the image and
+    leaves the compressed data out. It over-marked one block past each such inode and raised
+    for a last inode near the image's end, and the daemon then prefilled the whole image."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    rng = random.Random(1)
+    for i in range(40):  # text compresses; its tails are inline with ztailpacking
+        (src / "sub" / f"f{i}.txt").write_text(f"hello world {i}\n" * rng.randint(10, 20000))
+    (src / "rand.bin").write_bytes(random.Random(2).randbytes(300_000))
+    image = tmp_path / "z.img"
+    subprocess.run(["mkfs.erofs", "--quiet", *opts, str(image), str(src)], check=True,
+                   capture_output=True)
+    data = image.read_bytes()
+    ranges = _ranges(data)
+    assert all(s % 4096 == 0 and e % 4096 == 0 and 0 <= s < e <= len(data) for s, e in ranges)
+    assert 0 < sum(e - s for s, e in ranges) < len(data) // 4
+    # Not one block of rand.bin's compressed data (stored raw: it does not compress).
+    blob = random.Random(2).randbytes(300_000)
+    at = data.find(blob[4096:8192])
+    assert at > 0 and not [r for r in ranges if r[0] <= at < r[1]]

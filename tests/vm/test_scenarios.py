@@ -112,6 +112,10 @@ def prepare_inputs(base: Path) -> dict[str, Any]:
         "flat": [],
         "noinline": ["-Enoinline_data"],
         "chunked": [f"--chunksize={EROFS_CHUNK}"],
+        # Compressed plain images, as erofs-utils users make them: the kernel decompresses,
+        # the daemon serves raw blocks; the prefill walks their map headers and indexes.
+        "lz4": ["-zlz4hc"],
+        "lz4tail": ["-zlz4hc", "-Eztailpacking"],
     }
     for name, opts in formats.items():
         _mkfs(images / f"{name}.erofs", trees / "small", *opts)
@@ -167,9 +171,10 @@ def checks(guest: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_formats_flat_chunked_inline_noinline_blobdev(checks: Any) -> None:
-    """Flat, no-inline, chunk-based and blobdev images import, mount by fsid, read back exactly."""
+    """Flat, no-inline, chunk-based, lz4 (with and without ztailpacking) and blobdev images
+    import, mount by fsid, read back exactly; a plain image's prefill walks its metadata."""
     data = checks.passed("check_formats")
-    assert set(data["read"]) == {"flat", "noinline", "chunked", "blobdev"}
+    assert set(data["read"]) == {"flat", "noinline", "chunked", "lz4", "lz4tail", "blobdev"}
 
 
 def test_share_domain_opens_shared_blob_once(checks: Any) -> None:
@@ -282,7 +287,7 @@ def check_formats(ctx: Any) -> None:
     inp = _inputs(ctx)
     ctx.data["read"] = {}
     daemon = _shared(ctx)
-    for name in ("flat", "noinline", "chunked", "blobdev"):
+    for name in ("flat", "noinline", "chunked", "lz4", "lz4tail", "blobdev"):
         mnt = f"/mnt/{name}"
         devices = (f"{name}-data",) if name == "blobdev" else ()
         _mount(mnt, name, devices=devices)
@@ -305,7 +310,7 @@ def check_formats(ctx: Any) -> None:
     # and wrote no more than that (none of it if the READs of the tree wrote those chunks
     # first: a writer that finds a chunk written writes nothing).
     ctx.data["prefilled"] = {}
-    for name in ("flat", "noinline", "chunked"):
+    for name in ("flat", "noinline", "chunked", "lz4", "lz4tail"):
         opened = daemon.events("opened", key=name)[-1]
         (pre, *_) = daemon.events("prefilled", blob=opened["blob"])
         ctx.data["prefilled"][name] = (pre.get("bytes"), opened["size"], pre.get("note"))
