@@ -23,7 +23,6 @@ import hashlib
 import os
 import resource
 import time
-from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ import structlog
 from ondemand_d import systemd
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
 from ondemand_d.fanotify import layout, syscalls, uapi
-from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks, write_runs
+from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
+from ondemand_d.fanotify.filler import ChunkFiller
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.lease import Lease, gc_lock
 from ondemand_d.store.local import LocalStore
@@ -44,7 +44,6 @@ log = structlog.get_logger()
 
 FDSTORE_GROUP = "fanotify"
 FDSTORE_FILE_PREFIX = "fanotify-file."
-READAHEAD_PIECE = 1 << 20
 READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 #: Orphaned events (read by a dead instance, never answered) are found by fd number.
 ORPHAN_FD_LIMIT = 1 << 16
@@ -79,7 +78,7 @@ class FanotifyFrontend:
         self.store = store
         self.fetcher = fetcher
         self._executor = executor
-        self._readahead = readahead
+        self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn)
         self.adopted = group is not None
         self.group = group if group is not None else syscalls.fanotify_init()
         if group is None:
@@ -93,7 +92,7 @@ class FanotifyFrontend:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease = Lease(store.root)
-        self.counters = {"events": 0, "denied": 0, "bytes_filled": 0, "orphans": 0}
+        self.counters = {"events": 0, "denied": 0, "orphans": 0}
 
     # -- start and stop -------------------------------------------------------------
 
@@ -179,7 +178,7 @@ class FanotifyFrontend:
                 log.warning("fanotify_mount_busy", mountpoint=mountpoint,
                             consequence="filling its blobs whole, then detaching it")
                 try:
-                    await asyncio.wait_for(self._fill_all(mount.files), timeout)
+                    await asyncio.wait_for(self.filler.fill_all(mount.files), timeout)
                 except (TimeoutError, StoreError, OSError) as exc:
                     log.error("fanotify_fill_failed", mountpoint=mountpoint, error=str(exc),
                               consequence="readers of this mount may read zeros once the "
@@ -281,7 +280,7 @@ class FanotifyFrontend:
         pending.chunks = tuple(range(first, first + len(covered)))
         if not file.missing(pending.chunks):
             self._answer(pending, 0, "", source="filled")  # no task: the common warm case
-            self._start_readahead(file, pending.chunks)  # keep ahead of a sequential reader
+            self.filler.start_readahead(file, pending.chunks)  # keep ahead of a sequential reader
             return
         self._spawn(self._serve(pending))
 
@@ -289,7 +288,7 @@ class FanotifyFrontend:
         file = pending.file
         assert file is not None
         try:
-            written, source = await self._ensure(file, pending.chunks)
+            written, source = await self.filler.ensure(file, pending.chunks)
         except (StoreError, OSError) as exc:
             self._answer(pending, errno.EIO, str(exc) or repr(exc), error_type=type(exc).__name__)
         except asyncio.CancelledError:
@@ -300,96 +299,7 @@ class FanotifyFrontend:
             raise
         else:
             self._answer(pending, 0, "", written=written, source=source)
-            self._start_readahead(file, pending.chunks)
-
-    async def _ensure(self, file: BlobFile, indices: Iterable[int]) -> tuple[int, str]:
-        """Fill the chunks `indices` of `file` that are not filled; one fill per chunk."""
-        own, waits = self._claim(file, indices)
-        return await self._complete(file, own, waits)
-
-    @staticmethod
-    def _claim(file: BlobFile, indices: Iterable[int]
-               ) -> tuple[list[int], list[asyncio.Future[None]]]:
-        """Missing chunks this caller fills (claimed at once, on the loop) and fills it joins."""
-        own: list[int] = []
-        waits: list[asyncio.Future[None]] = []
-        loop = asyncio.get_running_loop()
-        for i in file.missing(indices):
-            fut = file.filling.get(i)
-            if fut is None:
-                file.filling[i] = loop.create_future()
-                own.append(i)
-            else:
-                waits.append(fut)
-        return own, waits
-
-    async def _complete(self, file: BlobFile, own: list[int],
-                        waits: list[asyncio.Future[None]]) -> tuple[int, str]:
-        source = "joined" if waits else "filled"
-        written = 0
-        if own:
-            try:
-                written, source = await self._fill(file, own)
-            except BaseException as exc:
-                for i in own:
-                    fut = file.filling.pop(i)
-                    fut.set_exception(exc if isinstance(exc, Exception) else
-                                      StoreError("fill cancelled"))
-                    fut.exception()  # retrieved: joiners raise it themselves
-                raise
-            for i in own:
-                file.filled[i] = 1
-                file.filling.pop(i).set_result(None)
-        for fut in waits:
-            await asyncio.shield(fut)
-        return written, source
-
-    async def _fill(self, file: BlobFile, own: list[int]) -> tuple[int, str]:
-        chunks = [file.blob.chunks[i] for i in own]
-        parts, source = await self.fetcher.get(file.blob, chunks)
-        loop = asyncio.get_running_loop()
-        written = await loop.run_in_executor(self._executor, write_runs, file.fd, chunks, parts)
-        file.fills += len(chunks)
-        self.counters["bytes_filled"] += written
-        return written, source
-
-    def _start_readahead(self, file: BlobFile, after: tuple[int, ...]) -> None:
-        if not self._readahead or not after:
-            return
-        last = file.blob.chunks[after[-1]]
-        ahead = file.blob.chunks_for(last.end, self._readahead)
-        first = after[-1] + 1
-        wanted = [i for i in range(first, first + len(ahead))
-                  if not file.filled[i] and i not in file.filling]
-        # About 1 MiB per task: they run on the I/O pool side by side, and a reader that
-        # catches up waits for its own piece only.
-        # Claimed now, so the next event does not start the same piece again.
-        group: list[int] = []
-        size = 0
-        for i in wanted:
-            group.append(i)
-            size += file.blob.chunks[i].length
-            if size >= READAHEAD_PIECE or i == wanted[-1]:
-                own, _ = self._claim(file, group)
-                self._spawn(self._read_ahead(file, own))
-                group, size = [], 0
-
-    async def _read_ahead(self, file: BlobFile, wanted: list[int]) -> None:
-        start = time.perf_counter()
-        try:
-            written, _ = await self._complete(file, wanted, [])
-        except (StoreError, OSError) as exc:  # optional: a READ of it will say more
-            log.warning("read_ahead", frontend="fanotify", blob=file.blob.blob_id,
-                        off=file.blob.chunks[wanted[0]].offset, outcome="error", error=str(exc))
-            return
-        log.info("read_ahead", frontend="fanotify", blob=file.blob.blob_id,
-                 off=file.blob.chunks[wanted[0]].offset,
-                 len=file.blob.chunks[wanted[-1]].end - file.blob.chunks[wanted[0]].offset,
-                 bytes=written, outcome="ok", duration_ms=_ms(start))
-
-    async def _fill_all(self, files: Iterable[BlobFile]) -> None:
-        for file in files:
-            await self._ensure(file, range(len(file.blob.chunks)))
+            self.filler.start_readahead(file, pending.chunks)
 
     def _answer(
         self, pending: Pending, error: int, reason: str, *, written: int = 0,
@@ -470,7 +380,7 @@ class FanotifyFrontend:
             msg = f"cannot lay out the files of {image_name!r} in {layout.root(self.cache_dir)}: "
             raise MountError(msg + (exc.strerror or str(exc))) from exc
         try:
-            await self._fill_all(files[:1])  # EROFS reads metadata without raising events
+            await self.filler.fill_all(files[:1])  # EROFS reads metadata without raising events
         except (StoreError, OSError) as exc:
             self._update_lease()
             msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
@@ -561,7 +471,8 @@ class FanotifyFrontend:
     def status(self) -> dict[str, Any]:
         return {"adopted": self.adopted, "mounts": [self.mount_view(m)
                                                     for m in self.mounts.values()],
-                "files": len(self.files), **self.counters}
+                "files": len(self.files), **self.counters,
+                "bytes_filled": self.filler.bytes_filled}
 
     def _leased(self) -> set[str]:
         return {f.blob.blob_id for m in self.mounts.values() for f in m.files}
