@@ -50,6 +50,7 @@ from systemdlib import (
     events,
     gone,
     CACHE,
+    DROPIN,
     STORE,
     install,
     main_pid,
@@ -316,14 +317,8 @@ def check_kill_loop(ctx: Any) -> None:
             probe = cold.pop(0)
             child = subprocess.Popen([sys.executable, "-c", _MD5, probe],
                                      stdout=subprocess.PIPE, text=True)
-            held = wait_for(lambda p=pid: [e["msg_id"] for e in events("test_fault_holding", p)],
-                            "a held READ", 120, every=0.2)
-            t_kill = time.monotonic()
-            systemctl("kill", "-s", "KILL", "ondemand-d")
-            wait_for(lambda p=pid: gone(p), f"pid {pid} to die", 20, every=0.01)
-            t_dead = time.monotonic()
+            kills.append(_kill_holding(pid))
             HOLD.unlink()
-            kills.append({"pid": pid, "t_kill": t_kill, "t_dead": t_dead, "inflight": held})
             pid = wait_ready(pid, timeout=RESTART_BOUND)
             out, _ = child.communicate(timeout=READ_BOUND)
             probes.append("ok" if out.strip() == md5[probe] else f"{probe}: {out.strip()!r}")
@@ -356,7 +351,7 @@ def check_kill_loop(ctx: Any) -> None:
         per_kill=[{k: v for k, v in kill.items() if k != "inflight"} | {
             "taken": len(kill["inflight"])} for kill in kills],
     )
-    (Path("/etc/systemd/system/ondemand-d.service.d") / "hold.conf").unlink()
+    (DROPIN / "hold.conf").unlink()
     systemctl("daemon-reload")
     drop_caches()
     ctx.data["final_files"] = len(md5)
@@ -372,16 +367,6 @@ import os, sys
 print(sum(os.lstat(os.path.join(d, f)) is not None for d, _, fs in os.walk(sys.argv[1])
           for f in fs))
 """
-_TRACEBACK = """
-import sys, traceback
-from ondemand_d import cli
-def loud(exc, _plain=cli._os_error):
-    traceback.print_exception(exc)
-    return _plain(exc)
-cli._os_error = loud
-sys.exit(cli.main(sys.argv[1:]))
-"""
-DROPIN_DIR = Path("/etc/systemd/system/ondemand-d.service.d")
 
 
 def _restart_with_holds() -> int:
@@ -410,7 +395,7 @@ def _kill_now(pid: int, taken: list[int]) -> dict[str, Any]:
 def _no_holds() -> None:
     HOLD.unlink(missing_ok=True)
     HOLD_BACKGROUND.unlink(missing_ok=True)
-    (DROPIN_DIR / "hold.conf").unlink(missing_ok=True)
+    (DROPIN / "hold.conf").unlink(missing_ok=True)
     systemctl("daemon-reload")
 
 
@@ -500,8 +485,8 @@ def check_kill_mid_registry_fetch(ctx: Any) -> None:
     proxy = asyncio.run_coroutine_threadsafe(FaultProxy(GUEST_REGISTRY).start(), loop).result(30)
     tracer = None
     try:
-        add = subprocess.run([*ondemand_d_argv()[:-2], "-c", _TRACEBACK, "--store", str(STORE),
-                              "add", f"{proxy.host}/{REGISTRY_REPO}", "--name", "fo-r"],
+        add = subprocess.run([*ondemand_d_argv(), "--store", str(STORE), "add",
+                              f"{proxy.host}/{REGISTRY_REPO}", "--name", "fo-r"],
                              capture_output=True, text=True, check=False)
         assert add.returncode == 0, f"add: {add.stdout}{add.stderr}"
         pid = main_pid()
