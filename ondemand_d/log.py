@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any, Literal
 
@@ -14,6 +15,11 @@ LogFormat = Literal["auto", "json", "console"]
 #: configured level: the control socket's counters and `trace` are built from them.
 Observer = Callable[[str, MutableMapping[str, Any]], None]
 _observers: list[Observer] = []
+
+
+def ms_since(start: float) -> float:
+    """Milliseconds since `start` (a `time.perf_counter()`), as log lines' `duration_ms`."""
+    return round((time.perf_counter() - start) * 1000, 3)
 
 
 def observe(observer: Observer) -> None:

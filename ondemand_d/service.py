@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from ondemand_d import protocol, wire
+from ondemand_d.log import ms_since
 from ondemand_d._native import Backend
 from ondemand_d.errors import BadKey, ProtocolError, StoreError, UnknownName
 from ondemand_d.fill import FillEngine, FillReport, Progress
@@ -253,7 +254,7 @@ class Service:
             domain=_text(wire.split_volume_key(action.volume_key)),  # domain_id, else the fsid
             key=_text(action.cookie_key), blob=blob.blob_id if blob else None, size=size,
             role=("bootstrap" if bootstrap else "data") if blob else None,
-            outcome=outcome, duration_ms=_ms(start), **({} if blob else {"error": error}),
+            outcome=outcome, duration_ms=ms_since(start), **({} if blob else {"error": error}),
         )
         if blob is not None:
             self.engine.blobs[blob.blob_id] = blob  # READs use this copy: no store access
@@ -281,7 +282,7 @@ class Service:
             "op": "READ", "msg_id": action.msg_id, "object_id": action.object_id,
             "key": _text(obj.cookie_key) if obj else None,
             "blob": action.blob_id, "off": action.off, "len": action.len,
-            "chunks": report.chunks, "duration_ms": _ms(report.started),
+            "chunks": report.chunks, "duration_ms": ms_since(report.started),
         }
         if report.error is None:
             self.counters.bytes_written += report.written
@@ -323,7 +324,7 @@ class Service:
             (log.info if outcome == "ok" else log.warning)(
                 event, object_id=action.object_id, blob=action.blob_id, kind=action.kind,
                 off=action.off, len=action.end - action.off, bytes=progress.written,
-                chunks_written=progress.chunks, outcome=outcome, duration_ms=_ms(start),
+                chunks_written=progress.chunks, outcome=outcome, duration_ms=ms_since(start),
                 **({"note": progress.note} if progress.note else {}),
                 **({"error": error} if error else {}),
             )
@@ -374,9 +375,6 @@ def _source(blob: Blob | None) -> str:
 def _text(key: bytes) -> str:
     return key.decode("utf-8", "backslashreplace")
 
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
 
 
 def _close_quietly(fd: int) -> None:

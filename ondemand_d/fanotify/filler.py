@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from ondemand_d.errors import StoreError
+from ondemand_d.log import ms_since
 from ondemand_d.fanotify.blobfile import BlobFile, write_runs
 from ondemand_d.store.fetch import ChunkFetcher
 
@@ -126,12 +127,9 @@ class ChunkFiller:
         log.info("read_ahead", frontend="fanotify", blob=file.blob.blob_id,
                  off=file.blob.chunks[wanted[0]].offset,
                  len=file.blob.chunks[wanted[-1]].end - file.blob.chunks[wanted[0]].offset,
-                 bytes=written, outcome="ok", duration_ms=_ms(start))
+                 bytes=written, outcome="ok", duration_ms=ms_since(start))
 
     async def fill_all(self, files: Iterable[BlobFile]) -> None:
         for file in files:
             await self.ensure(file, range(len(file.blob.chunks)))
 
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)

@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from ondemand_d import systemd
+from ondemand_d.log import ms_since
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
 from ondemand_d.fanotify import layout, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
@@ -324,7 +325,7 @@ class FanotifyFrontend:
             "key": f"{file.domain}/{file.blob.blob_id[:12]}" if file else None,
             "blob": file.blob.blob_id if file else None, "off": event.offset,
             "len": event.count, "chunks": len(pending.chunks), "pid": event.pid,
-            "duration_ms": _ms(pending.start),
+            "duration_ms": ms_since(pending.start),
         }
         if error == 0:
             log.info("read_completed", **fields, bytes=written, source=source, outcome="ok")
@@ -400,7 +401,7 @@ class FanotifyFrontend:
         self.mounts[target] = Mount(record, files)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
-                 domain=domain, blobs=len(files), duration_ms=_ms(start))
+                 domain=domain, blobs=len(files), duration_ms=ms_since(start))
         return self.mount_view(self.mounts[target])
 
     async def umount(self, mountpoint: str, *, lazy: bool = False, wait: float = 2.0
@@ -491,6 +492,3 @@ def _mountpoint(path: str) -> str:
         raise MountError(msg)
     return target
 
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
