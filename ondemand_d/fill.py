@@ -169,7 +169,9 @@ class FillEngine:
                  io_jobs: int = 4, log: Any = None) -> None:
         self.fetcher = fetcher
         self.backend = backend
-        self.blobs: dict[str, Blob] = {}  # chunk tables of open objects, from their lookup
+        # Chunk tables of open objects by object id, located for the image that opened
+        # each (store/locations.py): two objects of one blob may fetch from different places.
+        self.blobs: dict[int, Blob] = {}
         self.reads: dict[int, ReadJob] = {}  # msg_id -> READ being filled
         self._executor = executor
         self._io_jobs = max(1, io_jobs)
@@ -190,7 +192,7 @@ class FillEngine:
                       future=asyncio.get_running_loop().create_future())
         self.reads[action.msg_id] = job
         try:
-            blob = self.blobs[action.blob_id]
+            blob = self.blobs[action.object_id]
             job.span = plan(blob, action.off, action.len)
         except Exception as exc:  # noqa: BLE001 - e.g. a damaged chunk table: EIO, not a hang
             self._end(job, exc)
@@ -257,7 +259,7 @@ class FillEngine:
                 self.fetcher.settle(read.claim, result)
                 self._end(read, result)
             elif result < 0:  # some chunks must come from the remote source
-                self._spawn(self._slow(read, self.blobs[read.action.blob_id]))
+                self._spawn(self._slow(read, self.blobs[read.action.object_id]))
             else:
                 self.fetcher.settle(read.claim)
                 self._end(read, None, result, read.claim.source)
@@ -347,7 +349,7 @@ class FillEngine:
         prefetch of a remote blob is fetched at prefetch priority. Cancelling
         it stops after the writes under way.
         """
-        blob = self.blobs[action.blob_id]
+        blob = self.blobs[action.object_id]
         chunks = blob.chunks_for(action.off, action.end - action.off)
         if not chunks:
             return
@@ -458,10 +460,10 @@ class FillEngine:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def keep(self, blob_ids: set[str]) -> None:
-        """Forget the chunk tables of blobs no object uses (a few spare are kept)."""
-        if len(self.blobs) > 2 * len(blob_ids) + 8:
-            self.blobs = {k: v for k, v in self.blobs.items() if k in blob_ids}
+    def keep(self, object_ids: set[int]) -> None:
+        """Forget the chunk tables of objects that are closed (a few spare are kept)."""
+        if len(self.blobs) > 2 * len(object_ids) + 8:
+            self.blobs = {k: v for k, v in self.blobs.items() if k in object_ids}
 
     def pending(self) -> set[Any]:
         """What still runs: READ tasks and batch jobs (for the drain)."""

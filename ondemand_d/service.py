@@ -29,6 +29,7 @@ from ondemand_d.errors import BadKey, ProtocolError, StoreError, UnknownName
 from ondemand_d.fill import FillEngine, FillReport, Progress
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.local import LocalStore
+from ondemand_d.store.locations import locate
 from ondemand_d.store.model import Blob
 
 log = structlog.get_logger()
@@ -98,6 +99,8 @@ class Service:
         self._reading = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # volume key -> the images whose bootstrap it opened, in mount order (locations)
+        self._volume_images: dict[bytes, list[str]] = {}
 
     @property
     def reads(self) -> dict[int, Any]:
@@ -186,9 +189,8 @@ class Service:
                     task.cancel()
             elif isinstance(action, protocol.CloseFd):
                 _close_quietly(action.fd)
-                live = self.objects.blob_ids()
-                self.store.keep_open(live)
-                self.engine.keep(live)
+                self.store.keep_open(self.objects.blob_ids())
+                self.engine.keep({o.object_id for o in self.objects.open_objects()})
             else:
                 log.warning("request_ignored", msg_id=action.msg_id,
                             object_id=action.object_id, reason=action.reason)
@@ -229,8 +231,9 @@ class Service:
         blob: Blob | None = None
         bootstrap = False
         try:
+            opened = tuple(self._volume_images.get(action.volume_key, ()))
             found, bootstrap = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._resolve, action.cookie_key)
+                self._executor, self._resolve, action.cookie_key, opened)
             blob, size, outcome = found, found.size, "ok"
         except BadKey as exc:
             size, outcome, error = -errno.ENOENT, "bad_key", str(exc)
@@ -257,16 +260,29 @@ class Service:
             outcome=outcome, duration_ms=ms_since(start), **({} if blob else {"error": error}),
         )
         if blob is not None:
-            self.engine.blobs[blob.blob_id] = blob  # READs use this copy: no store access
+            self.engine.blobs[action.object_id] = blob  # READs use this copy: no store access
+            if bootstrap:  # this volume (fsid or share domain) has mounted that image
+                names = self._volume_images.setdefault(action.volume_key, [])
+                if _text(action.cookie_key) not in names:
+                    names.append(_text(action.cookie_key))
         self._run(self.objects.looked_up(
             action.msg_id, blob.blob_id if blob else None, size,
             source=_source(blob), background=background))
         if blob is not None:
             self.store.lease_settled(blob.blob_id, self.objects.blob_ids())
 
-    def _resolve(self, key: bytes) -> tuple[Blob, bool]:
+    def _resolve(self, key: bytes, opened: tuple[str, ...]) -> tuple[Blob, bool]:
+        """The blob a cookie key names, located for the image that reads it.
+
+        A data blob is fetched from the location of the first image (in mount
+        order) whose bootstrap this volume opened and that lists it: the image
+        itself without a domain, the domain's first mount that uses it in one.
+        """
         blob = self.store.open_blob(key)  # leased: gc keeps it while it is open
-        return blob, self.store.has_image(key.decode())
+        bootstrap = self.store.has_image(key.decode())
+        if isinstance(self.store, LocalStore):  # an --images directory has no remote blobs
+            blob = locate(self.store, blob, (key.decode(),) if bootstrap else opened)
+        return blob, bootstrap
 
     # -- READ ------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from ondemand_d.fanotify.filler import ChunkFiller
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.lease import Lease, gc_lock
 from ondemand_d.store.local import LocalStore
+from ondemand_d.store.locations import image_location, locate
 from ondemand_d.store.model import Blob
 
 log = structlog.get_logger()
@@ -108,13 +109,19 @@ class FanotifyFrontend:
 
     def _adopt(self) -> None:
         """Take over the files and the mounts of the previous instance that are still up."""
+        # A blob's file in a domain fetches from the first mount's image that uses it.
+        first_user: dict[tuple[str, str], str] = {}
+        for record in layout.load_mounts(self.cache_dir):
+            for b in record.blobs:
+                first_user.setdefault((record.domain, b), record.image)
         for name, fd in self._inherited.items():
             if not name.startswith(FDSTORE_FILE_PREFIX):
                 continue
             try:
                 path = Path(os.readlink(f"/proc/self/fd/{fd}"))
                 domain, blob_id = path.parent.name, path.name
-                blob = self.store.get_blob(blob_id)
+                user = first_user.get((domain, blob_id))
+                blob = locate(self.store, self.store.get_blob(blob_id), (user,) if user else ())
                 self._add_file(domain, blob, path, fd)
             except (OSError, StoreError, ValueError) as exc:
                 log.warning("fanotify_file_not_adopted", fd=fd, error=str(exc))
@@ -131,7 +138,8 @@ class FanotifyFrontend:
                     if missing:
                         msg = f"the fill fd of blob {missing[0]} was not handed over"
                         raise ValueError(msg)
-                files = tuple(self._file(record.domain, self.store.get_blob(b))
+                files = tuple(self._file(record.domain,
+                                         locate(self.store, self.store.get_blob(b), (record.image,)))
                               for b in record.blobs)
             except (OSError, StoreError, ValueError) as exc:
                 log.error("fanotify_mount_not_adopted", mountpoint=record.mountpoint,
@@ -368,7 +376,9 @@ class FanotifyFrontend:
         try:
             with gc_lock(self.store.root, exclusive=False):
                 image = self.store.get_image(image_name)
-                blobs = [self.store.get_blob(b) for b in image.blob_ids]
+                # Its own locations: a blob file this domain has already uses its first mount's.
+                blobs = [image_location(self.store, image, self.store.get_blob(b))
+                         for b in image.blob_ids]
                 self._lease.keep(self._leased() | {b.blob_id for b in blobs})
         except UnknownName as exc:
             raise MountError(f"{exc}: add, build or import it first") from None

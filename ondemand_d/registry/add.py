@@ -5,14 +5,17 @@ Downloads the manifest, the config blob, every chunk table and the bootstrap
 layer (always read whole at mount; spooled to an unlinked file, then cut
 into chunks one at a time), and nothing else. Data blobs
 are written as Blob records whose chunks carry `remote` ranges into their
-registry layer, with ``extra["remote"] = {"registry", "repository"}`` telling
-the RegistrySource where to send the Range GETs. Everything goes into the
+registry layer, and each gets a Location record (registry, repository, this
+image's layer ranges) that the Image record names in ``extra["locations"]``:
+the daemon fetches this image's blobs from there only, whichever image added
+the same blob first (store/locations.py). Everything goes into the
 store in one transaction, the Image record last, so a running daemon sees the
 image whole on its next OPEN or not at all.
 
 Nothing the registry sends is trusted: every blob id must be the content id of
 its chunk table (so an image cannot claim another blob's id), a blob record
-already in the store is never replaced, chunks above the store's size cap are
+already in the store is never replaced (its location is the first adder's and
+no other image fetches through it), chunks above the store's size cap are
 refused, and no file extents are taken over (dedup only uses what the local
 builder hashed itself).
 """
@@ -31,7 +34,8 @@ from ondemand_d.registry.reference import Reference
 from ondemand_d.registry.source import decode
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, check_chunks
-from ondemand_d.store.model import Blob, Chunk, Image, check_name
+from ondemand_d.store.locations import LOCATIONS
+from ondemand_d.store.model import Blob, Chunk, Image, Location, check_name
 
 log = structlog.get_logger()
 MAX_CONFIG = 4 << 20
@@ -123,12 +127,14 @@ async def add(
             (_blob(await _table(client, ref, e), e.data, where, max_chunk), e.key)
             for e in config.devices
         ]
+        locations = {b.blob_id: Location.of(b) for b, _ in devices}
         try:
             image = Image(
                 name,
                 bootstrap.blob_id,
                 tuple((key or blob.blob_id, blob.blob_id) for blob, key in devices),
-                {"remote": {"reference": str(ref), "manifest": manifest_digest}},
+                {"remote": {"reference": str(ref), "manifest": manifest_digest},
+                 LOCATIONS: {b: loc.location_id for b, loc in locations.items() if loc}},
             )
         except StoreError as exc:
             raise ImageError(f"{ref} is refused: {exc}") from None
@@ -144,6 +150,9 @@ async def add(
                 store.put_chunk(decode(boot_remote, chunk, packed), chunk.digest)
             for blob in (bootstrap, *(b for b, _ in devices)):
                 store.put_blob(blob)  # a record already there is kept: same id, same bytes
+            for location in locations.values():
+                if location is not None:
+                    store.put_location(location)  # this image's own, whoever added the blob
             store.put_image(image, replace=replace)
     result = AddResult(
         name,

@@ -73,14 +73,16 @@ class PrefetchResult:
 
 
 def remote_location(blob: Blob) -> tuple[str, str]:
-    """(registry, repository) from the Blob.extra that `add` wrote.
+    """(registry, repository) of a blob located for an image (store/locations.py).
 
     Raises:
-        FetchError: the blob was not added from a registry (not retryable).
+        FetchError: the blob was not added from a registry, or no location of
+            the image reading it is known (not retryable).
     """
     remote: Any = blob.extra.get("remote")
     if not isinstance(remote, dict) or "registry" not in remote or "repository" not in remote:
-        msg = f"blob {blob.blob_id} has no registry location"
+        why = blob.extra.get("unlocated")
+        msg = f"blob {blob.blob_id} has no registry location" + (f": {why}" if why else "")
         raise FetchError(msg, retryable=False)
     return str(remote["registry"]), str(remote["repository"])
 

@@ -3,7 +3,9 @@
 
 Every chunk handed out here has been hashed and compared with its digest in
 this process, just now: nothing is trusted because of where it came from.
-Concurrent requests for one digest share one fetch, across blobs and images;
+Concurrent requests for one digest from one place (the chunk's registry and
+repository: see store/locations.py) share one fetch, across blobs and images;
+a READ never waits on a fetch from a registry its own image did not choose;
 the fetch belongs to this module, not to the caller that started it, so one
 caller's cancellation never fails another's READ, and a caller that joins
 another's fetch still waits no longer than the fetch deadline.
@@ -24,6 +26,16 @@ from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Chunk
 
 log = structlog.get_logger()
+#: What one fetch is for: a digest, and the registry and repository it comes from.
+FlightKey = tuple[str, str, str]
+
+
+def flight_key(chunk: Chunk) -> FlightKey:
+    """Chunks with one key share a fetch; a chunk located elsewhere never joins it."""
+    remote = chunk.remote
+    if remote is None:
+        return (chunk.digest, "", "")
+    return (chunk.digest, remote.registry, remote.repository)
 
 
 class Claim:
@@ -110,12 +122,12 @@ class ChunkFetcher:
         self.remote = remote
         self.write_through = write_through
         self._executor = executor
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._inflight: dict[FlightKey, asyncio.Future[bytes]] = {}
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
         self._cache_bytes = cache_bytes
         self.deadline = deadline
-        self._joiners: collections.Counter[str] = collections.Counter()
+        self._joiners: collections.Counter[FlightKey] = collections.Counter()
         self._flights: set[asyncio.Task[list[bytes]]] = set()
         self.fetches = 0  # chunk fetches actually started (not joined or cached)
 
@@ -132,13 +144,14 @@ class ChunkFetcher:
                 self._recent.move_to_end(chunk.digest)
                 claim._data[i] = cached
                 continue
-            fut = self._inflight.get(chunk.digest)
+            key = flight_key(chunk)
+            fut = self._inflight.get(key)
             if fut is None:
                 fut = loop.create_future()
-                self._inflight[chunk.digest] = fut
+                self._inflight[key] = fut
                 claim._owned.append((i, fut))
             else:
-                self._joiners[chunk.digest] += 1
+                self._joiners[key] += 1
                 claim._joined.append((i, fut))
         self.fetches += len(claim._owned)
         return claim
@@ -169,13 +182,13 @@ class ChunkFetcher:
         for i, fut in claim._owned:
             if fut.done() or i in claim._flying:
                 continue
-            digest = claim.chunks[i].digest
+            chunk = claim.chunks[i]
             data = claim._data[i]
             if exc is not None:
-                self._fail(digest, fut, exc)
+                self._fail(flight_key(chunk), fut, exc)
             elif data is not None:
-                self._inflight.pop(digest, None)
-                self._remember(digest, data)
+                self._inflight.pop(flight_key(chunk), None)
+                self._remember(chunk.digest, data)
                 fut.set_result(data)
 
     async def finish(self, blob: Blob, claim: Claim) -> list[bytes]:
@@ -221,7 +234,7 @@ class ChunkFetcher:
         try:
             data = await asyncio.shield(task)
         except asyncio.CancelledError:
-            if not task.done() and not any(self._joiners[c.digest] for c in chunks):
+            if not task.done() and not any(self._joiners[flight_key(c)] for c in chunks):
                 task.cancel()  # nobody else waits for these chunks
             raise
         for (i, _), d in zip(missing, data, strict=True):
@@ -238,10 +251,10 @@ class ChunkFetcher:
             if isinstance(exc, asyncio.CancelledError):
                 failure = FetchError(f"blob {blob.blob_id}: fetch cancelled", retryable=True)
             for chunk, fut in zip(chunks, futures, strict=True):
-                self._fail(chunk.digest, fut, failure)
+                self._fail(flight_key(chunk), fut, failure)
             raise
         for chunk, fut, d in zip(chunks, futures, data, strict=True):
-            self._inflight.pop(chunk.digest, None)
+            self._inflight.pop(flight_key(chunk), None)
             self._remember(chunk.digest, d)
             if not fut.done():
                 fut.set_result(d)
@@ -264,14 +277,14 @@ class ChunkFetcher:
 
     def _leave(self, claim: Claim) -> None:
         for i, _ in claim._joined:
-            digest = claim.chunks[i].digest
-            self._joiners[digest] -= 1
-            if self._joiners[digest] <= 0:
-                del self._joiners[digest]
+            key = flight_key(claim.chunks[i])
+            self._joiners[key] -= 1
+            if self._joiners[key] <= 0:
+                del self._joiners[key]
 
-    def _fail(self, digest: str, fut: asyncio.Future[bytes], exc: BaseException) -> None:
-        if self._inflight.get(digest) is fut:
-            del self._inflight[digest]
+    def _fail(self, key: FlightKey, fut: asyncio.Future[bytes], exc: BaseException) -> None:
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
         if not fut.done():
             fut.set_exception(exc)
             fut.exception()  # retrieved: joiners re-raise it themselves

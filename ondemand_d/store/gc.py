@@ -2,11 +2,14 @@
 """`ondemand-d rm` and `ondemand-d gc`: unregister images, free what nothing uses.
 
 gc marks every blob an image record names or a live daemon lease holds, and
-every chunk of those blobs; everything else is removed, records before chunks:
+every chunk of those blobs, and every location an image record names;
+everything else is removed, records before chunks:
 
 1. with the writer lock (no build, import or add runs) and gc.lock exclusive
    (no daemon is between resolving a key and leasing its blob): mark; remove
-   the dead blobs' dedup and blob records; fsync their directories;
+   the dead blobs' dedup and blob records and the locations no image names
+   (a running daemon keeps the located blobs it opened in memory); fsync
+   their directories;
 2. still under the writer lock: remove unmarked chunk files and stale tmp files.
 
 A crash anywhere leaves only garbage that the next gc removes: no record that
@@ -26,6 +29,7 @@ from ondemand_d.errors import StoreError
 from ondemand_d.store import durable
 from ondemand_d.store.lease import gc_lock, leased_blobs
 from ondemand_d.store.local import LocalStore
+from ondemand_d.store.locations import LOCATIONS
 from ondemand_d.store.model import Image
 
 
@@ -38,6 +42,7 @@ class GcReport:
     bytes: int = 0  # chunk file bytes freed
     tmp_files: int = 0
     kept_for_leases: int = 0  # blobs no image names that a running daemon has open
+    locations: int = 0  # location records removed (their images are gone)
     images: int = 0  # image records marked from
 
 
@@ -121,6 +126,7 @@ def gc(store: LocalStore, *, dry_run: bool = False,
             if dead and not dry_run:
                 durable.fsync_dir(store.root / "dedup")
                 durable.fsync_dir(store.root / "blobs")
+            _sweep_locations(store, images, report)
         say(f"{report.blobs} dead blob record(s){'' if not dry_run else ' (dry run)'}; "
             "sweeping chunks")
         _sweep_chunks(store, live_chunks, report)
@@ -128,6 +134,21 @@ def gc(store: LocalStore, *, dry_run: bool = False,
         if not dry_run:
             _sweep_keys(store)
     return report
+
+
+def _sweep_locations(store: LocalStore, images: list[Image], report: GcReport) -> None:
+    """Remove the location records no image names (an image's are its own: rm + gc)."""
+    named: set[str] = set()
+    for image in images:
+        locations = image.extra.get(LOCATIONS)
+        if isinstance(locations, dict):
+            named.update(str(v) for v in locations.values())
+    dead = [loc for loc in store.location_ids() if loc not in named]
+    report.locations = len(dead)
+    if dead and not report.dry_run:
+        for location_id in dead:
+            durable.unlink(store.root / "locations" / f"{location_id}.json")
+        durable.fsync_dir(store.root / "locations")
 
 
 def _sweep_chunks(store: LocalStore, live: set[str], report: GcReport) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,12 +103,19 @@ def check_name(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RemoteRange:
-    """Where a chunk's bytes sit in a registry blob (possibly compressed)."""
+    """Where a chunk's bytes sit in a registry blob (possibly compressed).
+
+    `registry` and `repository` are set in memory when a blob is located for an
+    image (Location.apply), never written: they tell concurrent fetches of one
+    digest from different places apart, so no READ waits on another image's registry.
+    """
 
     blob: str  # registry blob digest, "sha256:<hex>"
     offset: int
     length: int
     compression: str = "none"  # "none" | "zstd"
+    registry: str = ""
+    repository: str = ""
 
     def to_json(self) -> list[Any]:
         return [self.blob, self.offset, self.length, self.compression]
@@ -293,3 +301,98 @@ class Image:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             msg = f"image record is malformed: {exc!r}"
             raise StoreError(msg) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where one image fetches one blob: a registry, a repository, and a range per chunk.
+
+    Written as a record named by `location_id` (the sha256 of its JSON), so like a
+    blob record it has one meaning forever; an image names its locations in its own
+    record (``extra["locations"] = {blob_id: location_id}``).
+    """
+
+    blob_id: str
+    registry: str
+    repository: str
+    ranges: tuple[RemoteRange, ...]
+
+    def __post_init__(self) -> None:
+        check_digest(self.blob_id)
+        if not self.registry or not self.repository or not self.ranges:
+            msg = f"location of blob {self.blob_id} names no registry, repository or range"
+            raise StoreError(msg)
+
+    @classmethod
+    def of(cls, blob: Blob) -> Location | None:
+        """The location a remote Blob carries (its chunks' ranges, its extra["remote"])."""
+        remote = blob.extra.get("remote")
+        if not blob.is_remote or not isinstance(remote, dict):
+            return None
+        ranges = tuple(c.remote for c in blob.chunks)
+        if any(r is None for r in ranges) or not {"registry", "repository"} <= remote.keys():
+            return None
+        return cls(blob.blob_id, str(remote["registry"]), str(remote["repository"]),
+                   tuple(RemoteRange(r.blob, r.offset, r.length, r.compression)
+                         for r in ranges if r is not None))
+
+    @property
+    def location_id(self) -> str:
+        return hashlib.sha256(self.dumps()).hexdigest()
+
+    def dumps(self) -> bytes:
+        """The record's bytes (canonical: its name is their sha256)."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    def apply(self, blob: Blob) -> Blob:
+        """`blob` with this location's ranges and registry: what a fetch for this image uses.
+
+        Raises:
+            StoreError: the location is for another blob or another chunk table.
+        """
+        if blob.blob_id != self.blob_id or len(blob.chunks) != len(self.ranges):
+            msg = f"location of blob {self.blob_id} does not fit blob {blob.blob_id}"
+            raise StoreError(msg)
+        chunks = tuple(
+            Chunk(c.offset, c.length, c.digest,
+                  RemoteRange(r.blob, r.offset, r.length, r.compression,
+                              self.registry, self.repository))
+            for c, r in zip(blob.chunks, self.ranges, strict=True))
+        extra = {k: v for k, v in blob.extra.items() if k != "remote"}
+        extra["remote"] = {"registry": self.registry, "repository": self.repository}
+        return Blob(blob.blob_id, blob.size, chunks, extra)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "blob_id": self.blob_id,
+            "registry": self.registry,
+            "repository": self.repository,
+            "ranges": [r.to_json() for r in self.ranges],
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Location:
+        """Parse a location record. Raises StoreError for any malformed record."""
+        try:
+            return cls(
+                check_digest(str(raw["blob_id"])),
+                str(raw["registry"]),
+                str(raw["repository"]),
+                tuple(RemoteRange.from_json(r) for r in raw["ranges"]),
+            )
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+            msg = f"location record is malformed: {exc!r}"
+            raise StoreError(msg) from None
+
+
+def unlocated(blob: Blob, reason: str) -> Blob:
+    """`blob` with no registry to fetch from: its remote chunks fail with `reason` (fail closed)."""
+    chunks = tuple(
+        c if c.remote is None else Chunk(
+            c.offset, c.length, c.digest,
+            RemoteRange(c.remote.blob, c.remote.offset, c.remote.length, c.remote.compression,
+                        "", f"unlocated:{blob.blob_id}"))
+        for c in blob.chunks)
+    extra = {k: v for k, v in blob.extra.items() if k != "remote"}
+    extra["unlocated"] = reason
+    return Blob(blob.blob_id, blob.size, chunks, extra)

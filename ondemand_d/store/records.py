@@ -6,6 +6,7 @@ Layout under the store root (the names, `images/` and `keys/`, are local.py's)::
     format                "ondemand-d store 2": refused if missing or different
     chunks/ab/abcdef...   chunk bytes, named by their sha256
     blobs/<id>.json       a blob's chunk table; <id> = content_id(table), never rewritten
+    locations/<loc>.json  where one image fetches one blob; <loc> = sha256 of the record
     dedup/<id>.json       extents the builder hashed itself while writing blob <id>
     quarantine/           damaged files moved aside (fsck, or on rewrite)
     leases/               blob ids a running daemon has open (lease.py)
@@ -36,14 +37,14 @@ from typing import Any
 
 from ondemand_d.errors import ChunkNotFound, DigestMismatch, StoreError, UnknownName
 from ondemand_d.store import durable
-from ondemand_d.store.model import PAGE, Blob, Chunk, check_digest
+from ondemand_d.store.model import PAGE, Blob, Chunk, Location, check_digest
 from ondemand_d.store.verify import check, verified
 
 #: Chunk size used when a blob is ingested whole (import); the daemon fills a
 #: whole chunk per READ, and vm.md measured 1 MiB as a good trade.
 DEFAULT_CHUNK_SIZE = 1 << 20
 FORMAT = "ondemand-d store 2\n"
-_SUBDIRS = ("chunks", "blobs", "images", "keys", "dedup", "quarantine", "leases", "tmp")
+_SUBDIRS = ("chunks", "blobs", "locations", "images", "keys", "dedup", "quarantine", "leases", "tmp")
 _tmp_names = itertools.count()
 
 
@@ -238,6 +239,47 @@ class RecordStore:
 
     def blob_ids(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "blobs").glob("*.json"))
+
+    # -- locations --------------------------------------------------------------
+
+    def location_path(self, location_id: str) -> Path:
+        return self.root / "locations" / f"{check_digest(location_id)}.json"
+
+    def put_location(self, location: Location) -> str:
+        """Record where an image fetches a blob; return the record's id (its sha256).
+
+        Named by its content like a blob record: an existing sound record is kept.
+        """
+        location_id = location.location_id
+        path = self.location_path(location_id)
+        if path.exists():
+            try:
+                self.get_location(location_id)
+                return location_id
+            except StoreError:
+                self.quarantine(path)
+        self._write_record(path, location.dumps())
+        return location_id
+
+    def get_location(self, location_id: str) -> Location:
+        """Load a location record, checked against its name.
+
+        Raises:
+            UnknownName: no such record (e.g. removed by gc with its image).
+            StoreError: the record is damaged.
+        """
+        path = self.location_path(location_id)
+        try:
+            location = Location.from_json(_load(path))
+        except FileNotFoundError:
+            raise UnknownName(f"location {location_id} is not in the store {self.root}") from None
+        if location.location_id != location_id:
+            msg = f"{path} is damaged (its content does not match its name)"
+            raise StoreError(msg)
+        return location
+
+    def location_ids(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "locations").glob("*.json"))
 
     # -- the builder's dedup index ----------------------------------------------
 

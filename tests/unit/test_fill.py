@@ -88,7 +88,7 @@ async def _background(tmp: Path, blob: Blob, store: LocalStore, fd: int,
     backend = Counting()
     with ThreadPoolExecutor(2) as pool:
         engine = FillEngine(ChunkFetcher(store, pool), backend, pool)  # type: ignore[arg-type]
-        engine.blobs[blob.blob_id] = blob
+        engine.blobs[1] = blob  # the object id of the action below
         progress = Progress()
         action = protocol.StartBackground(1, fd, blob.blob_id, "prefill", off, end)
         await engine.background(action, progress)
