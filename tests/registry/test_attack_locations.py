@@ -192,3 +192,17 @@ def test_attack_images_without_locations_read_their_blob_records_location(
     assert own.extra["remote"] == {"registry": setup.victim.host, "repository": "vic/app"}
     assert all(c.remote is not None and c.remote.registry == setup.victim.host
                for c in own.chunks)
+
+
+async def test_in_one_share_domain_the_first_mount_that_uses_a_blob_locates_it(
+        setup: Setup, tmp_path: Path) -> None:
+    """One domain, victim mounted first: the shared object is fetched from B only (mount
+    order decides in a domain; tenants that do not trust each other get their own domains)."""
+    volume = b"erofs,shared"
+    async with serving(setup.store, tmp_path / "cache") as kernel:
+        for image in (b"victim", b"attacker"):
+            assert (await kernel.open(image, volume)).copen_result > 0
+        obj = await kernel.open(setup.blob.blob_id.encode(), volume)
+        assert await read_all(kernel, obj, setup.blob) == setup.data
+    assert blob_gets(setup.attacker) == 0
+    assert blob_gets(setup.victim) > 0
