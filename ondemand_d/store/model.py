@@ -158,7 +158,9 @@ class Blob:
     EROFS device tag and is a valid cookie key; a Blob whose id does not match
     its table cannot be made. `extra` carries where a remote blob is fetched
     from (``{"remote": {"registry", "repository"}}``), round-tripped untouched
-    and, like the remote ranges, not part of the identity.
+    and, like the remote ranges, not part of the identity. In a blob record
+    these are the first adder's; the daemon fetches through the Location of
+    the image that reads the blob instead (Location.apply gives that Blob).
     """
 
     blob_id: str
