@@ -35,6 +35,8 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "control_socket": ('"/run/x.sock"', "/run/x.sock", Path("/run/x.sock"), None),
     "hung_read_after": ("5", "5", 5.0, "0"),
     "max_chunk": ('"8M"', "8M", 8 << 20, "1K"),
+    "max_bootstrap": ('"64M"', "64M", 64 << 20, "1K"),
+    "max_image": ('"2G"', "2G", 2 << 30, "big"),
     "images_dir": ('"/srv/erofs"', "/srv/erofs", Path("/srv/erofs"), None),
     "registry_docker_config": ('"/etc/d.json"', "/etc/d.json", Path("/etc/d.json"), None),
     "registry_ca_file": ('"/etc/ca.pem"', "/etc/ca.pem", Path("/etc/ca.pem"), None),
