@@ -30,7 +30,7 @@ import functools
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,6 +40,7 @@ from ondemand_d.erofs_meta import metadata_ranges
 from ondemand_d._native import Backend
 from ondemand_d.errors import StoreError
 from ondemand_d.store.fetch import ChunkFetcher, Claim
+from ondemand_d.store.limits import DEFAULT_MAX_BOOTSTRAP
 from ondemand_d.store.model import PAGE, Blob, Chunk
 
 T = TypeVar("T")
@@ -163,11 +164,14 @@ class FillEngine:
         backend: the write + complete path (_native).
         executor: the I/O pool; `io_jobs` batch jobs per burst use it.
         debug: log each READ's plan and write (structlog's debug level).
+        whole_prefill_cap: largest bootstrap prefilled whole when the metadata walk gives up.
     """
 
     def __init__(self, fetcher: ChunkFetcher, backend: Backend, executor: Executor, *,
-                 io_jobs: int = 4, log: Any = None) -> None:
+                 io_jobs: int = 4, log: Any = None,
+                 whole_prefill_cap: int = DEFAULT_MAX_BOOTSTRAP) -> None:
         self.fetcher = fetcher
+        self.whole_prefill_cap = whole_prefill_cap
         self.backend = backend
         self.blobs: dict[str, Blob] = {}  # chunk tables of open objects, from their lookup
         self.reads: dict[int, ReadJob] = {}  # msg_id -> READ being filled
@@ -341,8 +345,9 @@ class FillEngine:
         """Write [off, end) of the blob where the cache file has holes.
 
         A prefill (a bootstrap) writes only the image's metadata blocks
-        (erofs_meta.py), or the whole range if the blob is no EROFS image
-        the walk understands. Batches are read and verified concurrently on
+        (erofs_meta.py); if the walk gives up, the whole blob when it is at most
+        `whole_prefill_cap` bytes, else nothing (a hostile bootstrap must not cost
+        a write of all it declares; the kernel READs what it needs). Batches are read and verified concurrently on
         half the I/O pool, so READs overtake a background write. A prefill or
         prefetch of a remote blob is fetched at prefetch priority. Cancelling
         it stops after the writes under way.
@@ -359,10 +364,17 @@ class FillEngine:
         low = action.kind != "readahead" and priority is not None and blob.is_remote
         jobs = max(1, self._io_jobs // 2)
         with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
-            meta = await self._metadata(blob, progress) if action.kind == "prefill" else None
-            if meta is not None:
-                await self._write_pieces(action.fd, blob, _intersect(meta, gaps), jobs, progress)
-                return
+            if action.kind == "prefill":
+                meta = await self._metadata(blob, progress)
+                if meta is not None:
+                    await self._write_pieces(action.fd, blob, _intersect(meta, gaps), jobs,
+                                             progress)
+                    return
+                if blob.size > self.whole_prefill_cap:
+                    progress.note += (f": {blob.size} bytes is above the cap of "
+                                      f"{self.whole_prefill_cap}, nothing prefilled")
+                    return
+                progress.note += ": the whole blob"
             chunks = in_holes(chunks, gaps)
             progress.chunks = len(chunks)
 
@@ -377,35 +389,11 @@ class FillEngine:
                 await asyncio.gather(*map(write, batches[i : i + jobs]))
 
     async def _metadata(self, blob: Blob, progress: Progress) -> list[tuple[int, int]] | None:
-        """The blob's EROFS metadata ranges, read through the fetcher (verified); None if
-        it is not an image the walk understands (then the whole blob is prefilled)."""
-        loop = asyncio.get_running_loop()
-        recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-
-        def read(off: int, length: int) -> bytes:  # I/O thread; fetches run on the loop
-            need = blob.chunks_for(off, length)
-            if not need or need[-1].end < off + length:
-                msg = f"read of {off}+{length} past the blob's end"
-                raise ValueError(msg)
-            missing = tuple(c for c in need if c.offset not in recent)
-            if missing:
-                parts, _ = asyncio.run_coroutine_threadsafe(
-                    self.fetcher.get(blob, missing), loop).result()
-                recent.update((c.offset, p) for c, p in zip(missing, parts, strict=True))
-            for c in need:
-                recent.move_to_end(c.offset)
-            while len(recent) > max(8, len(need)):
-                recent.popitem(last=False)
-            first = need[0].offset
-            if len(need) == 1:
-                return recent[first][off - first : off - first + length]
-            joined = b"".join(recent[c.offset] for c in need)
-            return joined[off - first : off - first + length]
-
+        """The blob's EROFS metadata ranges, or None if the walk gives up."""
         try:
-            ranges = await self._in_thread(functools.partial(metadata_ranges, read, blob.size))
-        except (ValueError, IndexError, struct.error) as exc:
-            progress.note = f"not walked as EROFS ({exc}): the whole blob"
+            ranges = await metadata_of(self.fetcher, blob, self._in_thread)
+        except MetadataWalkError as exc:
+            progress.note = f"not walked as EROFS ({exc})"
             return None
         progress.note = f"metadata: {sum(e - s for s, e in ranges)} bytes"
         return ranges
@@ -481,6 +469,54 @@ class FillEngine:
             with contextlib.suppress(Exception):
                 await fut
             raise
+
+
+class MetadataWalkError(ValueError):
+    """The walk of a bootstrap's EROFS metadata gave up (not EROFS, malformed, or a layout
+    erofs_meta.py does not follow); the message says where."""
+
+
+async def metadata_of(fetcher: ChunkFetcher, blob: Blob,
+                      in_thread: Callable[[Callable[[], Any]], Awaitable[Any]],
+                      ) -> list[tuple[int, int]]:
+    """The (start, end) ranges of `blob`'s EROFS metadata, read through `fetcher` (verified).
+
+    The walk runs in a thread (`in_thread` runs a callable there); its reads fetch whole
+    chunks on the loop and keep the last few. Shared by the fscache prefill and the fanotify
+    mount, which both write only these ranges before the kernel reads the image.
+
+    Raises:
+        MetadataWalkError: the walk gave up.
+    """
+    loop = asyncio.get_running_loop()
+    recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+    def read(off: int, length: int) -> bytes:  # I/O thread; fetches run on the loop
+        need = blob.chunks_for(off, length)
+        if not need or need[-1].end < off + length:
+            msg = f"read of {off}+{length} past the blob's end"
+            raise ValueError(msg)
+        missing = tuple(c for c in need if c.offset not in recent)
+        if missing:
+            parts, _ = asyncio.run_coroutine_threadsafe(
+                fetcher.get(blob, missing), loop).result()
+            recent.update((c.offset, p) for c, p in zip(missing, parts, strict=True))
+        for c in need:
+            recent.move_to_end(c.offset)
+        while len(recent) > max(8, len(need)):
+            recent.popitem(last=False)
+        first = need[0].offset
+        if len(need) == 1:
+            return recent[first][off - first : off - first + length]
+        joined = b"".join(recent[c.offset] for c in need)
+        return joined[off - first : off - first + length]
+
+    try:
+        ranges: list[tuple[int, int]] = await in_thread(
+            functools.partial(metadata_ranges, read, blob.size))
+    except (ValueError, IndexError, struct.error) as exc:
+        raise MetadataWalkError(str(exc)) from None
+    return ranges
 
 
 def _intersect(ranges: list[tuple[int, int]], gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:

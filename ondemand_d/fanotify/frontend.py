@@ -36,6 +36,7 @@ from ondemand_d.errors import OndemandError, StoreError, UnknownName
 from ondemand_d.fanotify import layout, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
 from ondemand_d.fanotify.filler import ChunkFiller
+from ondemand_d.fill import MetadataWalkError, metadata_of
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.lease import Lease, gc_lock
 from ondemand_d.store.local import LocalStore
@@ -224,8 +225,7 @@ class FanotifyFrontend:
         except BaseException:
             os.close(fd)
             raise
-        name = FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
-        systemd.store_fd(fd, name)
+        systemd.store_fd(fd, _fdstore_name(path))
         return self._add_file(domain, blob, path, fd)
 
     def _add_file(self, domain: str, blob: Blob, path: Path, fd: int) -> BlobFile:
@@ -349,7 +349,8 @@ class FanotifyFrontend:
 
     async def mount(self, image_name: str, mountpoint: str, domain: str | None = None
                     ) -> dict[str, Any]:
-        """Lay out the image's files, fill its bootstrap, mount it (file-backed EROFS).
+        """Lay out the image's files, fill its bootstrap's metadata, mount it (file-backed
+        EROFS). A failure takes back the files and fds it laid out.
 
         Raises:
             MountError: the image, the domain or the mountpoint is not usable, or mount(2)
@@ -374,16 +375,20 @@ class FanotifyFrontend:
             raise MountError(f"{exc}: add, build or import it first") from None
         except StoreError as exc:
             raise MountError(f"image {image_name!r} cannot be read from the store: {exc}") from None
+        known = set(self.files)
         try:
             files = tuple(self._file(domain, b) for b in blobs)
         except OSError as exc:
-            self._update_lease()
+            self._discard_new(known)
             msg = f"cannot lay out the files of {image_name!r} in {layout.root(self.cache_dir)}: "
             raise MountError(msg + (exc.strerror or str(exc))) from exc
         try:
-            await self.filler.fill_all(files[:1])  # EROFS reads metadata without raising events
+            await self._fill_metadata(image_name, files[0])
+        except MountError:
+            self._discard_new(known)
+            raise
         except (StoreError, OSError) as exc:
-            self._update_lease()
+            self._discard_new(known)
             msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
             raise MountError(msg) from exc
         options = layout.mount_options([f.path for f in files[1:]])
@@ -391,7 +396,7 @@ class FanotifyFrontend:
             await loop.run_in_executor(self._executor, syscalls.mount_erofs,
                                        str(files[0].path), target, options)
         except OSError as exc:
-            self._update_lease()
+            self._discard_new(known)
             hint = {errno.EINVAL: "the image is not a valid EROFS image for this kernel "
                     "(see dmesg)", errno.ENODEV: "the kernel has no EROFS (CONFIG_EROFS_FS)",
                     errno.ENOTDIR: "the mountpoint is not a directory"}.get(
@@ -403,6 +408,42 @@ class FanotifyFrontend:
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
                  domain=domain, blobs=len(files), duration_ms=ms_since(start))
         return self.mount_view(self.mounts[target])
+
+    async def _fill_metadata(self, image_name: str, bootstrap: BlobFile) -> None:
+        """Fill the chunks of the bootstrap that hold EROFS metadata, and only those.
+
+        EROFS reads metadata without raising events (fanotify.md rule 1), so every byte of it
+        must be there before mount; file data in the bootstrap (a plain image) is filled on
+        demand like any blob's. A bootstrap the walk cannot follow is refused, never filled
+        whole: it could declare any size.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            ranges = await metadata_of(self.fetcher, bootstrap.blob, functools.partial(
+                loop.run_in_executor, self._executor))
+        except MetadataWalkError as exc:
+            msg = (f"the bootstrap of {image_name!r} is not an EROFS image whose metadata this "
+                   f"daemon can find ({exc}), and EROFS reads metadata without fanotify events: "
+                   "it is not mounted (rebuild it with ondemand-d build or mkfs.erofs)")
+            raise MountError(msg) from None
+        blob = bootstrap.blob
+        chunks = {bisect.bisect_right(bootstrap.starts, c.offset) - 1
+                  for start, end in ranges for c in blob.chunks_for(start, end - start)}
+        await self.filler.ensure(bootstrap, sorted(chunks))
+
+    def _discard_new(self, known: set[tuple[str, str]]) -> None:
+        """Take back what a failed mount laid out: the blob files it created (not those of
+        other mounts), their fill fds (here and in the fd store), and their lease."""
+        for key in set(self.files) - known:
+            file = self.files.pop(key)
+            self._by_ino.pop(file.ino, None)
+            for pending in list(file.pending):
+                self._answer(pending, errno.EIO, "mount failed")
+            systemd.remove_fd(_fdstore_name(file.path))
+            os.close(file.fd)
+            with contextlib.suppress(FileNotFoundError):
+                file.path.unlink()
+        self._update_lease()
 
     async def umount(self, mountpoint: str, *, lazy: bool = False, wait: float = 2.0
                      ) -> dict[str, Any]:
@@ -483,6 +524,11 @@ class FanotifyFrontend:
 
     def _save(self) -> None:
         layout.save_mounts(self.cache_dir, [m.record for m in self.mounts.values()])
+
+
+def _fdstore_name(path: Path) -> str:
+    """The fd store name of a blob file's fill fd (FDNAME allows 255 characters)."""
+    return FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
 
 
 def _mountpoint(path: str) -> str:
