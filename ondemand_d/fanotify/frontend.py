@@ -33,7 +33,7 @@ import structlog
 from ondemand_d import systemd
 from ondemand_d.log import ms_since
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
-from ondemand_d.fanotify import layout, syscalls, uapi
+from ondemand_d.fanotify import cachelimit, layout, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
 from ondemand_d.fanotify.filler import ChunkFiller
 from ondemand_d.fill import MetadataWalkError, metadata_of
@@ -70,17 +70,22 @@ class FanotifyFrontend:
         fetcher: verified chunk bytes (shared with the fscache front end).
         executor: runs file writes.
         readahead: after an event, fill this many bytes that follow it.
+        cache_max: bytes the blob files may hold (0: no limit); see `_make_room`.
     """
 
     def __init__(
         self, cache_dir: Path, store: LocalStore, fetcher: ChunkFetcher, executor: Executor,
         *, readahead: int = 0, group: int | None = None, inherited: dict[str, int] | None = None,
+        cache_max: int = 0,
     ) -> None:
         self.cache_dir = cache_dir
         self.store = store
         self.fetcher = fetcher
         self._executor = executor
-        self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn)
+        self.cache_max = cache_max
+        self._laying_out: set[Path] = set()  # files of a mount under way: never culled
+        self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn,
+                                  make_room=self._make_room if cache_max else None)
         self.adopted = group is not None
         self.group = group if group is not None else syscalls.fanotify_init()
         if group is None:
@@ -376,6 +381,7 @@ class FanotifyFrontend:
         except StoreError as exc:
             raise MountError(f"image {image_name!r} cannot be read from the store: {exc}") from None
         known = set(self.files)
+        self._laying_out = {layout.blob_path(self.cache_dir, domain, b.blob_id) for b in blobs}
         try:
             files = tuple(self._file(domain, b) for b in blobs)
         except OSError as exc:
@@ -404,6 +410,7 @@ class FanotifyFrontend:
             raise MountError(f"mounting {image_name!r} on {target} failed: {hint}") from exc
         record = layout.MountRecord(target, image.name, domain, image.blob_ids)
         self.mounts[target] = Mount(record, files)
+        self._laying_out = set()
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
                  domain=domain, blobs=len(files), duration_ms=ms_since(start))
@@ -434,16 +441,44 @@ class FanotifyFrontend:
     def _discard_new(self, known: set[tuple[str, str]]) -> None:
         """Take back what a failed mount laid out: the blob files it created (not those of
         other mounts), their fill fds (here and in the fd store), and their lease."""
+        self._laying_out = set()
         for key in set(self.files) - known:
-            file = self.files.pop(key)
-            self._by_ino.pop(file.ino, None)
-            for pending in list(file.pending):
-                self._answer(pending, errno.EIO, "mount failed")
-            systemd.remove_fd(_fdstore_name(file.path))
-            os.close(file.fd)
-            with contextlib.suppress(FileNotFoundError):
-                file.path.unlink()
+            self._remove_file(self.files[key].path)
         self._update_lease()
+
+    def _remove_file(self, path: Path) -> None:
+        """Close a blob file's fill fd (here and in the fd store) and delete the file."""
+        for key, file in list(self.files.items()):
+            if file.path == path:
+                del self.files[key]
+                self._by_ino.pop(file.ino, None)
+                for pending in list(file.pending):
+                    self._answer(pending, errno.EIO, "blob file removed")
+                systemd.remove_fd(_fdstore_name(file.path))
+                os.close(file.fd)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def _make_room(self, need: int) -> None:
+        """Before a fill of `need` bytes: under cache_max, else blob files of no current mount
+        removed (least recently used first), else OSError(ENOSPC): its reader gets EIO."""
+        files = cachelimit.scan(layout.root(self.cache_dir))
+        used = sum(f.allocated for f in files) + self.filler.in_flight_bytes
+        if used + need <= self.cache_max:
+            return
+        busy = {f.path for m in self.mounts.values() for f in m.files} | self._laying_out | {
+            f.path for f in self.files.values() if f.filling or f.pending}
+        for victim in cachelimit.victims(files, busy, used + need - self.cache_max):
+            self._remove_file(victim.path)
+            used -= victim.allocated
+            log.info("cache_file_removed", frontend="fanotify", path=str(victim.path),
+                     bytes=victim.allocated, reason="cache_max")
+        if used + need > self.cache_max:
+            log.warning("cache_full", frontend="fanotify", used=used, need=need,
+                        cache_max=self.cache_max)
+            msg = (f"cache full: {used} bytes in use and {need} more needed, above cache_max "
+                   f"{self.cache_max}")
+            raise OSError(errno.ENOSPC, msg)
 
     async def umount(self, mountpoint: str, *, lazy: bool = False, wait: float = 2.0
                      ) -> dict[str, Any]:

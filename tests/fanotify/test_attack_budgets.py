@@ -4,7 +4,9 @@ the whole file), and nothing left behind by a mount that fails."""
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import struct
 import subprocess
 from pathlib import Path
@@ -14,8 +16,9 @@ import pytest
 from ondemand_d import cli
 from ondemand_d.control.client import ControlUnavailable
 from ondemand_d.fanotify import layout
+from ondemand_d.store.local import LocalStore
 
-from .conftest import Daemon, tree
+from .conftest import Daemon, build, tree
 from .test_failover import daemon_pid, held_daemon
 from .test_mount import make_tree
 
@@ -128,5 +131,75 @@ def test_attack_failed_mount_leaves_no_file_and_no_fd(workdir: Path) -> None:
         daemon.mount("good", mnt, domain="shared")
         assert tree(mnt) == tree(src)
         daemon.umount(mnt)
+    finally:
+        daemon.stop()
+
+
+def read_pieces(root: Path, expect: dict[str, bytes]) -> tuple[int, int]:
+    """Read every file in 64 KiB pieces: each piece is its source's bytes or EIO, never
+    anything else. Returns (pieces read, pieces denied)."""
+    good = denied = 0
+    for name, data in expect.items():
+        fd = os.open(root / name, os.O_RDONLY)
+        try:
+            for off in range(0, max(len(data), 1), 64 << 10):
+                want = data[off : off + (64 << 10)]
+                got = b""
+                try:
+                    while len(got) < len(want):  # a short read stops where a page failed
+                        more = os.pread(fd, len(want) - len(got), off + len(got))
+                        assert more, f"{name} at {off + len(got)}: early end of file"
+                        got += more
+                except OSError as exc:
+                    assert exc.errno == errno.EIO, exc
+                assert got == want[: len(got)], f"{name} at {off}: wrong bytes"
+                if len(got) == len(want):
+                    good += 1
+                else:
+                    denied += 1
+        finally:
+            os.close(fd)
+    return good, denied
+
+
+def test_attack_cache_max_culls_unused_then_denies_never_zeros(workdir: Path) -> None:
+    """cache_max below two images' data: reading the second after unmounting the first frees
+    the first's files; with both mounted the reads past the limit get EIO, never zeros, and
+    the daemon goes on serving the rest."""
+    rng = random.Random(9)
+    srcs = {}
+    for name in ("one", "two"):
+        src = workdir / f"src-{name}"
+        src.mkdir()
+        for i in range(6):
+            (src / f"f{i}.bin").write_bytes(rng.randbytes(500_000))
+        srcs[name] = src
+    daemon = Daemon(workdir, workdir / "store")
+    LocalStore(workdir / "store")
+    for name, src in srcs.items():
+        build(daemon.store, src, name, "--chunk-size", "64K")
+    daemon.argv = [*daemon.command(), "--cache-max", "4M", "--readahead", "0"]
+    daemon.start()
+    try:
+        one, two = workdir / "mnt-one", workdir / "mnt-two"
+        first = daemon.mount("one", one)
+        assert tree(one) == tree(srcs["one"])
+        one_files = [Path(b["path"]) for b in first["blobs"]]
+        daemon.umount(one)
+        daemon.mount("two", two)
+        assert tree(two) == tree(srcs["two"])  # room was made: the first image's files went
+        assert not any(p.exists() for p in one_files)
+        assert any(line.get("event") == "cache_file_removed" for line in daemon.lines())
+        daemon.mount("one", one)
+        good, denied = read_pieces(one, tree(srcs["one"]))
+        assert denied > 0 and good > 0
+        full = [line for line in daemon.lines() if line.get("event") == "cache_full"]
+        assert full and full[0]["cache_max"] == 4 << 20
+        assert full[0]["used"] + full[0]["need"] > 4 << 20
+        eio = [r for r in daemon.reads() if r["outcome"] == "eio"]
+        assert eio and all("cache full" in r["error"] for r in eio)
+        assert read_pieces(two, tree(srcs["two"])) == (6 * 8, 0)  # still served, whole
+        daemon.umount(one)
+        daemon.umount(two)
     finally:
         daemon.stop()

@@ -37,6 +37,7 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "max_chunk": ('"8M"', "8M", 8 << 20, "1K"),
     "max_bootstrap": ('"64M"', "64M", 64 << 20, "1K"),
     "max_image": ('"2G"', "2G", 2 << 30, "big"),
+    "cache_max": ('"10G"', "10G", 10 << 30, "-1"),
     "images_dir": ('"/srv/erofs"', "/srv/erofs", Path("/srv/erofs"), None),
     "registry_docker_config": ('"/etc/d.json"', "/etc/d.json", Path("/etc/d.json"), None),
     "registry_ca_file": ('"/etc/ca.pem"', "/etc/ca.pem", Path("/etc/ca.pem"), None),
