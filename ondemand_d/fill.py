@@ -27,12 +27,14 @@ import asyncio
 import collections
 import contextlib
 import functools
+import os
 import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ondemand_d import cachedir, protocol
@@ -165,13 +167,16 @@ class FillEngine:
         executor: the I/O pool; `io_jobs` batch jobs per burst use it.
         debug: log each READ's plan and write (structlog's debug level).
         whole_prefill_cap: largest bootstrap prefilled whole when the metadata walk gives up.
+        cache_limit: background writes stop before the cache files pass it.
     """
 
     def __init__(self, fetcher: ChunkFetcher, backend: Backend, executor: Executor, *,
                  io_jobs: int = 4, log: Any = None,
-                 whole_prefill_cap: int = DEFAULT_MAX_BOOTSTRAP) -> None:
+                 whole_prefill_cap: int = DEFAULT_MAX_BOOTSTRAP,
+                 cache_limit: CacheLimit | None = None) -> None:
         self.fetcher = fetcher
         self.whole_prefill_cap = whole_prefill_cap
+        self.cache_limit = cache_limit
         self.backend = backend
         self.blobs: dict[str, Blob] = {}  # chunk tables of open objects, from their lookup
         self.reads: dict[int, ReadJob] = {}  # msg_id -> READ being filled
@@ -386,7 +391,10 @@ class FillEngine:
 
             batches = windows(chunks, BACKGROUND_BATCH)
             for i in range(0, len(batches), jobs):
-                await asyncio.gather(*map(write, batches[i : i + jobs]))
+                group = batches[i : i + jobs]
+                if await self._at_limit(sum(c.length for b in group for c in b), progress):
+                    return
+                await asyncio.gather(*map(write, group))
 
     async def _metadata(self, blob: Blob, progress: Progress) -> list[tuple[int, int]] | None:
         """The blob's EROFS metadata ranges, or None if the walk gives up."""
@@ -424,7 +432,28 @@ class FillEngine:
 
         work = list(by_chunk.values())
         for i in range(0, len(work), jobs):
-            await asyncio.gather(*(write(c, spans) for c, spans in work[i : i + jobs]))
+            group = work[i : i + jobs]
+            if await self._at_limit(sum(e - s for _, spans in group for s, e in spans), progress):
+                return
+            await asyncio.gather(*(write(c, spans) for c, spans in group))
+
+    async def _at_limit(self, need: int, progress: Progress) -> bool:
+        """Whether writing `need` more bytes would pass cache_max (then the note says so).
+
+        Background writes are optional: they stop here, and the kernel READs the rest. A
+        few concurrent writers may each pass the check once, so the cache can exceed the
+        limit by one group of batches per writer.
+        """
+        limit = self.cache_limit
+        if limit is None or not limit.cache_max:
+            return False
+        used = await self._in_thread(limit.used)
+        if used + need <= limit.cache_max:
+            return False
+        progress.note = ((progress.note + "; ") if progress.note else "") + (
+            f"stopped at cache_max: {used} bytes cached and {need} more would pass "
+            f"{limit.cache_max}")
+        return True
 
     def _write_holes(self, fd: int, batch: tuple[Chunk, ...], parts: list[bytes]) -> int:
         """Write the chunks of `batch` that still meet a hole (I/O thread).
@@ -469,6 +498,21 @@ class FillEngine:
             with contextlib.suppress(Exception):
                 await fut
             raise
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLimit:
+    """`cache_max` over the kernel's cache files under `cache_dir` (allocated bytes)."""
+
+    cache_dir: Path
+    cache_max: int
+
+    def used(self) -> int:
+        total = 0
+        for f in cachedir.cache_files(self.cache_dir):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f.path, follow_symlinks=False).st_blocks * 512
+        return total
 
 
 class MetadataWalkError(ValueError):
