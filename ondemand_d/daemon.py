@@ -186,7 +186,8 @@ async def serve(
         prefill_bootstrap=cfg.prefill_bootstrap,
         prefetch=cfg.prefetch,
         readahead=cfg.readahead,
-        cache_limit=CacheLimit(cfg.cache_dir, cfg.cache_max) if cfg.cache_max else None,
+        cache_limit=(CacheLimit(cfg.cache_dir, cfg.cache_max, device.command if fscache else None)
+                     if cfg.cache_max else None),
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

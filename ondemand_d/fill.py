@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import os
 import struct
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from ondemand_d import cachedir, protocol
 from ondemand_d.erofs_meta import metadata_ranges
 from ondemand_d._native import Backend
@@ -46,6 +49,7 @@ from ondemand_d.store.limits import DEFAULT_MAX_BOOTSTRAP
 from ondemand_d.store.model import PAGE, Blob, Chunk
 
 T = TypeVar("T")
+log = structlog.get_logger()
 
 #: Bytes of chunks one READ holds in memory at once.
 FILL_WINDOW = 8 << 20
@@ -205,6 +209,13 @@ class FillEngine:
             self._end(job, exc)
             return job.future
         span = job.span
+        if self.cache_limit is not None and self.cache_limit.cache_max:
+            full = self.cache_limit.room(max(span.pad_to, span.data_end) - span.start)
+            if full is not None:
+                log.warning("cache_full", frontend="fscache", msg_id=action.msg_id,
+                            blob=action.blob_id, off=action.off, len=action.len, error=full)
+                self._end(job, OSError(errno.ENOSPC, full))
+                return job.future
         fast = span.chunks and span.data_end - span.start <= FILL_WINDOW
         if fast:
             job.claim = self.fetcher.claim(span.chunks)
@@ -449,7 +460,7 @@ class FillEngine:
             return False
         used = await self._in_thread(limit.used)
         if used + need <= limit.cache_max:
-            return False
+            return False  # counted by the next scan (writes run after this check)
         progress.note = ((progress.note + "; ") if progress.note else "") + (
             f"stopped at cache_max: {used} bytes cached and {need} more would pass "
             f"{limit.cache_max}")
@@ -500,19 +511,46 @@ class FillEngine:
             raise
 
 
-@dataclass(frozen=True, slots=True)
 class CacheLimit:
-    """`cache_max` over the kernel's cache files under `cache_dir` (allocated bytes)."""
+    """`cache_max` over the kernel's cache files under `cache_dir` (allocated bytes).
 
-    cache_dir: Path
-    cache_max: int
+    Background writes ask `used()` (a scan) before each group of writes and stop at the
+    limit. A READ must be answered, so `room` keeps a running estimate (last scan plus
+    what was let through since) and scans only near the limit; there, it has the kernel
+    cull every cache file no object holds (`command`: the device's, see control/cull.py)
+    before it says the cache is full.
+    """
+
+    def __init__(self, cache_dir: Path, cache_max: int,
+                 command: cachedir.Command | None = None) -> None:
+        self.cache_dir = cache_dir
+        self.cache_max = cache_max
+        self.command = command
+        self._known = 0  # bytes cached, as far as this process knows
 
     def used(self) -> int:
         total = 0
         for f in cachedir.cache_files(self.cache_dir):
             with contextlib.suppress(FileNotFoundError):
                 total += os.stat(f.path, follow_symlinks=False).st_blocks * 512
+        self._known = total
         return total
+
+    def room(self, need: int) -> str | None:
+        """None if `need` more bytes fit (counted as written), else why not (loop thread:
+        culling changes the working directory)."""
+        if self._known + need > self.cache_max and self.used() + need > self.cache_max:
+            if self.command is not None:
+                results = cachedir.cull(self.command, self.cache_dir,
+                                        list(cachedir.cache_files(self.cache_dir)))
+                culled = [r for r in results if r.outcome == "culled"]
+                log.info("culled", reason="cache_max", files=len(culled),
+                         bytes_freed=sum(r.bytes for r in culled))
+            if self.used() + need > self.cache_max:
+                return (f"cache full: {self._known} bytes cached and {need} more needed, "
+                        f"above cache_max {self.cache_max}")
+        self._known += need
+        return None
 
 
 class MetadataWalkError(ValueError):
