@@ -363,10 +363,11 @@ class FillEngine:
         A prefill (a bootstrap) writes only the image's metadata blocks
         (erofs_meta.py); if the walk gives up, the whole blob when it is at most
         `whole_prefill_cap` bytes, else nothing (a hostile bootstrap must not cost
-        a write of all it declares; the kernel READs what it needs). Batches are read and verified concurrently on
-        half the I/O pool, so READs overtake a background write. A prefill or
-        prefetch of a remote blob is fetched at prefetch priority. Cancelling
-        it stops after the writes under way.
+        a write of all it declares; the kernel READs what it needs). Batches are
+        read and verified concurrently on half the I/O pool, so READs overtake a
+        background write. A prefill or prefetch of a remote blob is fetched at
+        prefetch priority. Cancelling it stops after the writes under way, and
+        every write stops before the cache files pass `cache_limit`.
         """
         blob = self.blobs[action.blob_id]
         chunks = blob.chunks_for(action.off, action.end - action.off)

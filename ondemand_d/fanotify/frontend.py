@@ -83,7 +83,7 @@ class FanotifyFrontend:
         self.fetcher = fetcher
         self._executor = executor
         self.cache_max = cache_max
-        self._laying_out: set[Path] = set()  # files of a mount under way: never culled
+        self._laying_out: list[Path] = []  # files of mounts under way (one entry each)
         self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn,
                                   make_room=self._make_room if cache_max else None)
         self.adopted = group is not None
@@ -380,21 +380,24 @@ class FanotifyFrontend:
             raise MountError(f"{exc}: add, build or import it first") from None
         except StoreError as exc:
             raise MountError(f"image {image_name!r} cannot be read from the store: {exc}") from None
-        known = set(self.files)
-        self._laying_out = {layout.blob_path(self.cache_dir, domain, b.blob_id) for b in blobs}
+        # This mount's new files: what a failure takes back (not files another mount, under
+        # way or done, laid out or uses).
+        new = {(domain, b.blob_id) for b in blobs} - set(self.files)
+        laying = [layout.blob_path(self.cache_dir, domain, b.blob_id) for b in blobs]
+        self._laying_out += laying
         try:
             files = tuple(self._file(domain, b) for b in blobs)
         except OSError as exc:
-            self._discard_new(known)
+            self._discard_new(new, laying)
             msg = f"cannot lay out the files of {image_name!r} in {layout.root(self.cache_dir)}: "
             raise MountError(msg + (exc.strerror or str(exc))) from exc
         try:
             await self._fill_metadata(image_name, files[0])
         except MountError:
-            self._discard_new(known)
+            self._discard_new(new, laying)
             raise
         except (StoreError, OSError) as exc:
-            self._discard_new(known)
+            self._discard_new(new, laying)
             msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
             raise MountError(msg) from exc
         options = layout.mount_options([f.path for f in files[1:]])
@@ -402,7 +405,7 @@ class FanotifyFrontend:
             await loop.run_in_executor(self._executor, syscalls.mount_erofs,
                                        str(files[0].path), target, options)
         except OSError as exc:
-            self._discard_new(known)
+            self._discard_new(new, laying)
             hint = {errno.EINVAL: "the image is not a valid EROFS image for this kernel "
                     "(see dmesg)", errno.ENODEV: "the kernel has no EROFS (CONFIG_EROFS_FS)",
                     errno.ENOTDIR: "the mountpoint is not a directory"}.get(
@@ -410,7 +413,7 @@ class FanotifyFrontend:
             raise MountError(f"mounting {image_name!r} on {target} failed: {hint}") from exc
         record = layout.MountRecord(target, image.name, domain, image.blob_ids)
         self.mounts[target] = Mount(record, files)
-        self._laying_out = set()
+        self._done_laying_out(laying)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
                  domain=domain, blobs=len(files), duration_ms=ms_since(start))
@@ -438,13 +441,20 @@ class FanotifyFrontend:
                   for start, end in ranges for c in blob.chunks_for(start, end - start)}
         await self.filler.ensure(bootstrap, sorted(chunks))
 
-    def _discard_new(self, known: set[tuple[str, str]]) -> None:
+    def _discard_new(self, new: set[tuple[str, str]], laying: list[Path]) -> None:
         """Take back what a failed mount laid out: the blob files it created (not those of
         other mounts), their fill fds (here and in the fd store), and their lease."""
-        self._laying_out = set()
-        for key in set(self.files) - known:
-            self._remove_file(self.files[key].path)
+        self._done_laying_out(laying)
+        used = {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out)
+        for key in new:
+            file = self.files.get(key)
+            if file is not None and file.path not in used:
+                self._remove_file(file.path)
         self._update_lease()
+
+    def _done_laying_out(self, laying: list[Path]) -> None:
+        for path in laying:
+            self._laying_out.remove(path)
 
     def _remove_file(self, path: Path) -> None:
         """Close a blob file's fill fd (here and in the fd store) and delete the file."""
@@ -466,7 +476,7 @@ class FanotifyFrontend:
         used = sum(f.allocated for f in files) + self.filler.in_flight_bytes
         if used + need <= self.cache_max:
             return
-        busy = {f.path for m in self.mounts.values() for f in m.files} | self._laying_out | {
+        busy = {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out) | {
             f.path for f in self.files.values() if f.filling or f.pending}
         for victim in cachelimit.victims(files, busy, used + need - self.cache_max):
             self._remove_file(victim.path)

@@ -135,7 +135,8 @@ async def test_attack_prefill_of_an_unwalkable_bootstrap_stops_at_the_cap(tmp_pa
             os.ftruncate(fd, 8 * CHUNK)
             backend = Counting()
             with ThreadPoolExecutor(2) as pool:
-                engine = FillEngine(ChunkFetcher(store, pool), backend, pool,  # type: ignore[arg-type]
+                engine = FillEngine(ChunkFetcher(store, pool),
+                                    backend, pool,  # type: ignore[arg-type]
                                     whole_prefill_cap=cap)
                 engine.blobs[blob.blob_id] = blob
                 progress = Progress()
