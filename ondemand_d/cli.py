@@ -35,6 +35,7 @@ from ondemand_d.errors import (
     EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, OndemandError, StoreError, UsageError,
 )
 from ondemand_d.setting import parse_size, show_size
+from ondemand_d.store.limits import ImageBudget
 from ondemand_d.store.local import DEFAULT_CHUNK_SIZE, LocalStore
 from ondemand_d.store.model import PAGE
 
@@ -97,6 +98,11 @@ class Context:
 
     cfg: Config
     _stores: dict[bool, LocalStore] = field(default_factory=dict)
+
+    def budget(self, args: argparse.Namespace) -> ImageBudget:
+        """The image budget: --max-bootstrap/--max-image if given, else the configuration's."""
+        return ImageBudget(args.max_bootstrap or self.cfg.max_bootstrap,
+                           args.max_image or self.cfg.max_image)
 
     def store(self, *, create: bool = False) -> LocalStore:
         """The store named by --store/ONDEMAND_D_STORE/the config file.
@@ -281,6 +287,16 @@ def size_argument(low: int, high: int, multiple: int = 1) -> Any:
     return parse
 
 
+def budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-bootstrap and --max-image of the commands that bring an image into the store."""
+    parser.add_argument("--max-bootstrap", type=size_argument(PAGE, 1 << 50), default=None,
+                        metavar="SIZE", help="refuse a bootstrap larger than this, decoded "
+                        "(default: max_bootstrap of the configuration, 256M)")
+    parser.add_argument("--max-image", type=size_argument(PAGE, 1 << 60), default=None,
+                        metavar="SIZE", help="refuse an image declaring more than this in all "
+                        "(default: max_image of the configuration, 64G)")
+
+
 # ------------------------------------------------------------------------ serve
 
 
@@ -344,6 +360,7 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chunk size in the store (4K to 64M, a multiple of 4K; default 1M)")
     parser.add_argument("--replace", action="store_true",
                         help="replace an image of the same name")
+    budget_arguments(parser)
 
 
 def _import(args: argparse.Namespace, ctx: Context) -> int:
@@ -353,10 +370,11 @@ def _import(args: argparse.Namespace, ctx: Context) -> int:
     for spec in args.blob:
         path, _, key = spec.partition("=")
         blobs.append((Path(path), key or None))
-    check_inputs(args.name, args.image, blobs)
+    budget = ctx.budget(args)
+    check_inputs(args.name, args.image, blobs, budget)
     store = ctx.store(create=True)
     image = import_image(store, args.name, args.image, blobs, chunk_size=args.chunk_size,
-                         replace=args.replace, max_chunk=ctx.cfg.max_chunk)
+                         replace=args.replace, max_chunk=ctx.cfg.max_chunk, budget=budget)
     sizes = [store.get_blob(b).size for b in image.blob_ids]
     print(f"imported {image.name}: bootstrap {image.bootstrap[:12]} ({sizes[0]} bytes), "
           f"{len(image.devices)} data blob(s) ({sum(sizes[1:])} bytes) into {store.root}")

@@ -96,6 +96,12 @@ class Config:
                              size=True, between=(4096, 1 << 30), flag=False)
     hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "
                                      "stops the watchdog", between=(0.001, 86400))
+    max_bootstrap: int = setting(256 << 20, "largest bootstrap (decoded) accepted at add and "
+                                 "import", size=True, between=(4096, 1 << 50), flag=False)
+    max_image: int = setting(64 << 30, "largest total size an image may declare at add and "
+                             "import", size=True, between=(4096, 1 << 60), flag=False)
+    cache_max: int = setting(0, "bytes the cache files may take; unused ones are removed "
+                             "first (0: the disk is the limit)", size=True, between=(0, 1 << 60))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 

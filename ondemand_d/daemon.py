@@ -18,6 +18,7 @@ from ondemand_d import _native, faults, systemd
 from ondemand_d.config import Config
 from ondemand_d.device import Device, KernelFeatures, kernel_features, raise_nofile_limit
 from ondemand_d.errors import DeviceError, OndemandError
+from ondemand_d.fill import CacheLimit
 from ondemand_d.service import Service
 from ondemand_d.store.fetch import ChunkFetcher, RemoteSource
 from ondemand_d.store.local import LocalStore
@@ -185,6 +186,8 @@ async def serve(
         prefill_bootstrap=cfg.prefill_bootstrap,
         prefetch=cfg.prefetch,
         readahead=cfg.readahead,
+        cache_limit=(CacheLimit(cfg.cache_dir, cfg.cache_max, device.command if fscache else None)
+                     if cfg.cache_max else None),
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

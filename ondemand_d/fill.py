@@ -26,23 +26,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
+import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
+
+import structlog
 
 from ondemand_d import cachedir, protocol
 from ondemand_d.erofs_meta import metadata_ranges
 from ondemand_d._native import Backend
 from ondemand_d.errors import StoreError
 from ondemand_d.store.fetch import ChunkFetcher, Claim
+from ondemand_d.store.limits import DEFAULT_MAX_BOOTSTRAP
 from ondemand_d.store.model import PAGE, Blob, Chunk
 
 T = TypeVar("T")
+log = structlog.get_logger()
 
 #: Bytes of chunks one READ holds in memory at once.
 FILL_WINDOW = 8 << 20
@@ -163,11 +170,17 @@ class FillEngine:
         backend: the write + complete path (_native).
         executor: the I/O pool; `io_jobs` batch jobs per burst use it.
         debug: log each READ's plan and write (structlog's debug level).
+        whole_prefill_cap: largest bootstrap prefilled whole when the metadata walk gives up.
+        cache_limit: background writes stop before the cache files pass it.
     """
 
     def __init__(self, fetcher: ChunkFetcher, backend: Backend, executor: Executor, *,
-                 io_jobs: int = 4, log: Any = None) -> None:
+                 io_jobs: int = 4, log: Any = None,
+                 whole_prefill_cap: int = DEFAULT_MAX_BOOTSTRAP,
+                 cache_limit: CacheLimit | None = None) -> None:
         self.fetcher = fetcher
+        self.whole_prefill_cap = whole_prefill_cap
+        self.cache_limit = cache_limit
         self.backend = backend
         # Chunk tables of open objects by object id, located for the image that opened
         # each (store/locations.py): two objects of one blob may fetch from different places.
@@ -198,6 +211,13 @@ class FillEngine:
             self._end(job, exc)
             return job.future
         span = job.span
+        if self.cache_limit is not None and self.cache_limit.cache_max:
+            full = self.cache_limit.room(max(span.pad_to, span.data_end) - span.start)
+            if full is not None:
+                log.warning("cache_full", frontend="fscache", msg_id=action.msg_id,
+                            blob=action.blob_id, off=action.off, len=action.len, error=full)
+                self._end(job, OSError(errno.ENOSPC, full))
+                return job.future
         fast = span.chunks and span.data_end - span.start <= FILL_WINDOW
         if fast:
             job.claim = self.fetcher.claim(span.chunks)
@@ -343,11 +363,13 @@ class FillEngine:
         """Write [off, end) of the blob where the cache file has holes.
 
         A prefill (a bootstrap) writes only the image's metadata blocks
-        (erofs_meta.py), or the whole range if the blob is no EROFS image
-        the walk understands. Batches are read and verified concurrently on
-        half the I/O pool, so READs overtake a background write. A prefill or
-        prefetch of a remote blob is fetched at prefetch priority. Cancelling
-        it stops after the writes under way.
+        (erofs_meta.py); if the walk gives up, the whole blob when it is at most
+        `whole_prefill_cap` bytes, else nothing (a hostile bootstrap must not cost
+        a write of all it declares; the kernel READs what it needs). Batches are
+        read and verified concurrently on half the I/O pool, so READs overtake a
+        background write. A prefill or prefetch of a remote blob is fetched at
+        prefetch priority. Cancelling it stops after the writes under way, and
+        every write stops before the cache files pass `cache_limit`.
         """
         blob = self.blobs[action.object_id]
         chunks = blob.chunks_for(action.off, action.end - action.off)
@@ -361,10 +383,17 @@ class FillEngine:
         low = action.kind != "readahead" and priority is not None and blob.is_remote
         jobs = max(1, self._io_jobs // 2)
         with priority() if low else contextlib.nullcontext():  # type: ignore[misc]
-            meta = await self._metadata(blob, progress) if action.kind == "prefill" else None
-            if meta is not None:
-                await self._write_pieces(action.fd, blob, _intersect(meta, gaps), jobs, progress)
-                return
+            if action.kind == "prefill":
+                meta = await self._metadata(blob, progress)
+                if meta is not None:
+                    await self._write_pieces(action.fd, blob, _intersect(meta, gaps), jobs,
+                                             progress)
+                    return
+                if blob.size > self.whole_prefill_cap:
+                    progress.note += (f": {blob.size} bytes is above the cap of "
+                                      f"{self.whole_prefill_cap}, nothing prefilled")
+                    return
+                progress.note += ": the whole blob"
             chunks = in_holes(chunks, gaps)
             progress.chunks = len(chunks)
 
@@ -376,38 +405,17 @@ class FillEngine:
 
             batches = windows(chunks, BACKGROUND_BATCH)
             for i in range(0, len(batches), jobs):
-                await asyncio.gather(*map(write, batches[i : i + jobs]))
+                group = batches[i : i + jobs]
+                if await self._at_limit(sum(c.length for b in group for c in b), progress):
+                    return
+                await asyncio.gather(*map(write, group))
 
     async def _metadata(self, blob: Blob, progress: Progress) -> list[tuple[int, int]] | None:
-        """The blob's EROFS metadata ranges, read through the fetcher (verified); None if
-        it is not an image the walk understands (then the whole blob is prefilled)."""
-        loop = asyncio.get_running_loop()
-        recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-
-        def read(off: int, length: int) -> bytes:  # I/O thread; fetches run on the loop
-            need = blob.chunks_for(off, length)
-            if not need or need[-1].end < off + length:
-                msg = f"read of {off}+{length} past the blob's end"
-                raise ValueError(msg)
-            missing = tuple(c for c in need if c.offset not in recent)
-            if missing:
-                parts, _ = asyncio.run_coroutine_threadsafe(
-                    self.fetcher.get(blob, missing), loop).result()
-                recent.update((c.offset, p) for c, p in zip(missing, parts, strict=True))
-            for c in need:
-                recent.move_to_end(c.offset)
-            while len(recent) > max(8, len(need)):
-                recent.popitem(last=False)
-            first = need[0].offset
-            if len(need) == 1:
-                return recent[first][off - first : off - first + length]
-            joined = b"".join(recent[c.offset] for c in need)
-            return joined[off - first : off - first + length]
-
+        """The blob's EROFS metadata ranges, or None if the walk gives up."""
         try:
-            ranges = await self._in_thread(functools.partial(metadata_ranges, read, blob.size))
-        except (ValueError, IndexError, struct.error) as exc:
-            progress.note = f"not walked as EROFS ({exc}): the whole blob"
+            ranges = await metadata_of(self.fetcher, blob, self._in_thread)
+        except MetadataWalkError as exc:
+            progress.note = f"not walked as EROFS ({exc})"
             return None
         progress.note = f"metadata: {sum(e - s for s, e in ranges)} bytes"
         return ranges
@@ -438,7 +446,28 @@ class FillEngine:
 
         work = list(by_chunk.values())
         for i in range(0, len(work), jobs):
-            await asyncio.gather(*(write(c, spans) for c, spans in work[i : i + jobs]))
+            group = work[i : i + jobs]
+            if await self._at_limit(sum(e - s for _, spans in group for s, e in spans), progress):
+                return
+            await asyncio.gather(*(write(c, spans) for c, spans in group))
+
+    async def _at_limit(self, need: int, progress: Progress) -> bool:
+        """Whether writing `need` more bytes would pass cache_max (then the note says so).
+
+        Background writes are optional: they stop here, and the kernel READs the rest. A
+        few concurrent writers may each pass the check once, so the cache can exceed the
+        limit by one group of batches per writer.
+        """
+        limit = self.cache_limit
+        if limit is None or not limit.cache_max:
+            return False
+        used = await self._in_thread(limit.used)
+        if used + need <= limit.cache_max:
+            return False  # counted by the next scan (writes run after this check)
+        progress.note = ((progress.note + "; ") if progress.note else "") + (
+            f"stopped at cache_max: {used} bytes cached and {need} more would pass "
+            f"{limit.cache_max}")
+        return True
 
     def _write_holes(self, fd: int, batch: tuple[Chunk, ...], parts: list[bytes]) -> int:
         """Write the chunks of `batch` that still meet a hole (I/O thread).
@@ -483,6 +512,96 @@ class FillEngine:
             with contextlib.suppress(Exception):
                 await fut
             raise
+
+
+class CacheLimit:
+    """`cache_max` over the kernel's cache files under `cache_dir` (allocated bytes).
+
+    Background writes ask `used()` (a scan) before each group of writes and stop at the
+    limit. A READ must be answered, so `room` keeps a running estimate (last scan plus
+    what was let through since) and scans only near the limit; there, it has the kernel
+    cull every cache file no object holds (`command`: the device's, see control/cull.py)
+    before it says the cache is full.
+    """
+
+    def __init__(self, cache_dir: Path, cache_max: int,
+                 command: cachedir.Command | None = None) -> None:
+        self.cache_dir = cache_dir
+        self.cache_max = cache_max
+        self.command = command
+        self._known = 0  # bytes cached, as far as this process knows
+
+    def used(self) -> int:
+        total = 0
+        for f in cachedir.cache_files(self.cache_dir):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f.path, follow_symlinks=False).st_blocks * 512
+        self._known = total
+        return total
+
+    def room(self, need: int) -> str | None:
+        """None if `need` more bytes fit (counted as written), else why not (loop thread:
+        culling changes the working directory)."""
+        if self._known + need > self.cache_max and self.used() + need > self.cache_max:
+            if self.command is not None:
+                results = cachedir.cull(self.command, self.cache_dir,
+                                        list(cachedir.cache_files(self.cache_dir)))
+                culled = [r for r in results if r.outcome == "culled"]
+                log.info("culled", reason="cache_max", files=len(culled),
+                         bytes_freed=sum(r.bytes for r in culled))
+            if self.used() + need > self.cache_max:
+                return (f"cache full: {self._known} bytes cached and {need} more needed, "
+                        f"above cache_max {self.cache_max}")
+        self._known += need
+        return None
+
+
+class MetadataWalkError(ValueError):
+    """The walk of a bootstrap's EROFS metadata gave up (not EROFS, malformed, or a layout
+    erofs_meta.py does not follow); the message says where."""
+
+
+async def metadata_of(fetcher: ChunkFetcher, blob: Blob,
+                      in_thread: Callable[[Callable[[], Any]], Awaitable[Any]],
+                      ) -> list[tuple[int, int]]:
+    """The (start, end) ranges of `blob`'s EROFS metadata, read through `fetcher` (verified).
+
+    The walk runs in a thread (`in_thread` runs a callable there); its reads fetch whole
+    chunks on the loop and keep the last few. Shared by the fscache prefill and the fanotify
+    mount, which both write only these ranges before the kernel reads the image.
+
+    Raises:
+        MetadataWalkError: the walk gave up.
+    """
+    loop = asyncio.get_running_loop()
+    recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+    def read(off: int, length: int) -> bytes:  # I/O thread; fetches run on the loop
+        need = blob.chunks_for(off, length)
+        if not need or need[-1].end < off + length:
+            msg = f"read of {off}+{length} past the blob's end"
+            raise ValueError(msg)
+        missing = tuple(c for c in need if c.offset not in recent)
+        if missing:
+            parts, _ = asyncio.run_coroutine_threadsafe(
+                fetcher.get(blob, missing), loop).result()
+            recent.update((c.offset, p) for c, p in zip(missing, parts, strict=True))
+        for c in need:
+            recent.move_to_end(c.offset)
+        while len(recent) > max(8, len(need)):
+            recent.popitem(last=False)
+        first = need[0].offset
+        if len(need) == 1:
+            return recent[first][off - first : off - first + length]
+        joined = b"".join(recent[c.offset] for c in need)
+        return joined[off - first : off - first + length]
+
+    try:
+        ranges: list[tuple[int, int]] = await in_thread(
+            functools.partial(metadata_ranges, read, blob.size))
+    except (ValueError, IndexError, struct.error) as exc:
+        raise MetadataWalkError(str(exc)) from None
+    return ranges
 
 
 def _intersect(ranges: list[tuple[int, int]], gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ondemand_d.errors import ImageError, StoreError
-from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, check_chunk_size
+from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, ImageBudget, check_chunk_size
 from ondemand_d.store.local import DEFAULT_CHUNK_SIZE, LocalStore
 from ondemand_d.store.model import PAGE, Image, check_key, check_name
 
@@ -80,13 +80,14 @@ def read_device_table(path: Path) -> list[DeviceSlot]:
     return slots
 
 
-def check_inputs(name: str, image_path: Path, blobs: list[tuple[Path, str | None]]) -> list[
-        DeviceSlot]:
+def check_inputs(name: str, image_path: Path, blobs: list[tuple[Path, str | None]],
+                 budget: ImageBudget = ImageBudget()) -> list[DeviceSlot]:  # noqa: B008 - frozen
     """Check an import's inputs before the store is touched; return the image's device slots.
 
     Each blob must be a regular file the size its slot says (when the slot has a block count)
     and at least as long as the image's chunk indexes reach into it; a slot whose tag is not
-    UTF-8 needs an explicit KEY.
+    UTF-8 needs an explicit KEY. The image file (the bootstrap) and the total are held to
+    `budget` before a byte is read into the store.
 
     Raises:
         ImageError: with the blob or image at fault and what to give instead.
@@ -99,6 +100,10 @@ def check_inputs(name: str, image_path: Path, blobs: list[tuple[Path, str | None
             f"{image_path} has {len(slots)} extra device(s) in its device table but "
             f"{len(blobs)} --blob given; give one --blob PATH[=KEY] per device, in order"
         )
+    total = _regular_file_size(image_path, "image", "the image file mkfs.erofs wrote")
+    budget.check(name, total, total + sum(
+        _regular_file_size(p, "blob", "the data blob mkfs.erofs wrote with --blobdev")
+        for p, _ in blobs))
     needed = _device_extents(image_path) if slots else {}
     for index, ((path, key), slot) in enumerate(zip(blobs, slots, strict=True), start=1):
         size = _regular_file_size(path, "blob", "the data blob mkfs.erofs wrote with --blobdev")
@@ -184,6 +189,7 @@ def import_image(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     replace: bool = False,
     max_chunk: int = DEFAULT_MAX_CHUNK,
+    budget: ImageBudget = ImageBudget(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> Image:
     """Ingest an image and its data blobs under `name` (the fsid to mount with).
 
@@ -195,7 +201,7 @@ def import_image(
         ImageError: the image and the blobs given do not match.
     """
     check_chunk_size(chunk_size, max_chunk)
-    slots = check_inputs(name, image_path, blobs)
+    slots = check_inputs(name, image_path, blobs, budget)
     if store.has_image(name) and not replace:
         msg = f"an image named {name!r} exists; pass --replace or pick another name"
         raise ImageError(msg)

@@ -26,7 +26,7 @@ from ondemand_d import protocol, wire
 from ondemand_d.log import ms_since
 from ondemand_d._native import Backend
 from ondemand_d.errors import BadKey, ProtocolError, StoreError, UnknownName
-from ondemand_d.fill import FillEngine, FillReport, Progress
+from ondemand_d.fill import CacheLimit, FillEngine, FillReport, Progress
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.locations import locate
@@ -66,6 +66,7 @@ class Service:
         prefill_bootstrap: write a bootstrap's holes right after its OPEN.
         prefetch: write a data blob's holes right after its OPEN.
         readahead: bytes written past each READ before the kernel asks.
+        cache_limit: cache_max: prefill, prefetch and readahead stop before passing it.
     """
 
     def __init__(  # noqa: PLR0913 - collaborators arrive as parameters
@@ -80,6 +81,7 @@ class Service:
         prefill_bootstrap: bool = True,
         prefetch: bool = False,
         readahead: int = 0,
+        cache_limit: CacheLimit | None = None,
     ) -> None:
         self.device = device
         self.store = store
@@ -90,7 +92,7 @@ class Service:
         debug = structlog.get_logger().is_enabled_for(logging.DEBUG)
         self.engine = FillEngine(fetcher, backend, executor,
                                  io_jobs=getattr(executor, "_max_workers", 4),
-                                 log=log if debug else None)
+                                 log=log if debug else None, cache_limit=cache_limit)
         self._executor = executor
         self._prefill_bootstrap = prefill_bootstrap
         self._prefetch = prefetch

@@ -35,6 +35,11 @@ def store_fd(fd: int, name: str, environ: Mapping[str, str] | None = None) -> bo
     return notify(f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0", [fd], environ)
 
 
+def remove_fd(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Drop the fds stored as `name` from the fd store (a successor must not get them)."""
+    return notify(f"FDSTOREREMOVE=1\nFDNAME={name}", None, environ)
+
+
 def watchdog_usec(environ: Mapping[str, str] | None = None) -> int:
     """The watchdog period systemd armed for us in µs, or 0 (not armed, or not for us)."""
     env = os.environ if environ is None else environ

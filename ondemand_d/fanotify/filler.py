@@ -34,11 +34,16 @@ class ChunkFiller:
         executor: runs file writes.
         readahead: after an event, fill this many bytes that follow it.
         spawn: runs a readahead task (the front end tracks and cancels its tasks).
+        make_room: called with a fill's size before it starts (on the loop); raises
+            OSError(ENOSPC) when the cache limit leaves no room for it.
     """
 
     def __init__(self, fetcher: ChunkFetcher, executor: Executor, *, readahead: int,
-                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], None],
+                 make_room: Callable[[int], None] | None = None) -> None:
         self.fetcher = fetcher
+        self._make_room = make_room
+        self.in_flight_bytes = 0  # claimed by fills under way, not yet on disk
         self._executor = executor
         self._readahead = readahead
         self._spawn = spawn
@@ -88,9 +93,17 @@ class ChunkFiller:
 
     async def _fill(self, file: BlobFile, own: list[int]) -> tuple[int, str]:
         chunks = [file.blob.chunks[i] for i in own]
-        parts, source = await self.fetcher.get(file.blob, chunks)
-        loop = asyncio.get_running_loop()
-        written = await loop.run_in_executor(self._executor, write_runs, file.fd, chunks, parts)
+        need = sum(c.length for c in chunks)
+        if self._make_room is not None:
+            self._make_room(need)
+        self.in_flight_bytes += need
+        try:
+            parts, source = await self.fetcher.get(file.blob, chunks)
+            loop = asyncio.get_running_loop()
+            written = await loop.run_in_executor(self._executor, write_runs, file.fd, chunks,
+                                                 parts)
+        finally:
+            self.in_flight_bytes -= need
         file.fills += len(chunks)
         self.bytes_filled += written
         return written, source

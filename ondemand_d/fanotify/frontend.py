@@ -33,9 +33,10 @@ import structlog
 from ondemand_d import systemd
 from ondemand_d.log import ms_since
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
-from ondemand_d.fanotify import layout, syscalls, uapi
+from ondemand_d.fanotify import cachelimit, layout, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
 from ondemand_d.fanotify.filler import ChunkFiller
+from ondemand_d.fill import MetadataWalkError, metadata_of
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.lease import Lease, gc_lock
 from ondemand_d.store.local import LocalStore
@@ -70,17 +71,22 @@ class FanotifyFrontend:
         fetcher: verified chunk bytes (shared with the fscache front end).
         executor: runs file writes.
         readahead: after an event, fill this many bytes that follow it.
+        cache_max: bytes the blob files may hold (0: no limit); see `_make_room`.
     """
 
     def __init__(
         self, cache_dir: Path, store: LocalStore, fetcher: ChunkFetcher, executor: Executor,
         *, readahead: int = 0, group: int | None = None, inherited: dict[str, int] | None = None,
+        cache_max: int = 0,
     ) -> None:
         self.cache_dir = cache_dir
         self.store = store
         self.fetcher = fetcher
         self._executor = executor
-        self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn)
+        self.cache_max = cache_max
+        self._laying_out: list[Path] = []  # files of mounts under way (one entry each)
+        self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn,
+                                  make_room=self._make_room if cache_max else None)
         self.adopted = group is not None
         self.group = group if group is not None else syscalls.fanotify_init()
         if group is None:
@@ -232,8 +238,7 @@ class FanotifyFrontend:
         except BaseException:
             os.close(fd)
             raise
-        name = FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
-        systemd.store_fd(fd, name)
+        systemd.store_fd(fd, _fdstore_name(path))
         return self._add_file(domain, blob, path, fd)
 
     def _add_file(self, domain: str, blob: Blob, path: Path, fd: int) -> BlobFile:
@@ -357,7 +362,8 @@ class FanotifyFrontend:
 
     async def mount(self, image_name: str, mountpoint: str, domain: str | None = None
                     ) -> dict[str, Any]:
-        """Lay out the image's files, fill its bootstrap, mount it (file-backed EROFS).
+        """Lay out the image's files, fill its bootstrap's metadata, mount it (file-backed
+        EROFS). A failure takes back the files and fds it laid out.
 
         Raises:
             MountError: the image, the domain or the mountpoint is not usable, or mount(2)
@@ -384,16 +390,24 @@ class FanotifyFrontend:
             raise MountError(f"{exc}: add, build or import it first") from None
         except StoreError as exc:
             raise MountError(f"image {image_name!r} cannot be read from the store: {exc}") from None
+        # This mount's new files: what a failure takes back (not files another mount, under
+        # way or done, laid out or uses).
+        new = {(domain, b.blob_id) for b in blobs} - set(self.files)
+        laying = [layout.blob_path(self.cache_dir, domain, b.blob_id) for b in blobs]
+        self._laying_out += laying
         try:
             files = tuple(self._file(domain, b) for b in blobs)
         except OSError as exc:
-            self._update_lease()
+            self._discard_new(new, laying)
             msg = f"cannot lay out the files of {image_name!r} in {layout.root(self.cache_dir)}: "
             raise MountError(msg + (exc.strerror or str(exc))) from exc
         try:
-            await self.filler.fill_all(files[:1])  # EROFS reads metadata without raising events
+            await self._fill_metadata(image_name, files[0])
+        except MountError:
+            self._discard_new(new, laying)
+            raise
         except (StoreError, OSError) as exc:
-            self._update_lease()
+            self._discard_new(new, laying)
             msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
             raise MountError(msg) from exc
         options = layout.mount_options([f.path for f in files[1:]])
@@ -401,7 +415,7 @@ class FanotifyFrontend:
             await loop.run_in_executor(self._executor, syscalls.mount_erofs,
                                        str(files[0].path), target, options)
         except OSError as exc:
-            self._update_lease()
+            self._discard_new(new, laying)
             hint = {errno.EINVAL: "the image is not a valid EROFS image for this kernel "
                     "(see dmesg)", errno.ENODEV: "the kernel has no EROFS (CONFIG_EROFS_FS)",
                     errno.ENOTDIR: "the mountpoint is not a directory"}.get(
@@ -409,10 +423,82 @@ class FanotifyFrontend:
             raise MountError(f"mounting {image_name!r} on {target} failed: {hint}") from exc
         record = layout.MountRecord(target, image.name, domain, image.blob_ids)
         self.mounts[target] = Mount(record, files)
+        self._done_laying_out(laying)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
                  domain=domain, blobs=len(files), duration_ms=ms_since(start))
         return self.mount_view(self.mounts[target])
+
+    async def _fill_metadata(self, image_name: str, bootstrap: BlobFile) -> None:
+        """Fill the chunks of the bootstrap that hold EROFS metadata, and only those.
+
+        EROFS reads metadata without raising events (fanotify.md rule 1), so every byte of it
+        must be there before mount; file data in the bootstrap (a plain image) is filled on
+        demand like any blob's. A bootstrap the walk cannot follow is refused, never filled
+        whole: it could declare any size.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            ranges = await metadata_of(self.fetcher, bootstrap.blob, functools.partial(
+                loop.run_in_executor, self._executor))
+        except MetadataWalkError as exc:
+            msg = (f"the bootstrap of {image_name!r} is not an EROFS image whose metadata this "
+                   f"daemon can find ({exc}), and EROFS reads metadata without fanotify events: "
+                   "it is not mounted (rebuild it with ondemand-d build or mkfs.erofs)")
+            raise MountError(msg) from None
+        blob = bootstrap.blob
+        chunks = {bisect.bisect_right(bootstrap.starts, c.offset) - 1
+                  for start, end in ranges for c in blob.chunks_for(start, end - start)}
+        await self.filler.ensure(bootstrap, sorted(chunks))
+
+    def _discard_new(self, new: set[tuple[str, str]], laying: list[Path]) -> None:
+        """Take back what a failed mount laid out: the blob files it created (not those of
+        other mounts), their fill fds (here and in the fd store), and their lease."""
+        self._done_laying_out(laying)
+        used = {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out)
+        for key in new:
+            file = self.files.get(key)
+            if file is not None and file.path not in used:
+                self._remove_file(file.path)
+        self._update_lease()
+
+    def _done_laying_out(self, laying: list[Path]) -> None:
+        for path in laying:
+            self._laying_out.remove(path)
+
+    def _remove_file(self, path: Path) -> None:
+        """Close a blob file's fill fd (here and in the fd store) and delete the file."""
+        for key, file in list(self.files.items()):
+            if file.path == path:
+                del self.files[key]
+                self._by_ino.pop(file.ino, None)
+                for pending in list(file.pending):
+                    self._answer(pending, errno.EIO, "blob file removed")
+                systemd.remove_fd(_fdstore_name(file.path))
+                os.close(file.fd)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def _make_room(self, need: int) -> None:
+        """Before a fill of `need` bytes: under cache_max, else blob files of no current mount
+        removed (least recently used first), else OSError(ENOSPC): its reader gets EIO."""
+        files = cachelimit.scan(layout.root(self.cache_dir))
+        used = sum(f.allocated for f in files) + self.filler.in_flight_bytes
+        if used + need <= self.cache_max:
+            return
+        busy = {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out) | {
+            f.path for f in self.files.values() if f.filling or f.pending}
+        for victim in cachelimit.victims(files, busy, used + need - self.cache_max):
+            self._remove_file(victim.path)
+            used -= victim.allocated
+            log.info("cache_file_removed", frontend="fanotify", path=str(victim.path),
+                     bytes=victim.allocated, reason="cache_max")
+        if used + need > self.cache_max:
+            log.warning("cache_full", frontend="fanotify", used=used, need=need,
+                        cache_max=self.cache_max)
+            msg = (f"cache full: {used} bytes in use and {need} more needed, above cache_max "
+                   f"{self.cache_max}")
+            raise OSError(errno.ENOSPC, msg)
 
     async def umount(self, mountpoint: str, *, lazy: bool = False, wait: float = 2.0
                      ) -> dict[str, Any]:
@@ -493,6 +579,11 @@ class FanotifyFrontend:
 
     def _save(self) -> None:
         layout.save_mounts(self.cache_dir, [m.record for m in self.mounts.values()])
+
+
+def _fdstore_name(path: Path) -> str:
+    """The fd store name of a blob file's fill fd (FDNAME allows 255 characters)."""
+    return FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
 
 
 def _mountpoint(path: str) -> str:

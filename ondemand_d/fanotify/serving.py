@@ -45,7 +45,7 @@ def start(cfg: Config, startup: Startup, store: LocalStore, fetcher: ChunkFetche
     """The running front end (call on the loop; it starts reading at once)."""
     frontend = FanotifyFrontend(cfg.cache_dir, store, fetcher, executor,
                                 readahead=cfg.readahead, group=startup.group,
-                                inherited=startup.files)
+                                inherited=startup.files, cache_max=cfg.cache_max)
     frontend.start()
     return frontend
 

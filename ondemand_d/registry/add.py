@@ -17,7 +17,8 @@ its chunk table (so an image cannot claim another blob's id), a blob record
 already in the store is never replaced (its location is the first adder's and
 no other image fetches through it), chunks above the store's size cap are
 refused, and no file extents are taken over (dedup only uses what the local
-builder hashed itself).
+builder hashed itself). An image declaring more than the `ImageBudget` (bootstrap
+size, total size) is refused from its config blob, before a table or layer is read.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.reference import Reference
 from ondemand_d.registry.source import decode
 from ondemand_d.store.local import LocalStore
-from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, check_chunks
+from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, ImageBudget, check_chunks
 from ondemand_d.store.locations import LOCATIONS
 from ondemand_d.store.model import Blob, Chunk, Image, Location, check_name
 
 log = structlog.get_logger()
 MAX_CONFIG = 4 << 20
 MAX_TABLE = 64 << 20
-MAX_BOOTSTRAP = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +83,12 @@ def _blob(table: media.ChunkTable, layer: str, extra: dict[str, object], max_chu
     return blob
 
 
+def _layer_cap(max_bootstrap: int, chunks: int) -> int:
+    """Largest bootstrap layer downloaded: zstd can make incompressible bytes a little
+    longer (about 1/64), plus a frame header per chunk."""
+    return max_bootstrap + (max_bootstrap >> 4) + 64 * chunks + 4096
+
+
 async def add(
     store: LocalStore,
     ref: Reference,
@@ -91,12 +97,14 @@ async def add(
     name: str | None = None,
     replace: bool = False,
     max_chunk: int = DEFAULT_MAX_CHUNK,
+    budget: ImageBudget = ImageBudget(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> AddResult:
     """Register `ref` in `store` as image `name` (default: from the reference).
 
     Raises:
         FetchError / DigestMismatch: the registry failed or sent wrong bytes.
-        ImageError: not an ondemand-d image, or its records are inconsistent.
+        ImageError: not an ondemand-d image, its records are inconsistent, or it declares
+            more than `budget` allows (checked before any table or layer is downloaded).
         StoreError: the name is taken (without `replace`) or invalid.
     """
     name = check_name(name) if name else default_name(ref)
@@ -106,6 +114,11 @@ async def add(
     config = media.ImageConfig.from_json(
         await client.get_blob(ref.registry, ref.repository, config_digest, MAX_CONFIG)
     )
+    # Sizes as the config declares them, before any table or layer is downloaded: each
+    # table must then say the same (_table), each Blob's chunks add up to its size, and each
+    # chunk decodes to at most its length, so nothing is decoded past what passed here.
+    budget.check(str(ref), config.bootstrap.size,
+                 config.bootstrap.size + sum(e.size for e in config.devices))
     where = {"remote": {"registry": ref.registry, "repository": ref.repository}}
 
     boot_table = await _table(client, ref, config.bootstrap)
@@ -114,7 +127,8 @@ async def add(
     # into chunks one at a time: memory stays at one chunk whatever the layer's size.
     with tempfile.TemporaryFile(dir=store.root / "tmp") as spool:
         spooled = await client.get_blob_to(
-            ref.registry, ref.repository, config.bootstrap.data, MAX_BOOTSTRAP, spool
+            ref.registry, ref.repository, config.bootstrap.data,
+            _layer_cap(budget.max_bootstrap, len(boot_table.chunks)), spool
         )
         # The bootstrap becomes an ordinary local blob: the kernel reads it whole at mount.
         # Its chunks are verified by decode(), and its id commits to them.

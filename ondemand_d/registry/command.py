@@ -21,6 +21,7 @@ from ondemand_d.registry.add import AddResult, add
 from ondemand_d.registry.client import RegistryClient
 from ondemand_d.registry.config import RegistryConfig, default_docker_config
 from ondemand_d.registry.push import PushResult, human_size, push
+from ondemand_d.store.limits import ImageBudget
 from ondemand_d.store.local import LocalStore
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ def add_add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--replace", action="store_true", help="replace an image of the same name")
     _connection_arguments(parser)
+    from ondemand_d.cli import budget_arguments  # noqa: PLC0415 - cli imports this module
+
+    budget_arguments(parser)
 
 
 def _config(args: argparse.Namespace, ctx: Context, ref: reference.Reference) -> RegistryConfig:
@@ -120,7 +124,8 @@ def run_add(args: argparse.Namespace, ctx: Context) -> int:
     """Register `args.reference` in the store (metadata only); return 0."""
     ref = _reference(args.reference)
     store = ctx.store(create=True)
-    result = asyncio.run(_add(args, _config(args, ctx, ref), store, ref, ctx.cfg.max_chunk))
+    result = asyncio.run(_add(args, _config(args, ctx, ref), store, ref, ctx.cfg.max_chunk,
+                              ctx.budget(args)))
     print(
         f"added {ref} as {result.name} ({result.manifest_digest}): {result.blobs} blobs, "
         f"{human_size(result.bytes_downloaded)} downloaded, "
@@ -130,7 +135,7 @@ def run_add(args: argparse.Namespace, ctx: Context) -> int:
 
 
 async def _add(args: argparse.Namespace, config: RegistryConfig, store: LocalStore,
-               ref: reference.Reference, max_chunk: int) -> AddResult:
+               ref: reference.Reference, max_chunk: int, budget: ImageBudget) -> AddResult:
     async with RegistryClient(config) as client:
         return await add(store, ref, client, name=args.name, replace=args.replace,
-                         max_chunk=max_chunk)
+                         max_chunk=max_chunk, budget=budget)

@@ -74,6 +74,10 @@ def main() -> int:
                 for extra in fds[1:]:
                     os.close(extra)
             else:
+                if fields.get("FDSTOREREMOVE") == "1":  # as systemd: close and forget them
+                    gone = stored.pop(fields.get("FDNAME", ""), None)
+                    if gone is not None:
+                        os.close(gone)
                 for fd in fds:
                     os.close(fd)
         if os.getppid() != parent and not stopping:  # the test runner is gone: stop too

@@ -122,3 +122,31 @@ def test_in_holes_counts_a_chunks_last_partial_page():
     assert in_holes((a, b), [(3 * PAGE, 4 * PAGE)]) == (b,)  # the hole is in b's last page
     assert in_holes((a, b), [(4 * PAGE, 9 * PAGE)]) == ()
     assert in_holes((a, b), [(PAGE, PAGE + 1)]) == (a,)
+
+
+async def test_attack_prefill_of_an_unwalkable_bootstrap_stops_at_the_cap(tmp_path):
+    """A bootstrap the metadata walk gives up on is not prefilled whole past the cap: above
+    it nothing is written (the kernel READs what it needs), at or under it the whole blob."""
+    store, blob, data = _blob(tmp_path, 8 * CHUNK - 1000)
+    for cap, expect in ((4 * CHUNK, 0), (8 * CHUNK, -(-blob.size // PAGE) * PAGE)):
+        path = tmp_path / f"cache-{cap}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            os.ftruncate(fd, 8 * CHUNK)
+            backend = Counting()
+            with ThreadPoolExecutor(2) as pool:
+                engine = FillEngine(ChunkFetcher(store, pool),
+                                    backend, pool,  # type: ignore[arg-type]
+                                    whole_prefill_cap=cap)
+                engine.blobs[blob.blob_id] = blob
+                progress = Progress()
+                await engine.background(
+                    protocol.StartBackground(1, fd, blob.blob_id, "prefill", 0, blob.size),
+                    progress)
+            assert backend.written == progress.written == expect
+            assert cachedir.data_bytes(fd) == expect
+            assert progress.note.startswith("not walked as EROFS")
+            if not expect:
+                assert f"above the cap of {cap}, nothing prefilled" in progress.note
+        finally:
+            os.close(fd)
