@@ -138,7 +138,7 @@ async def test_attack_prefill_of_an_unwalkable_bootstrap_stops_at_the_cap(tmp_pa
                 engine = FillEngine(ChunkFetcher(store, pool),
                                     backend, pool,  # type: ignore[arg-type]
                                     whole_prefill_cap=cap)
-                engine.blobs[blob.blob_id] = blob
+                engine.blobs[1] = blob  # the object id of the action below
                 progress = Progress()
                 await engine.background(
                     protocol.StartBackground(1, fd, blob.blob_id, "prefill", 0, blob.size),
