@@ -96,6 +96,11 @@ class Config:
                              size=True, between=(4096, 1 << 30), flag=False)
     hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "
                                      "stops the watchdog", between=(0.001, 86400))
+    mount_nosuid: bool = setting(True, "fanotify mounts are nosuid,nodev (false: setuid files "
+                                 "and device nodes of images take effect; trusted images only)")
+    holder_grace: float = setting(30.0, "seconds the fd holder keeps readers waiting for a "
+                                  "restarted daemon before it answers them with EIO",
+                                  between=(0, 86400))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 

@@ -69,13 +69,19 @@ class FanotifyFrontend:
         fetcher: verified chunk bytes (shared with the fscache front end).
         executor: runs file writes.
         readahead: after an event, fill this many bytes that follow it.
+        nosuid: mount nosuid,nodev (the default; False is the documented opt-out
+            `mount_nosuid = false`, for images whose setuid files must work).
     """
 
     def __init__(
         self, cache_dir: Path, store: LocalStore, fetcher: ChunkFetcher, executor: Executor,
         *, readahead: int = 0, group: int | None = None, inherited: dict[str, int] | None = None,
+        nosuid: bool = True, keep_dirs: tuple[Path, ...] = (),
     ) -> None:
         self.cache_dir = cache_dir
+        self.nosuid = nosuid
+        #: Never mounted on, under or above: the daemon's own directories.
+        self.keep_dirs = (cache_dir.absolute(), *keep_dirs)
         self.store = store
         self.fetcher = fetcher
         self._executor = executor
@@ -351,13 +357,47 @@ class FanotifyFrontend:
                     ) -> dict[str, Any]:
         """Lay out the image's files, fill its bootstrap, mount it (file-backed EROFS).
 
+        The mountpoint is resolved once, with no symlink allowed on the way, into an O_PATH
+        fd; it is checked through that fd and the mount is made on that fd.
+
         Raises:
             MountError: the image, the domain or the mountpoint is not usable, or mount(2)
                 failed; the message says which and what to do.
         """
+        target_fd, target = self._open_mountpoint(mountpoint)
+        try:
+            return await self._mount(image_name, target_fd, target, domain)
+        finally:
+            os.close(target_fd)
+
+    def _open_mountpoint(self, path: str) -> tuple[int, str]:
+        """The checked O_PATH fd of the directory `path`, and its canonical path."""
+        if not os.path.isabs(path):
+            msg = f"{path} is not an absolute path"
+            raise MountError(msg)
+        try:
+            fd = syscalls.open_dir_nofollow(path)
+        except OSError as exc:
+            reason = {errno.ELOOP: "it has a symlink in its path: give the real directory",
+                      errno.ENOTDIR: "not a directory: create it first",
+                      errno.ENOENT: "not a directory: create it first (no such directory)",
+                      errno.EXDEV: "it crosses a magic link"}.get(
+                          exc.errno or 0, exc.strerror or str(exc))
+            raise MountError(f"{path}: {reason}") from None
+        try:
+            target = syscalls.fd_path(fd)
+            refusal = layout.refuse_mountpoint(target, self.keep_dirs)
+            if refusal is not None:
+                raise MountError(refusal)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, target
+
+    async def _mount(self, image_name: str, target_fd: int, target: str, domain: str | None
+                     ) -> dict[str, Any]:
         start = time.perf_counter()
-        target = _mountpoint(mountpoint)
-        if target in self.mounts or os.path.ismount(target):
+        if target in self.mounts or _is_mount_root(target_fd):
             msg = f"{target} is already a mount point: umount it first or pick another directory"
             raise MountError(msg)
         try:
@@ -386,10 +426,11 @@ class FanotifyFrontend:
             self._update_lease()
             msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
             raise MountError(msg) from exc
-        options = layout.mount_options([f.path for f in files[1:]])
+        layout.mount_options([f.path for f in files[1:]])  # the same paths mountinfo can show
         try:
-            await loop.run_in_executor(self._executor, syscalls.mount_erofs,
-                                       str(files[0].path), target, options)
+            await loop.run_in_executor(self._executor, functools.partial(
+                syscalls.mount_erofs, str(files[0].path), target_fd,
+                [str(f.path) for f in files[1:]], nosuid=self.nosuid))
         except OSError as exc:
             self._update_lease()
             hint = {errno.EINVAL: "the image is not a valid EROFS image for this kernel "
@@ -401,7 +442,10 @@ class FanotifyFrontend:
         self.mounts[target] = Mount(record, files)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
-                 domain=domain, blobs=len(files), duration_ms=ms_since(start))
+                 domain=domain, blobs=len(files), options=_options(target),
+                 nosuid=self.nosuid, duration_ms=ms_since(start),
+                 **({} if self.nosuid else {"warning": "mount_nosuid = false: setuid files "
+                                            "and device nodes of this image take effect"}))
         return self.mount_view(self.mounts[target])
 
     async def umount(self, mountpoint: str, *, lazy: bool = False, wait: float = 2.0
@@ -462,7 +506,7 @@ class FanotifyFrontend:
     def mount_view(self, mount: Mount) -> dict[str, Any]:
         return {
             "mountpoint": mount.record.mountpoint, "image": mount.record.image,
-            "domain": mount.record.domain,
+            "domain": mount.record.domain, "options": _options(mount.record.mountpoint),
             "blobs": [{"blob": f.blob.blob_id, "role": "bootstrap" if i == 0 else "data",
                        "path": str(f.path), "size": f.blob.size, "filled_bytes": f.filled_bytes,
                        "pending": len(f.pending)}
@@ -470,7 +514,8 @@ class FanotifyFrontend:
         }
 
     def status(self) -> dict[str, Any]:
-        return {"adopted": self.adopted, "mounts": [self.mount_view(m)
+        return {"adopted": self.adopted, "nosuid": self.nosuid,
+                "mounts": [self.mount_view(m)
                                                     for m in self.mounts.values()],
                 "files": len(self.files), **self.counters,
                 "bytes_filled": self.filler.bytes_filled}
@@ -486,9 +531,24 @@ class FanotifyFrontend:
 
 
 def _mountpoint(path: str) -> str:
+    """The mount table's name for `path` (umount: a lookup, the mount itself is by fd)."""
     target = os.path.realpath(path)
     if not os.path.isdir(target):
         msg = f"{path} is not a directory: create it first"
         raise MountError(msg)
     return target
+
+
+def _is_mount_root(fd: int) -> bool:
+    """Whether the directory open as `fd` is the root of a mount (asked of the fd)."""
+    st, parent = os.fstat(fd), os.stat("..", dir_fd=fd)
+    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
+
+
+def _options(mountpoint: str) -> str:
+    """The mount's flags as the kernel has them ("ro,nosuid,nodev,relatime"), or ""."""
+    try:
+        return layout.current_flags(mountpoint)
+    except OSError:
+        return ""
 

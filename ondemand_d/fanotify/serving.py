@@ -45,7 +45,8 @@ def start(cfg: Config, startup: Startup, store: LocalStore, fetcher: ChunkFetche
     """The running front end (call on the loop; it starts reading at once)."""
     frontend = FanotifyFrontend(cfg.cache_dir, store, fetcher, executor,
                                 readahead=cfg.readahead, group=startup.group,
-                                inherited=startup.files)
+                                inherited=startup.files, nosuid=cfg.mount_nosuid,
+                                keep_dirs=(cfg.store.absolute(),))
     frontend.start()
     return frontend
 

@@ -36,6 +36,8 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "hung_read_after": ("5", "5", 5.0, "0"),
     "max_chunk": ('"8M"', "8M", 8 << 20, "1K"),
     "images_dir": ('"/srv/erofs"', "/srv/erofs", Path("/srv/erofs"), None),
+    "mount_nosuid": ("false", "false", False, "maybe"),
+    "holder_grace": ("5", "5", 5.0, "-1"),
     "registry_docker_config": ('"/etc/d.json"', "/etc/d.json", Path("/etc/d.json"), None),
     "registry_ca_file": ('"/etc/ca.pem"', "/etc/ca.pem", Path("/etc/ca.pem"), None),
     "registry_insecure": ('["a:5000", "b"]', "a:5000, b", frozenset({"a:5000", "b"}), None),
