@@ -9,8 +9,10 @@ with EIO. A reader therefore gets correct bytes or EIO, never a hole's zeros.
 Files are written only through fds opened *before* the file was marked: the kernel
 decides at open time whether an fd raises pre-content events, and a write through
 one that does would wait for this daemon's own answer. Those fds and the group fd
-go to systemd's fd store, so a successor keeps the marks and pending events alive
-(a closed group allows every pending event: readers would get zeros).
+go to systemd's fd store, or without systemd to the daemon's own fd holder
+(`holder`), so a successor keeps the marks and pending events alive (a closed group
+allows every pending event: readers would get zeros). A mount a successor cannot serve
+is denied and detached (fail closed), never left to read holes as zeros.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -48,6 +50,24 @@ FDSTORE_FILE_PREFIX = "fanotify-file."
 READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 #: Orphaned events (read by a dead instance, never answered) are found by fd number.
 ORPHAN_FD_LIMIT = 1 << 16
+
+
+class FdStore(Protocol):
+    """Where the group and the fill fds are kept across a crash (systemd, or the holder)."""
+
+    def store(self, fd: int, name: str) -> bool: ...
+
+    def close(self, *, clean: bool) -> None: ...
+
+
+class SystemdFdStore:
+    """systemd's fd store (a no-op off systemd); systemd itself drops it at a clean stop."""
+
+    def store(self, fd: int, name: str) -> bool:
+        return systemd.store_fd(fd, name)
+
+    def close(self, *, clean: bool) -> None:
+        pass
 
 
 class MountError(OndemandError):
@@ -76,7 +96,7 @@ class FanotifyFrontend:
     def __init__(
         self, cache_dir: Path, store: LocalStore, fetcher: ChunkFetcher, executor: Executor,
         *, readahead: int = 0, group: int | None = None, inherited: dict[str, int] | None = None,
-        nosuid: bool = True, keep_dirs: tuple[Path, ...] = (),
+        nosuid: bool = True, keep_dirs: tuple[Path, ...] = (), fdstore: FdStore | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.nosuid = nosuid
@@ -87,9 +107,10 @@ class FanotifyFrontend:
         self._executor = executor
         self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn)
         self.adopted = group is not None
+        self.fdstore = fdstore or SystemdFdStore()
         self.group = group if group is not None else syscalls.fanotify_init()
         if group is None:
-            systemd.store_fd(self.group, FDSTORE_GROUP)
+            self.fdstore.store(self.group, FDSTORE_GROUP)
         self._inherited = dict(inherited or {})
         self.files: dict[tuple[str, str], BlobFile] = {}
         self._by_ino: dict[tuple[int, int], BlobFile] = {}
@@ -100,6 +121,8 @@ class FanotifyFrontend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease = Lease(store.root)
         self.counters = {"events": 0, "denied": 0, "orphans": 0}
+        #: Mounts a previous instance left that this one could not serve (fail closed).
+        self.denied: list[dict[str, Any]] = []
 
     # -- start and stop -------------------------------------------------------------
 
@@ -114,9 +137,11 @@ class FanotifyFrontend:
 
     def _adopt(self) -> None:
         """Take over the files and the mounts of the previous instance that are still up."""
+        lost: dict[tuple[str, str], str] = {}  # (domain, blob id) -> why its file was dropped
         for name, fd in self._inherited.items():
             if not name.startswith(FDSTORE_FILE_PREFIX):
                 continue
+            path = Path("?")
             try:
                 path = Path(os.readlink(f"/proc/self/fd/{fd}"))
                 domain, blob_id = path.parent.name, path.name
@@ -124,6 +149,7 @@ class FanotifyFrontend:
                 self._add_file(domain, blob, path, fd)
             except (OSError, StoreError, ValueError) as exc:
                 log.warning("fanotify_file_not_adopted", fd=fd, error=str(exc))
+                lost[(path.parent.name, path.name)] = str(exc)
                 os.close(fd)
         up = layout.current_mounts()
         kept = []
@@ -135,13 +161,15 @@ class FanotifyFrontend:
                 if self.adopted:  # our group lives on: only the files handed over are safe
                     missing = [b for b in record.blobs if (record.domain, b) not in self.files]
                     if missing:
-                        msg = f"the fill fd of blob {missing[0]} was not handed over"
+                        why = lost.get((record.domain, missing[0]), "it was not handed over")
+                        msg = f"the file of blob {missing[0][:12]} cannot be served: {why}"
                         raise ValueError(msg)
                 files = tuple(self._file(record.domain, self.store.get_blob(b))
                               for b in record.blobs)
+                if not self.adopted:
+                    _check_gap(files)
             except (OSError, StoreError, ValueError) as exc:
-                log.error("fanotify_mount_not_adopted", mountpoint=record.mountpoint,
-                          error=str(exc), consequence="its unfilled ranges read as EIO")
+                self._deny(record, str(exc) or repr(exc))
                 continue
             self.mounts[record.mountpoint] = Mount(record, files)
             kept.append(record)
@@ -151,6 +179,38 @@ class FanotifyFrontend:
         if layout.root(self.cache_dir).is_dir():
             layout.save_mounts(self.cache_dir, kept)
         self._update_lease()
+
+    def _deny(self, record: layout.MountRecord, reason: str) -> None:
+        """Fail closed on a mount this instance cannot serve: EIO for its readers, detach it.
+
+        Its blob files get this group's mark (a file this instance does not know is
+        answered EIO), so a reader of a range nobody filled gets EIO, never a hole's
+        zeros; the lazy umount keeps anyone from opening a file there again.
+        """
+        marked = 0
+        for blob_id in record.blobs:
+            if (record.domain, blob_id) in self.files:
+                continue  # known: its events are served, with verified bytes
+            path = layout.blob_path(self.cache_dir, record.domain, blob_id)
+            try:
+                syscalls.mark_path(self.group, str(path))
+                marked += 1
+            except OSError as exc:
+                log.error("fanotify_deny_mark_failed", mountpoint=record.mountpoint,
+                          path=str(path), error=exc.strerror)
+        try:
+            syscalls.umount(record.mountpoint, detach=True)
+            detached = True
+        except OSError as exc:
+            log.error("fanotify_detach_failed", mountpoint=record.mountpoint,
+                      error=exc.strerror)
+            detached = False
+        self.denied.append({"mountpoint": record.mountpoint, "image": record.image,
+                            "domain": record.domain, "reason": reason, "detached": detached})
+        log.error("fanotify_mount_denied", mountpoint=record.mountpoint, image=record.image,
+                  domain=record.domain, reason=reason, files_denied=marked, detached=detached,
+                  consequence="not adopted: reads of its unfilled ranges get EIO, and it is "
+                  "detached; mount the image again")
 
     def _answer_orphans(self) -> None:
         """Deny the events a dead instance read and never answered (found by fd number).
@@ -205,6 +265,7 @@ class FanotifyFrontend:
                 self._answer(pending, errno.EIO, "stopping")
             os.close(file.fd)
         os.close(self.group)
+        self.fdstore.close(clean=True)
         self._lease.close()
 
     # -- files ----------------------------------------------------------------------
@@ -231,7 +292,7 @@ class FanotifyFrontend:
             os.close(fd)
             raise
         name = FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
-        systemd.store_fd(fd, name)
+        self.fdstore.store(fd, name)
         return self._add_file(domain, blob, path, fd)
 
     def _add_file(self, domain: str, blob: Blob, path: Path, fd: int) -> BlobFile:
@@ -514,7 +575,9 @@ class FanotifyFrontend:
         }
 
     def status(self) -> dict[str, Any]:
-        return {"adopted": self.adopted, "nosuid": self.nosuid,
+        holder = getattr(self.fdstore, "pid", None)
+        return {"adopted": self.adopted, "nosuid": self.nosuid, "denied_mounts": self.denied,
+                "fd_store": "systemd" if holder is None else "holder", "holder_pid": holder,
                 "mounts": [self.mount_view(m)
                                                     for m in self.mounts.values()],
                 "files": len(self.files), **self.counters,
@@ -537,6 +600,25 @@ def _mountpoint(path: str) -> str:
         msg = f"{path} is not a directory: create it first"
         raise MountError(msg)
     return target
+
+
+def _check_gap(files: tuple[BlobFile, ...]) -> None:
+    """Refuse a mount whose group died with the previous instance while a hole was left.
+
+    Between that death and this start nobody answered its events: the kernel allowed
+    them, so a read of a hole returned zeros that may still sit in the page cache. A
+    mount whose files are whole had no hole to read (nothing fills a file while no
+    daemon runs), so it is safe to serve; any other is not.
+
+    Raises:
+        ValueError: which blob has holes, and why that matters.
+    """
+    for file in files:
+        if not all(file.filled):
+            msg = (f"blob {file.blob.blob_id[:12]} was not filled whole when the previous "
+                   "instance's fanotify group closed (no fd store or holder kept it): its "
+                   "holes may have been read as zeros")
+            raise ValueError(msg)
 
 
 def _is_mount_root(fd: int) -> bool:
