@@ -106,10 +106,12 @@ class Holder:
                 ready, _, _ = select.select(watch, [], [], timeout)
             except InterruptedError:
                 continue
+            # The attached daemon's messages first: a successor's connect may come in the
+            # same round as its predecessor's end.
+            if self.conn is not None and self._drain():
+                return 0
             if self.listener.fileno() in ready:
                 self._accept()
-            if self.conn is not None and self.conn.fileno() in ready and self._message():
-                return 0
             if group is not None and group in ready and self.answering:
                 self._deny_pending(group)
             if self.conn is None and not self.answering and self.left is not None and \
@@ -127,6 +129,15 @@ class Holder:
             conn.close()
             return
         self.conn = conn
+
+    def _drain(self) -> bool:
+        """Every message the attached daemon has sent; True when the holder should exit."""
+        while self.conn is not None:
+            if not select.select([self.conn], [], [], 0)[0]:
+                return False
+            if self._message():
+                return True
+        return False
 
     def _message(self) -> bool:
         """Handle one message of the attached daemon; True when the holder should exit."""
@@ -274,18 +285,21 @@ def attach(cache_dir: Path, grace: float, *, start: bool = True) -> HolderClient
         HolderError: the socket is not ours, or the holder could not be started.
     """
     path = socket_path(cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock = _connect(path)
     if sock is None:
         if not start:
             return None
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         sock = _spawn(path, grace)
     _pid, uid = _peer_uid(sock)  # of whoever listen()ed: the daemon that started it
     if uid != os.geteuid():
         sock.close()
         msg = f"{path} is served by uid {uid}, not by this daemon's user: remove it"
         raise HolderError(errno.EPERM, msg)
-    sock.send(b"ATTACH")
+    try:
+        sock.send(b"ATTACH")
+    except BrokenPipeError:  # it said BUSY and closed already
+        pass
     fds: dict[str, int] = {}
     pid = 0
     for msg, got in _replies(sock):
@@ -330,8 +344,11 @@ def release(cache_dir: Path) -> int | None:
 def _replies(sock: socket.socket) -> Iterator[tuple[bytes, list[int]]]:
     """The holder's answer to ATTACH: FDS messages, then END <its pid> (yielded last)."""
     while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE, FDS_PER_MESSAGE,
-                                                  socket.MSG_CMSG_CLOEXEC)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE, FDS_PER_MESSAGE,
+                                                      socket.MSG_CMSG_CLOEXEC)
+        except ConnectionResetError:  # it said BUSY and closed before reading ATTACH
+            msg, fds = b"", []
         yield msg, fds
         if not msg.startswith(b"FDS "):
             return

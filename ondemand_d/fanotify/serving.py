@@ -31,30 +31,28 @@ class Startup:
     group: int | None = None
     files: dict[str, int] = field(default_factory=dict)
     holder: HolderClient | None = None
+    systemd_store: bool = False
 
 
 def check(cfg: Config, environ: Mapping[str, str] | None = None) -> Startup:
     """Probe pre-content events (with an inherited group if there is one).
 
     Under systemd (NOTIFY_SOCKET) the fds come from and go to its fd store; without
-    it, from and to this cache directory's fd holder, started here if none runs.
+    it, from and to this cache directory's fd holder (started by `start` if none runs).
     """
     env = os.environ if environ is None else environ
     systemd_store = bool(env.get("NOTIFY_SOCKET"))
     holder = None
     if systemd_store:
         fds = systemd.listen_fds()
-    else:  # a holder a previous instance left (started below only if the probe passes)
+    else:  # a holder a previous instance left
         holder = _attach(cfg, start=False)
         fds = holder.fds if holder is not None else {}
     group = fds.get(FDSTORE_GROUP)
     files = {k: v for k, v in fds.items() if k.startswith(FDSTORE_FILE_PREFIX)}
     if group is not None:
         os.set_blocking(group, False)
-    found = probe(cfg.cache_dir, group)
-    if found.available and not systemd_store and holder is None:
-        holder = _attach(cfg, start=True)
-    return Startup(found, group, files, holder)
+    return Startup(probe(cfg.cache_dir, group), group, files, holder, systemd_store)
 
 
 def _attach(cfg: Config, *, start: bool) -> HolderClient | None:
@@ -72,7 +70,13 @@ def _attach(cfg: Config, *, start: bool) -> HolderClient | None:
 
 def start(cfg: Config, startup: Startup, store: LocalStore, fetcher: ChunkFetcher,
           executor: Executor) -> FanotifyFrontend:
-    """The running front end (call on the loop; it starts reading at once)."""
+    """The running front end (call on the loop; it starts reading at once).
+
+    Off systemd, the fd holder is started here when none runs: only a daemon that got
+    this far (device, store, control socket) has anything to hold.
+    """
+    if not startup.systemd_store and startup.holder is None:
+        startup.holder = _attach(cfg, start=True)
     frontend = FanotifyFrontend(cfg.cache_dir, store, fetcher, executor,
                                 readahead=cfg.readahead, group=startup.group,
                                 inherited=startup.files, nosuid=cfg.mount_nosuid,

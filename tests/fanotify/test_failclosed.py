@@ -83,10 +83,11 @@ async def test_kill_9_then_restart_by_hand(workdir: Path, registry: Registry,  #
     try:
         await asyncio.to_thread(daemon.mount, "app", mnt)
         holder = await asyncio.to_thread(holder_pid, daemon)
+        assert daemon.proc is not None
+        assert os.getsid(holder) != os.getsid(daemon.proc.pid)  # a killpg does not reach it
         proxy.faults.append(Fault("delay", times=10_000, seconds=0.3))
         out = workdir / "received"
         reader = await cold_reader(daemon, mnt, out)
-        assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(daemon.proc.wait)
         os.kill(holder, 0)  # the holder outlived it
