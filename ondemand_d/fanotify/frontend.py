@@ -168,7 +168,7 @@ class FanotifyFrontend:
                               for b in record.blobs)
                 if not self.adopted:
                     _check_gap(files)
-            except (OSError, StoreError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it is, fail closed
                 self._deny(record, str(exc) or repr(exc))
                 continue
             self.mounts[record.mountpoint] = Mount(record, files)
@@ -176,9 +176,27 @@ class FanotifyFrontend:
             log.info("fanotify_mount_adopted", mountpoint=record.mountpoint, image=record.image,
                      domain=record.domain, source=source,
                      filled_bytes=sum(f.filled_bytes for f in files))
+        self._deny_unrecorded(up)
         if layout.root(self.cache_dir).is_dir():
             layout.save_mounts(self.cache_dir, kept)
         self._update_lease()
+
+    def _deny_unrecorded(self, up: dict[str, tuple[str, str]]) -> None:
+        """Deny the mounts on our files that mounts.json does not name (lost or damaged)."""
+        ours = str(layout.root(self.cache_dir).absolute()) + "/"
+        done = {d["mountpoint"] for d in self.denied}
+        for mountpoint, (fstype, source) in up.items():
+            if fstype != "erofs" or not source.startswith(ours) or mountpoint in self.mounts \
+                    or mountpoint in done:
+                continue
+            path = Path(source)
+            try:
+                record = layout.MountRecord(mountpoint, "?", layout.check_domain(
+                    path.parent.name), (path.name,))
+            except ValueError:
+                continue
+            self._deny(record, "it is not in fanotify/mounts.json (lost or damaged): "
+                       "this instance does not know its image")
 
     def _deny(self, record: layout.MountRecord, reason: str) -> None:
         """Fail closed on a mount this instance cannot serve: EIO for its readers, detach it.

@@ -233,3 +233,26 @@ def test_group_lost_with_holes_is_detached(workdir: Path) -> None:
         assert every_byte(full, src) == (len(tree(src)), 0)
     finally:
         d.stop()
+
+
+def test_mount_missing_from_the_table_is_denied(workdir: Path) -> None:
+    """A damaged mounts.json: the successor still finds the mounts on its files, and
+    denies and detaches them instead of leaving them readable with nobody serving."""
+    d = Daemon(workdir, workdir / "store")
+    src = make_tree(workdir / "src", seed=35)
+    assert cli.main(["--store", str(d.store), "build", str(src), "--name", "app"]) == 0
+    d.start()
+    try:
+        mnt = workdir / "mnt"
+        d.mount("app", mnt)
+        assert d.proc is not None
+        d.proc.kill()
+        d.proc.wait()
+        (d.cache / "fanotify" / "mounts.json").write_text("{damaged")
+        d.start()
+        d.wait_ready(2)
+        (entry,) = d.client.get("/fanotify")["denied_mounts"]
+        assert entry["mountpoint"] == str(mnt) and "mounts.json" in entry["reason"]
+        assert not mnt.is_mount()
+    finally:
+        d.stop()
