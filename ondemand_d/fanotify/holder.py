@@ -373,6 +373,13 @@ def _connect(path: Path) -> socket.socket | None:
     return sock
 
 
+def _env() -> dict[str, str]:
+    """This environment, with this copy of ondemand_d first on the path (cwd is / there)."""
+    here = str(Path(__file__).resolve().parents[2])
+    rest = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": here + (os.pathsep + rest if rest else "")}
+
+
 def _spawn(path: Path, grace: float) -> socket.socket:
     """Bind the socket here, hand it to a new holder process, connect to it.
 
@@ -390,7 +397,7 @@ def _spawn(path: Path, grace: float) -> socket.socket:
         subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "ondemand_d.fanotify.holder", str(grace), str(fd)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-            pass_fds=(fd,))
+            pass_fds=(fd,), cwd="/", env=_env())  # cwd: keeps no directory busy
     except OSError as exc:
         listener.close()
         path.unlink(missing_ok=True)

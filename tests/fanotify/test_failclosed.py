@@ -12,6 +12,7 @@ import asyncio
 import errno
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,6 +188,9 @@ def test_unadoptable_mount_is_denied_and_detached(workdir: Path) -> None:
         (entry,) = st["denied_mounts"]
         assert entry["mountpoint"] == str(mnt) and entry["image"] == "app"
         assert not mnt.is_mount()  # detached: nobody opens a file there any more
+        status = subprocess.run([sys.executable, "-m", "ondemand_d", "status", "--socket",
+                                 str(d.socket)], capture_output=True, text=True, check=True)
+        assert f"  {mnt}  app DENIED (detached): the file of blob" in status.stdout
         want = (src / "large.bin").read_bytes()
         got = b""
         try:
