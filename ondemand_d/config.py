@@ -102,6 +102,11 @@ class Config:
                              "import", size=True, between=(4096, 1 << 60), flag=False)
     cache_max: int = setting(0, "bytes the cache files may take; unused ones are removed "
                              "first (0: the disk is the limit)", size=True, between=(0, 1 << 60))
+    mount_nosuid: bool = setting(True, "fanotify mounts are nosuid,nodev (false: setuid files "
+                                 "and device nodes of images take effect; trusted images only)")
+    holder_grace: float = setting(30.0, "seconds the fd holder keeps readers waiting for a "
+                                  "restarted daemon before it answers them with EIO",
+                                  between=(0, 86400))
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 

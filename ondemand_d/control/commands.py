@@ -95,7 +95,14 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
             size_all = sum(b["size"] for b in m["blobs"])
             filled = sum(b["filled_bytes"] for b in m["blobs"])
             out.append(f"  {m['mountpoint']}  {m['image']} (domain {m['domain']}), "
-                       f"{size(size_all)}, filled {size(filled)}")
+                       f"{size(size_all)}, filled {size(filled)}"
+                       + (f", {m['options']}" if m.get("options") else ""))
+        if fan.get("nosuid") is False:
+            out.append("  (mount_nosuid = false: setuid files and device nodes of images "
+                       "take effect)")
+        for d in fan.get("denied_mounts", []):
+            detached = "detached" if d["detached"] else "NOT detached"
+            out.append(f"  {d['mountpoint']}  {d['image']} DENIED ({detached}): {d['reason']}")
     c = st["counters"]
     out.append("requests since start:")
     for r in c["requests"]:

@@ -9,8 +9,10 @@ with EIO. A reader therefore gets correct bytes or EIO, never a hole's zeros.
 Files are written only through fds opened *before* the file was marked: the kernel
 decides at open time whether an fd raises pre-content events, and a write through
 one that does would wait for this daemon's own answer. Those fds and the group fd
-go to systemd's fd store, so a successor keeps the marks and pending events alive
-(a closed group allows every pending event: readers would get zeros).
+go to systemd's fd store, or without systemd to the daemon's own fd holder
+(`holder`), so a successor keeps the marks and pending events alive (a closed group
+allows every pending event: readers would get zeros). A mount a successor cannot serve
+is denied and detached (fail closed), never left to read holes as zeros.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -52,6 +54,29 @@ READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 ORPHAN_FD_LIMIT = 1 << 16
 
 
+class FdStore(Protocol):
+    """Where the group and the fill fds are kept across a crash (systemd, or the holder)."""
+
+    def store(self, fd: int, name: str) -> bool: ...
+
+    def remove(self, name: str) -> None: ...
+
+    def close(self, *, clean: bool) -> None: ...
+
+
+class SystemdFdStore:
+    """systemd's fd store (a no-op off systemd); systemd itself drops it at a clean stop."""
+
+    def store(self, fd: int, name: str) -> bool:
+        return systemd.store_fd(fd, name)
+
+    def remove(self, name: str) -> None:
+        systemd.remove_fd(name)
+
+    def close(self, *, clean: bool) -> None:
+        pass
+
+
 class MountError(OndemandError):
     """A mount or umount request that cannot be carried out (the message says why)."""
 
@@ -72,14 +97,20 @@ class FanotifyFrontend:
         executor: runs file writes.
         readahead: after an event, fill this many bytes that follow it.
         cache_max: bytes the blob files may hold (0: no limit); see `_make_room`.
+        nosuid: mount nosuid,nodev (the default; False is the documented opt-out
+            `mount_nosuid = false`, for images whose setuid files must work).
     """
 
     def __init__(
         self, cache_dir: Path, store: LocalStore, fetcher: ChunkFetcher, executor: Executor,
         *, readahead: int = 0, group: int | None = None, inherited: dict[str, int] | None = None,
-        cache_max: int = 0,
+        cache_max: int = 0, nosuid: bool = True, keep_dirs: tuple[Path, ...] = (),
+        fdstore: FdStore | None = None,
     ) -> None:
         self.cache_dir = cache_dir
+        self.nosuid = nosuid
+        #: Never mounted on, under or above: the daemon's own directories.
+        self.keep_dirs = (cache_dir.absolute(), *keep_dirs)
         self.store = store
         self.fetcher = fetcher
         self._executor = executor
@@ -88,9 +119,10 @@ class FanotifyFrontend:
         self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn,
                                   make_room=self._make_room if cache_max else None)
         self.adopted = group is not None
+        self.fdstore = fdstore or SystemdFdStore()
         self.group = group if group is not None else syscalls.fanotify_init()
         if group is None:
-            systemd.store_fd(self.group, FDSTORE_GROUP)
+            self.fdstore.store(self.group, FDSTORE_GROUP)
         self._inherited = dict(inherited or {})
         self.files: dict[tuple[str, str], BlobFile] = {}
         self._by_ino: dict[tuple[int, int], BlobFile] = {}
@@ -101,6 +133,8 @@ class FanotifyFrontend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease = Lease(store.root)
         self.counters = {"events": 0, "denied": 0, "orphans": 0}
+        #: Mounts a previous instance left that this one could not serve (fail closed).
+        self.denied: list[dict[str, Any]] = []
 
     # -- start and stop -------------------------------------------------------------
 
@@ -120,9 +154,11 @@ class FanotifyFrontend:
         for record in layout.load_mounts(self.cache_dir):
             for b in record.blobs:
                 first_user.setdefault((record.domain, b), record.image)
+        lost: dict[tuple[str, str], str] = {}  # (domain, blob id) -> why its file was dropped
         for name, fd in self._inherited.items():
             if not name.startswith(FDSTORE_FILE_PREFIX):
                 continue
+            path = Path("?")
             try:
                 path = Path(os.readlink(f"/proc/self/fd/{fd}"))
                 domain, blob_id = path.parent.name, path.name
@@ -131,6 +167,7 @@ class FanotifyFrontend:
                 self._add_file(domain, blob, path, fd)
             except (OSError, StoreError, ValueError) as exc:
                 log.warning("fanotify_file_not_adopted", fd=fd, error=str(exc))
+                lost[(path.parent.name, path.name)] = str(exc)
                 os.close(fd)
         up = layout.current_mounts()
         kept = []
@@ -142,23 +179,75 @@ class FanotifyFrontend:
                 if self.adopted:  # our group lives on: only the files handed over are safe
                     missing = [b for b in record.blobs if (record.domain, b) not in self.files]
                     if missing:
-                        msg = f"the fill fd of blob {missing[0]} was not handed over"
+                        why = lost.get((record.domain, missing[0]), "it was not handed over")
+                        msg = f"the file of blob {missing[0][:12]} cannot be served: {why}"
                         raise ValueError(msg)
                 files = tuple(self._file(record.domain,
                                          locate(self.store, self.store.get_blob(b), (record.image,)))
                               for b in record.blobs)
-            except (OSError, StoreError, ValueError) as exc:
-                log.error("fanotify_mount_not_adopted", mountpoint=record.mountpoint,
-                          error=str(exc), consequence="its unfilled ranges read as EIO")
+                if not self.adopted:
+                    _check_gap(files)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, fail closed
+                self._deny(record, str(exc) or repr(exc))
                 continue
             self.mounts[record.mountpoint] = Mount(record, files)
             kept.append(record)
             log.info("fanotify_mount_adopted", mountpoint=record.mountpoint, image=record.image,
                      domain=record.domain, source=source,
                      filled_bytes=sum(f.filled_bytes for f in files))
+        self._deny_unrecorded(up)
         if layout.root(self.cache_dir).is_dir():
             layout.save_mounts(self.cache_dir, kept)
         self._update_lease()
+
+    def _deny_unrecorded(self, up: dict[str, tuple[str, str]]) -> None:
+        """Deny the mounts on our files that mounts.json does not name (lost or damaged)."""
+        ours = str(layout.root(self.cache_dir).absolute()) + "/"
+        done = {d["mountpoint"] for d in self.denied}
+        for mountpoint, (fstype, source) in up.items():
+            if fstype != "erofs" or not source.startswith(ours) or mountpoint in self.mounts \
+                    or mountpoint in done:
+                continue
+            path = Path(source)
+            try:
+                record = layout.MountRecord(mountpoint, "?", layout.check_domain(
+                    path.parent.name), (path.name,))
+            except ValueError:
+                continue
+            self._deny(record, "it is not in fanotify/mounts.json (lost or damaged): "
+                       "this instance does not know its image")
+
+    def _deny(self, record: layout.MountRecord, reason: str) -> None:
+        """Fail closed on a mount this instance cannot serve: EIO for its readers, detach it.
+
+        Its blob files get this group's mark (a file this instance does not know is
+        answered EIO), so a reader of a range nobody filled gets EIO, never a hole's
+        zeros; the lazy umount keeps anyone from opening a file there again.
+        """
+        marked = 0
+        for blob_id in record.blobs:
+            if (record.domain, blob_id) in self.files:
+                continue  # known: its events are served, with verified bytes
+            path = layout.blob_path(self.cache_dir, record.domain, blob_id)
+            try:
+                syscalls.mark_path(self.group, str(path))
+                marked += 1
+            except OSError as exc:
+                log.error("fanotify_deny_mark_failed", mountpoint=record.mountpoint,
+                          path=str(path), error=exc.strerror)
+        try:
+            syscalls.umount(record.mountpoint, detach=True)
+            detached = True
+        except OSError as exc:
+            log.error("fanotify_detach_failed", mountpoint=record.mountpoint,
+                      error=exc.strerror)
+            detached = False
+        self.denied.append({"mountpoint": record.mountpoint, "image": record.image,
+                            "domain": record.domain, "reason": reason, "detached": detached})
+        log.error("fanotify_mount_denied", mountpoint=record.mountpoint, image=record.image,
+                  domain=record.domain, reason=reason, files_denied=marked, detached=detached,
+                  consequence="not adopted: reads of its unfilled ranges get EIO, and it is "
+                  "detached; mount the image again")
 
     def _answer_orphans(self) -> None:
         """Deny the events a dead instance read and never answered (found by fd number).
@@ -213,6 +302,7 @@ class FanotifyFrontend:
                 self._answer(pending, errno.EIO, "stopping")
             os.close(file.fd)
         os.close(self.group)
+        self.fdstore.close(clean=True)
         self._lease.close()
 
     # -- files ----------------------------------------------------------------------
@@ -238,7 +328,7 @@ class FanotifyFrontend:
         except BaseException:
             os.close(fd)
             raise
-        systemd.store_fd(fd, _fdstore_name(path))
+        self.fdstore.store(fd, _fdstore_name(path))
         return self._add_file(domain, blob, path, fd)
 
     def _add_file(self, domain: str, blob: Blob, path: Path, fd: int) -> BlobFile:
@@ -365,13 +455,47 @@ class FanotifyFrontend:
         """Lay out the image's files, fill its bootstrap's metadata, mount it (file-backed
         EROFS). A failure takes back the files and fds it laid out.
 
+        The mountpoint is resolved once, with no symlink allowed on the way, into an O_PATH
+        fd; it is checked through that fd and the mount is made on that fd.
+
         Raises:
             MountError: the image, the domain or the mountpoint is not usable, or mount(2)
                 failed; the message says which and what to do.
         """
+        target_fd, target = self._open_mountpoint(mountpoint)
+        try:
+            return await self._mount(image_name, target_fd, target, domain)
+        finally:
+            os.close(target_fd)
+
+    def _open_mountpoint(self, path: str) -> tuple[int, str]:
+        """The checked O_PATH fd of the directory `path`, and its canonical path."""
+        if not os.path.isabs(path):
+            msg = f"{path} is not an absolute path"
+            raise MountError(msg)
+        try:
+            fd = syscalls.open_dir_nofollow(path)
+        except OSError as exc:
+            reason = {errno.ELOOP: "it has a symlink in its path: give the real directory",
+                      errno.ENOTDIR: "not a directory: create it first",
+                      errno.ENOENT: "not a directory: create it first (no such directory)",
+                      errno.EXDEV: "it crosses a magic link"}.get(
+                          exc.errno or 0, exc.strerror or str(exc))
+            raise MountError(f"{path}: {reason}") from None
+        try:
+            target = syscalls.fd_path(fd)
+            refusal = layout.refuse_mountpoint(target, self.keep_dirs)
+            if refusal is not None:
+                raise MountError(refusal)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, target
+
+    async def _mount(self, image_name: str, target_fd: int, target: str, domain: str | None
+                     ) -> dict[str, Any]:
         start = time.perf_counter()
-        target = _mountpoint(mountpoint)
-        if target in self.mounts or os.path.ismount(target):
+        if target in self.mounts or _is_mount_root(target_fd):
             msg = f"{target} is already a mount point: umount it first or pick another directory"
             raise MountError(msg)
         try:
@@ -410,10 +534,11 @@ class FanotifyFrontend:
             self._discard_new(new, laying)
             msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
             raise MountError(msg) from exc
-        options = layout.mount_options([f.path for f in files[1:]])
+        layout.mount_options([f.path for f in files[1:]])  # the same paths mountinfo can show
         try:
-            await loop.run_in_executor(self._executor, syscalls.mount_erofs,
-                                       str(files[0].path), target, options)
+            await loop.run_in_executor(self._executor, functools.partial(
+                syscalls.mount_erofs, str(files[0].path), target_fd,
+                [str(f.path) for f in files[1:]], nosuid=self.nosuid))
         except OSError as exc:
             self._discard_new(new, laying)
             hint = {errno.EINVAL: "the image is not a valid EROFS image for this kernel "
@@ -426,7 +551,10 @@ class FanotifyFrontend:
         self._done_laying_out(laying)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
-                 domain=domain, blobs=len(files), duration_ms=ms_since(start))
+                 domain=domain, blobs=len(files), options=_options(target),
+                 nosuid=self.nosuid, duration_ms=ms_since(start),
+                 **({} if self.nosuid else {"warning": "mount_nosuid = false: setuid files "
+                                            "and device nodes of this image take effect"}))
         return self.mount_view(self.mounts[target])
 
     async def _fill_metadata(self, image_name: str, bootstrap: BlobFile) -> None:
@@ -474,7 +602,7 @@ class FanotifyFrontend:
                 self._by_ino.pop(file.ino, None)
                 for pending in list(file.pending):
                     self._answer(pending, errno.EIO, "blob file removed")
-                systemd.remove_fd(_fdstore_name(file.path))
+                self.fdstore.remove(_fdstore_name(file.path))
                 os.close(file.fd)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -558,7 +686,7 @@ class FanotifyFrontend:
     def mount_view(self, mount: Mount) -> dict[str, Any]:
         return {
             "mountpoint": mount.record.mountpoint, "image": mount.record.image,
-            "domain": mount.record.domain,
+            "domain": mount.record.domain, "options": _options(mount.record.mountpoint),
             "blobs": [{"blob": f.blob.blob_id, "role": "bootstrap" if i == 0 else "data",
                        "path": str(f.path), "size": f.blob.size, "filled_bytes": f.filled_bytes,
                        "pending": len(f.pending)}
@@ -566,7 +694,10 @@ class FanotifyFrontend:
         }
 
     def status(self) -> dict[str, Any]:
-        return {"adopted": self.adopted, "mounts": [self.mount_view(m)
+        holder = getattr(self.fdstore, "pid", None)
+        return {"adopted": self.adopted, "nosuid": self.nosuid, "denied_mounts": self.denied,
+                "fd_store": "systemd" if holder is None else "holder", "holder_pid": holder,
+                "mounts": [self.mount_view(m)
                                                     for m in self.mounts.values()],
                 "files": len(self.files), **self.counters,
                 "bytes_filled": self.filler.bytes_filled}
@@ -587,9 +718,43 @@ def _fdstore_name(path: Path) -> str:
 
 
 def _mountpoint(path: str) -> str:
+    """The mount table's name for `path` (umount: a lookup, the mount itself is by fd)."""
     target = os.path.realpath(path)
     if not os.path.isdir(target):
         msg = f"{path} is not a directory: create it first"
         raise MountError(msg)
     return target
+
+
+def _check_gap(files: tuple[BlobFile, ...]) -> None:
+    """Refuse a mount whose group died with the previous instance while a hole was left.
+
+    Between that death and this start nobody answered its events: the kernel allowed
+    them, so a read of a hole returned zeros that may still sit in the page cache. A
+    mount whose files are whole had no hole to read (nothing fills a file while no
+    daemon runs), so it is safe to serve; any other is not.
+
+    Raises:
+        ValueError: which blob has holes, and why that matters.
+    """
+    for file in files:
+        if not all(file.filled):
+            msg = (f"blob {file.blob.blob_id[:12]} was not filled whole when the previous "
+                   "instance's fanotify group closed (no fd store or holder kept it): its "
+                   "holes may have been read as zeros")
+            raise ValueError(msg)
+
+
+def _is_mount_root(fd: int) -> bool:
+    """Whether the directory open as `fd` is the root of a mount (asked of the fd)."""
+    st, parent = os.fstat(fd), os.stat("..", dir_fd=fd)
+    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
+
+
+def _options(mountpoint: str) -> str:
+    """The mount's flags as the kernel has them ("ro,nosuid,nodev,relatime"), or ""."""
+    try:
+        return layout.current_flags(mountpoint)
+    except OSError:
+        return ""
 

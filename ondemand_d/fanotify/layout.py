@@ -50,6 +50,39 @@ def mount_options(devices: list[Path]) -> str:
     return ",".join(f"device={p}" for p in devices)
 
 
+#: Mounting on these, or anywhere under them, would shadow the system (or the kernel's
+#: own views of it: /proc/PID, /dev, /sys).
+SYSTEM_TREES = ("/proc", "/sys", "/dev", "/etc", "/usr", "/boot", "/bin", "/sbin", "/lib",
+                "/lib32", "/lib64", "/libx32", "/efi")
+#: These themselves are refused; a directory made under them (/run/images/app,
+#: /var/lib/app) is a mountpoint like any other. /mnt and /media exist to be mounted on.
+SYSTEM_DIRS = ("/", "/run", "/var", "/tmp", "/home", "/root", "/srv", "/opt", "/var/lib",
+               "/var/cache", "/var/tmp", "/var/log", "/var/run")
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def refuse_mountpoint(path: str, keep: tuple[Path, ...] = ()) -> str | None:
+    """Why the canonical directory `path` must not be mounted on, or None if it may.
+
+    `keep` are the daemon's own directories (cache, store): a mount on them, under them
+    or on one of their parents would hide them. Pure: `path` is what the kernel
+    resolved once (the O_PATH fd's path), never a path to resolve again.
+    """
+    for top in SYSTEM_TREES:
+        if _within(path, top):
+            return f"{path} is a system directory ({top}): mount on a directory you made"
+    if path in SYSTEM_DIRS:
+        return f"{path} is a system directory: mount on a directory you made under it"
+    for own in keep:
+        mine = str(own)
+        if _within(path, mine) or _within(mine, path):
+            return (f"{path} would hide the daemon's own directory {mine}: mount elsewhere")
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class MountRecord:
     """One mount this front end made: `blobs` is the bootstrap first, then the data blobs."""
@@ -108,3 +141,18 @@ def mounted(mountinfo: str) -> dict[str, tuple[str, str]]:
 def current_mounts() -> dict[str, tuple[str, str]]:
     with open("/proc/self/mountinfo") as f:
         return mounted(f.read())
+
+
+def mount_flags(mountinfo: str) -> dict[str, str]:
+    """mountpoint -> its per-mount options ("ro,nosuid,nodev,relatime") from mountinfo."""
+    out: dict[str, str] = {}
+    for line in mountinfo.splitlines():
+        fields = line.partition(" - ")[0].split()
+        if len(fields) >= 6:  # noqa: PLR2004 - mountinfo's sixth field
+            out[_unescape(fields[4])] = fields[5]
+    return out
+
+
+def current_flags(mountpoint: str) -> str:
+    with open("/proc/self/mountinfo") as f:
+        return mount_flags(f.read()).get(mountpoint, "")

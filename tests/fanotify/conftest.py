@@ -25,7 +25,7 @@ import pytest
 
 from ondemand_d import cli
 from ondemand_d.control.client import ControlClient
-from ondemand_d.fanotify import layout
+from ondemand_d.fanotify import holder, layout
 from ondemand_d.fanotify.probe import probe
 from ondemand_d.store.local import LocalStore
 
@@ -155,6 +155,8 @@ def unmount_all_under(path: Path) -> None:
 def workdir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     unmount_all_under(tmp_path)
+    # A test that killed its daemon for good leaves its fd holder holding: stop it.
+    holder.release(tmp_path / "cache")
 
 
 @pytest.fixture

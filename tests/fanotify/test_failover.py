@@ -123,16 +123,19 @@ async def test_kill_9_during_a_cold_read(workdir: Path, registry: Registry,  # n
 
 
 def test_restart_without_fd_store_readopts(daemon: Daemon, workdir: Path) -> None:
-    """No fd store: a restarted daemon re-marks the files of the mounts still up and serves
-    them again from what is filled, fetching nothing twice."""
+    """No fd store (the daemon and its fd holder both killed): a restarted daemon re-marks
+    the files of the mounts still up and serves them again from what is filled, fetching
+    nothing twice (they were filled whole: no hole could be read as zeros meanwhile)."""
     src = make_tree(workdir / "src", seed=22)
     build(daemon.store, src, "app", "--chunk-size", "64K")
     mnt = workdir / "mnt"
     daemon.mount("app", mnt)
     assert tree(mnt) == tree(src)  # everything filled, nothing pending
+    holder = daemon.client.get("/fanotify")["holder_pid"]
     assert daemon.proc is not None
     daemon.proc.kill()
     daemon.proc.wait()
+    os.kill(holder, signal.SIGKILL)  # ours: started by this test's daemon
     daemon.start()
     daemon.wait_ready(2)
     st = daemon.client.get("/fanotify")

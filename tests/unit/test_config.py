@@ -39,6 +39,8 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "max_image": ('"2G"', "2G", 2 << 30, "big"),
     "cache_max": ('"10G"', "10G", 10 << 30, "-1"),
     "images_dir": ('"/srv/erofs"', "/srv/erofs", Path("/srv/erofs"), None),
+    "mount_nosuid": ("false", "false", False, "maybe"),
+    "holder_grace": ("5", "5", 5.0, "-1"),
     "registry_docker_config": ('"/etc/d.json"', "/etc/d.json", Path("/etc/d.json"), None),
     "registry_ca_file": ('"/etc/ca.pem"', "/etc/ca.pem", Path("/etc/ca.pem"), None),
     "registry_insecure": ('["a:5000", "b"]', "a:5000, b", frozenset({"a:5000", "b"}), None),
