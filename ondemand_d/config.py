@@ -268,6 +268,12 @@ def _file_values(text: str, source: str) -> Iterator[tuple[str, Any]]:
     except tomllib.TOMLDecodeError as exc:
         msg = f"{source} is not valid TOML ({exc}): fix the line it names"
         raise ConfigError(msg) from None
+    except ValueError:  # an integer beyond Python's int-string conversion limit
+        msg = f"{source} holds a number with more digits than any setting takes: shorten it"
+        raise ConfigError(msg) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        msg = f"{source} nests arrays or tables too deeply for a config file: flatten it"
+        raise ConfigError(msg) from None
     for key, raw in document.items():
         name = key.replace("-", "_")
         if name in TABLES:
@@ -298,6 +304,16 @@ def _converted(key: Key, raw: Any, where: str,
     try:
         return convert(key, raw)
     except ValueError as exc:
-        shown = raw if isinstance(raw, str | int | float | bool) else type(raw).__name__
-        msg = f"{where}: {shown!r} {exc}"
+        msg = f"{where}: {_shown(raw)} {exc}"
         raise error(msg) from None
+
+
+def _shown(raw: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr, cut short (a value may be thousands of digits)."""
+    if isinstance(raw, bool | float) or (isinstance(raw, int) and abs(raw) < 10**limit):
+        text = repr(raw)
+    elif isinstance(raw, str):
+        text = repr(raw if len(raw) <= limit else raw[:limit] + "...")
+    else:
+        text = repr(type(raw).__name__)
+    return text if len(text) <= limit + 5 else text[:limit] + "..."
