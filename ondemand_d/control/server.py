@@ -31,6 +31,7 @@ import importlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,8 +178,8 @@ class ControlServer:
                 self._loop.remove_reader(self._sock.fileno())  # nobody connected
             self._sock.close()  # idempotent; the runner may have closed it already
             self._sock = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            with contextlib.suppress(ControlError):
+                _unlink_stale_socket(self.path)  # ours, unless something replaced it
 
 
 def _bind_private(path: Path) -> socket.socket:
@@ -192,8 +193,7 @@ def _bind_private(path: Path) -> socket.socket:
         msg = (f"another ondemand-d serves the control socket {path}: stop it, or give this "
                "one its own control_socket")
         raise ControlError(msg)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket of a daemon that died
+    _unlink_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)  # no window in which the socket is open to others
     try:
@@ -208,6 +208,20 @@ def _bind_private(path: Path) -> socket.socket:
     sock.listen(64)
     sock.setblocking(False)
     return sock
+
+
+def _unlink_stale_socket(path: Path) -> None:
+    """Remove the socket a dead daemon left at `path`; anything else there is not ours."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        msg = (f"the control socket path {path} is taken by something that is not a socket: "
+               "move it away, or point control_socket elsewhere")
+        raise ControlError(msg)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _someone_listens(path: Path) -> bool:
