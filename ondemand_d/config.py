@@ -89,6 +89,11 @@ class Config:
                           aliases={"0": "python", "1": "cffi"})  # ONDEMAND_D_NATIVE's old ones
     control_socket: Path | None = setting(Path("/run/ondemand-d/control.sock"),
                                           'the control socket (root only; "" turns it off)')
+    control_idle_timeout: float = setting(30.0, "seconds a control connection may take to send "
+                                          "a whole request (a running trace is exempt)",
+                                          between=(0.01, 3600))
+    control_max_connections: int = setting(32, "control connections served at once; more are "
+                                           "refused", between=(1, 1024))
     images_dir: Path | None = setting(
         None, "serve the EROFS image files in DIR by name (fsid=FILE), without importing and "
         "WITHOUT verifying anything (for debugging kernels and images)", flag="--images")

@@ -33,6 +33,8 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "log_level": ('"debug"', "debug", "debug", "loud"),
     "native": ('"python"', "python", "python", "rust"),
     "control_socket": ('"/run/x.sock"', "/run/x.sock", Path("/run/x.sock"), None),
+    "control_idle_timeout": ("5", "5", 5.0, "0"),
+    "control_max_connections": ("8", "8", 8, "0"),
     "hung_read_after": ("5", "5", 5.0, "0"),
     "max_chunk": ('"8M"', "8M", 8 << 20, "1K"),
     "images_dir": ('"/srv/erofs"', "/srv/erofs", Path("/srv/erofs"), None),
