@@ -97,6 +97,9 @@ class Config:
     images_dir: Path | None = setting(
         None, "serve the EROFS image files in DIR by name (fsid=FILE), without importing and "
         "WITHOUT verifying anything (for debugging kernels and images)", flag="--images")
+    images_max_size: int = setting(1 << 40, "largest image file --images serves (a bigger "
+                                   "one is refused at OPEN)", size=True,
+                                   between=(4096, 1 << 50), flag=False)
     max_chunk: int = setting(4 << 20, "largest chunk accepted from an image at add and import",
                              size=True, between=(4096, 1 << 30), flag=False)
     hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "

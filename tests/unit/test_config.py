@@ -38,6 +38,7 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "hung_read_after": ("5", "5", 5.0, "0"),
     "max_chunk": ('"8M"', "8M", 8 << 20, "1K"),
     "images_dir": ('"/srv/erofs"', "/srv/erofs", Path("/srv/erofs"), None),
+    "images_max_size": ('"2G"', "2G", 2 << 30, "1K"),
     "registry_docker_config": ('"/etc/d.json"', "/etc/d.json", Path("/etc/d.json"), None),
     "registry_ca_file": ('"/etc/ca.pem"', "/etc/ca.pem", Path("/etc/ca.pem"), None),
     "registry_insecure": ('["a:5000", "b"]', "a:5000, b", frozenset({"a:5000", "b"}), None),
