@@ -14,12 +14,14 @@ write-through), since every write verifies what is already there.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import stat
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -56,7 +58,7 @@ def fsck(store: LocalStore, *, repair: bool = False,
     """Check the whole store; with `repair`, quarantine what is damaged."""
     say = progress or (lambda _msg: None)
     report = FsckReport()
-    with store.writer_lock():
+    with store.writer_lock() if repair else _reader_lock(store.root):
         images, damaged = store.scan_images()
         report.images = len(images) + len(damaged)
         for d in damaged:
@@ -136,6 +138,25 @@ def _check_chunks(
             "chunk-missing", str(store.chunk_path(digest)),
             "a blob's local chunk is absent; build, import or add the same content again "
             "to restore it", tuple(sorted(needed[digest]))))
+
+
+@contextlib.contextmanager
+def _reader_lock(root: Path) -> Iterator[None]:
+    """Keep writers out while checking, without writing: the lock file is only opened.
+
+    A store on a read-only mount (or one this user cannot write) has no writers to keep
+    out, and may have no lock file: fsck then reads it without a lock.
+    """
+    try:
+        fd = os.open(root / "lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _open_regular(path: Path) -> BinaryIO:
