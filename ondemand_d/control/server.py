@@ -200,6 +200,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except OndemandError as exc:
         return json_error(400, str(exc))
+    except (TypeError, ValueError) as exc:
+        # A value of the wrong type or form in the request (the body passed _bad_input, so
+        # it is a JSON object), found by whatever used it: the client's mistake, not a 500.
+        log.warning("control_request_refused", path=request.path, error=repr(exc))
+        return json_error(400, f"{request.path}: a value in the request has the wrong type "
+                          f"or form ({exc})")
     except Exception as exc:  # noqa: BLE001 - a broken view must not take the daemon down
         log.exception("control_request_failed", path=request.path, error=repr(exc))
         return json_error(500, f"{request.path} failed: {exc!r}")

@@ -124,6 +124,9 @@ BAD_REQUESTS = {
     "not UTF-8": ("POST", "/cull", b'{"image": "\xff\xfe"}', "not UTF-8"),
     "not JSON": ("POST", "/cull", b'{"image": ', "not JSON"),
     "NUL in a query": ("GET", "/trace?image=img%00x", None, "NUL byte"),
+    "a number for a name": ("POST", "/cull", b'{"image": 5}', "wrong type"),
+    "a list for a name": ("POST", "/cull", b'{"image": ["img"]}', "wrong type"),
+    "an infinite number for a name": ("POST", "/cull", b'{"image": 1e999}', "wrong type"),
     "NUL in a mount path": ("POST", "/fanotify/mount",
                             b'{"image": "img", "mountpoint": "/mnt/\\u0000"}', "NUL byte"),
 }
