@@ -19,7 +19,9 @@ in the TCG guest), and READs go on while they load. The first client waits in
 the socket's backlog meanwhile.
 
 Handlers read `state(request)` (the same dict) and answer JSON through `json_ok`
-or `json_error`; an exception escaping a handler becomes a 500 with its message.
+or `json_error`; an exception escaping a handler becomes a 500 with its message (a
+TypeError or ValueError, a value of the wrong kind in the request, a 400). What a
+connection may cost and what a request may hold is guard.py's.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import errno
 import functools
 import importlib
 import json
-import logging
 import os
 import socket
 import stat
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ondemand_d.control import guard
 from ondemand_d.errors import OndemandError
 
 if TYPE_CHECKING:
@@ -81,103 +83,6 @@ def json_error(status: int, message: str) -> web.Response:
                         content_type="application/json")
 
 
-def _refusal(message: str) -> bytes:
-    """A whole HTTP answer for a connection refused before aiohttp sees it."""
-    body = json.dumps({"error": message}).encode()
-    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode() + body
-
-
-class _Refused(asyncio.Protocol):
-    """A connection beyond the cap: one answer saying so, then closed."""
-
-    def __init__(self, answer: bytes) -> None:
-        self._answer = answer
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)  # noqa: S101 - a stream socket
-        transport.write(self._answer)
-        transport.close()
-
-
-class _HttpLog(logging.Logger):
-    """aiohttp's own messages (a malformed request) as one log line, without a traceback."""
-
-    def _log(self, level: int, msg: object, args: Any, exc_info: Any = None,
-             *_rest: Any, **_kw: Any) -> None:
-        text = str(msg) % args if args else str(msg)
-        error = exc_info if isinstance(exc_info, BaseException) else None
-        log.log(max(level, logging.INFO) if level < logging.ERROR else logging.WARNING,
-                "control_http_error", message=text, error=None if error is None else str(error))
-
-
-class _Counted(asyncio.Protocol):
-    """aiohttp's protocol for one connection, counted in `live` until it is lost."""
-
-    def __init__(self, inner: asyncio.Protocol, live: set[_Counted]) -> None:
-        self._inner = inner
-        self._live = live
-        live.add(self)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._live.discard(self)
-        self._inner.connection_lost(exc)
-
-
-def _bad_input(request: web.Request, body: bytes | None) -> str | None:
-    """What is wrong with a request's URL or JSON body, or None.
-
-    Handlers get names and paths from here; a NUL byte or a lone surrogate in one ends in a
-    ValueError deep inside os or the store, and json.loads recurses on nesting.
-    """
-    if "\x00" in request.path or any("\x00" in k + v for k, v in request.query.items()):
-        return "the URL holds a NUL byte: names and paths never do"
-    if not body:
-        return None
-    try:
-        document = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "the body is not UTF-8: send a JSON object"
-    except ValueError:
-        return "the body is not JSON: send a JSON object"
-    except RecursionError:
-        return "the body nests too deeply: send a flat JSON object"
-    if not isinstance(document, dict):
-        return "the body must be a JSON object"
-    pending: list[Any] = [document]
-    while pending:  # no recursion: the depth is what json.loads allowed
-        item = pending.pop()
-        if isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-        elif isinstance(item, str):
-            if "\x00" in item:
-                return "a string in the body holds a NUL byte: names and paths never do"
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return "a string in the body holds a lone surrogate: send UTF-8 text"
-    return None
-
-
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     from aiohttp import web  # noqa: PLC0415
 
@@ -192,7 +97,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                 late = json_error(408, "the request body did not arrive in time")
                 late.force_close()  # after this answer: the rest of the body may still come
                 return late
-        problem = _bad_input(request, body)
+        problem = guard.bad_input(request, body)
         if problem is not None:
             return json_error(400, problem)
         return await handler(request)
@@ -287,10 +192,10 @@ class ControlServer:
             # arrived whole this long after it opened or after the previous answer.
             runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                    shutdown_timeout=2.0, keepalive_timeout=self.idle_timeout,
-                                   logger=_HttpLog("ondemand_d.control.http"))
+                                   logger=guard.HttpLog("ondemand_d.control.http"))
             await runner.setup()
             self._runner = runner
-            await _capped_site(runner, self._sock, self.max_connections).start()
+            await guard.capped_site(runner, self._sock, self.max_connections).start()
         except Exception as exc:  # noqa: BLE001 - the daemon serves on without its socket
             log.error("control_unavailable", socket=str(self.path), error=repr(exc))
             self._sock.close()
@@ -315,34 +220,6 @@ class ControlServer:
             self._sock = None
             with contextlib.suppress(ControlError):
                 _unlink_stale_socket(self.path)  # ours, unless something replaced it
-
-
-def _capped_site(runner: web.AppRunner, sock: socket.socket,
-                 cap: int) -> web.SockSite:
-    from aiohttp import web  # noqa: PLC0415
-
-    class CappedSite(web.SockSite):
-        async def start(self) -> None:
-            await web.BaseSite.start(self)  # SockSite.start without its create_server
-            server = runner.server
-            assert server is not None  # noqa: S101 - set up
-            refusal = _refusal(f"the control socket serves {cap} connections at once and all "
-                               "are taken: try again shortly")
-
-            live: set[_Counted] = set()
-
-            def accept() -> asyncio.BaseProtocol:
-                # Counted here, not by aiohttp: a burst of accepts creates every protocol
-                # before the first connection_made.
-                if len(live) >= cap:
-                    log.warning("control_connection_refused", connections=cap)
-                    return _Refused(refusal)
-                return _Counted(server(), live)
-
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(accept, sock=sock)
-
-    return CappedSite(runner, sock)
 
 
 def _bind_private(path: Path) -> socket.socket:
