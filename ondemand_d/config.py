@@ -89,9 +89,17 @@ class Config:
                           aliases={"0": "python", "1": "cffi"})  # ONDEMAND_D_NATIVE's old ones
     control_socket: Path | None = setting(Path("/run/ondemand-d/control.sock"),
                                           'the control socket (root only; "" turns it off)')
+    control_idle_timeout: float = setting(30.0, "seconds a control connection may take to send "
+                                          "a whole request (a running trace is exempt)",
+                                          between=(0.01, 3600))
+    control_max_connections: int = setting(32, "control connections served at once; more are "
+                                           "refused", between=(1, 1024))
     images_dir: Path | None = setting(
         None, "serve the EROFS image files in DIR by name (fsid=FILE), without importing and "
         "WITHOUT verifying anything (for debugging kernels and images)", flag="--images")
+    images_max_size: int = setting(1 << 40, "largest image file --images serves (a bigger "
+                                   "one is refused at OPEN)", size=True,
+                                   between=(4096, 1 << 50), flag=False)
     max_chunk: int = setting(4 << 20, "largest chunk accepted from an image at add and import",
                              size=True, between=(4096, 1 << 30), flag=False)
     hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "
@@ -279,6 +287,12 @@ def _file_values(text: str, source: str) -> Iterator[tuple[str, Any]]:
     except tomllib.TOMLDecodeError as exc:
         msg = f"{source} is not valid TOML ({exc}): fix the line it names"
         raise ConfigError(msg) from None
+    except ValueError:  # an integer beyond Python's int-string conversion limit
+        msg = f"{source} holds a number with more digits than any setting takes: shorten it"
+        raise ConfigError(msg) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        msg = f"{source} nests arrays or tables too deeply for a config file: flatten it"
+        raise ConfigError(msg) from None
     for key, raw in document.items():
         name = key.replace("-", "_")
         if name in TABLES:
@@ -309,6 +323,16 @@ def _converted(key: Key, raw: Any, where: str,
     try:
         return convert(key, raw)
     except ValueError as exc:
-        shown = raw if isinstance(raw, str | int | float | bool) else type(raw).__name__
-        msg = f"{where}: {shown!r} {exc}"
+        msg = f"{where}: {_shown(raw)} {exc}"
         raise error(msg) from None
+
+
+def _shown(raw: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr, cut short (a value may be thousands of digits)."""
+    if isinstance(raw, bool | float) or (isinstance(raw, int) and abs(raw) < 10**limit):
+        text = repr(raw)
+    elif isinstance(raw, str):
+        text = repr(raw if len(raw) <= limit else raw[:limit] + "...")
+    else:
+        text = repr(type(raw).__name__)
+    return text if len(text) <= limit + 5 else text[:limit] + "..."

@@ -139,7 +139,7 @@ def _open_store(cfg: Config) -> Any:
         return LocalStore(cfg.store.absolute())  # `cull` changes the cwd for a moment
     from ondemand_d.imagesdir import ImagesDir  # noqa: PLC0415
 
-    store = ImagesDir(cfg.images_dir)
+    store = ImagesDir(cfg.images_dir, max_size=cfg.images_max_size)
     log.warning("images_unverified", images=str(store.root),
                 note="serving image files as they are: nothing is verified in this mode")
     return store

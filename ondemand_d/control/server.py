@@ -19,7 +19,9 @@ in the TCG guest), and READs go on while they load. The first client waits in
 the socket's backlog meanwhile.
 
 Handlers read `state(request)` (the same dict) and answer JSON through `json_ok`
-or `json_error`; an exception escaping a handler becomes a 500 with its message.
+or `json_error`; an exception escaping a handler becomes a 500 with its message (a
+TypeError or ValueError, a value of the wrong kind in the request, a 400). What a
+connection may cost and what a request may hold is guard.py's.
 """
 from __future__ import annotations
 
@@ -31,12 +33,14 @@ import importlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ondemand_d.control import guard
 from ondemand_d.errors import OndemandError
 
 if TYPE_CHECKING:
@@ -58,6 +62,13 @@ def _state_key() -> web.AppKey[dict[str, Any]]:
     return web.AppKey("state", dict)
 
 
+@functools.cache
+def _limits_key() -> web.AppKey[tuple[float, int]]:
+    from aiohttp import web  # noqa: PLC0415 - only once a client connected
+
+    return web.AppKey("limits", tuple)
+
+
 def json_ok(body: Any) -> web.Response:
     from aiohttp import web  # noqa: PLC0415
 
@@ -76,11 +87,30 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     from aiohttp import web  # noqa: PLC0415
 
     try:
+        body = None
+        if request.body_exists:
+            # The whole body before the handler runs, within the idle deadline: a client
+            # that stops mid-body would otherwise hold a handler (and its fd) forever.
+            try:
+                body = await asyncio.wait_for(request.read(), request.app[_limits_key()][0])
+            except TimeoutError:
+                late = json_error(408, "the request body did not arrive in time")
+                late.force_close()  # after this answer: the rest of the body may still come
+                return late
+        problem = guard.bad_input(request, body)
+        if problem is not None:
+            return json_error(400, problem)
         return await handler(request)
     except web.HTTPException:
         raise
     except OndemandError as exc:
         return json_error(400, str(exc))
+    except (TypeError, ValueError) as exc:
+        # A value of the wrong type or form in the request (the body passed _bad_input, so
+        # it is a JSON object), found by whatever used it: the client's mistake, not a 500.
+        log.warning("control_request_refused", path=request.path, error=repr(exc))
+        return json_error(400, f"{request.path}: a value in the request has the wrong type "
+                          f"or form ({exc})")
     except Exception as exc:  # noqa: BLE001 - a broken view must not take the daemon down
         log.exception("control_request_failed", path=request.path, error=repr(exc))
         return json_error(500, f"{request.path} failed: {exc!r}")
@@ -96,8 +126,15 @@ def _import_all(modules: Sequence[str]) -> None:
 class ControlServer:
     """The daemon's control socket: mode 0600, owned by the daemon's user (root)."""
 
-    def __init__(self, path: Path, route_modules: Sequence[str] = ()) -> None:
+    def __init__(self, path: Path, route_modules: Sequence[str] = (), *,
+                 idle_timeout: float = 30.0, max_connections: int = 32) -> None:
         self.path = path
+        #: A connection that sends no whole request for this long is closed; a handler
+        #: at work (a `trace` stream) is not idle.
+        self.idle_timeout = idle_timeout
+        #: Connections served at once; more are answered 503 and closed, so idle clients
+        #: cannot use up the daemon's file descriptors (READs need them).
+        self.max_connections = max_connections
         self.state: dict[str, Any] = {}
         self._modules = tuple(route_modules)
         self._routes: list[tuple[str, str, Handler]] = []
@@ -145,16 +182,20 @@ class ControlServer:
                 importlib.import_module(name).add_routes(self)
             app = web.Application(middlewares=[web.middleware(_errors)])
             app[_state_key()] = self.state
+            app[_limits_key()] = (self.idle_timeout, self.max_connections)
             for method, path, handler in self._routes:
                 app.router.add_route(method, path, handler)
             app.router.add_get("/", self._index)
             self._serving = True
             # A stopping daemon waits this long for open views (a `trace` ends at once).
+            # keepalive_timeout: aiohttp closes a connection whose next request has not
+            # arrived whole this long after it opened or after the previous answer.
             runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                   shutdown_timeout=2.0)
+                                   shutdown_timeout=2.0, keepalive_timeout=self.idle_timeout,
+                                   logger=guard.HttpLog("ondemand_d.control.http"))
             await runner.setup()
             self._runner = runner
-            await web.SockSite(runner, self._sock).start()
+            await guard.capped_site(runner, self._sock, self.max_connections).start()
         except Exception as exc:  # noqa: BLE001 - the daemon serves on without its socket
             log.error("control_unavailable", socket=str(self.path), error=repr(exc))
             self._sock.close()
@@ -177,8 +218,8 @@ class ControlServer:
                 self._loop.remove_reader(self._sock.fileno())  # nobody connected
             self._sock.close()  # idempotent; the runner may have closed it already
             self._sock = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            with contextlib.suppress(ControlError):
+                _unlink_stale_socket(self.path)  # ours, unless something replaced it
 
 
 def _bind_private(path: Path) -> socket.socket:
@@ -192,8 +233,7 @@ def _bind_private(path: Path) -> socket.socket:
         msg = (f"another ondemand-d serves the control socket {path}: stop it, or give this "
                "one its own control_socket")
         raise ControlError(msg)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a stale socket of a daemon that died
+    _unlink_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)  # no window in which the socket is open to others
     try:
@@ -208,6 +248,20 @@ def _bind_private(path: Path) -> socket.socket:
     sock.listen(64)
     sock.setblocking(False)
     return sock
+
+
+def _unlink_stale_socket(path: Path) -> None:
+    """Remove the socket a dead daemon left at `path`; anything else there is not ours."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        msg = (f"the control socket path {path} is taken by something that is not a socket: "
+               "move it away, or point control_socket elsewhere")
+        raise ControlError(msg)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _someone_listens(path: Path) -> bool:

@@ -46,7 +46,9 @@ async def start(  # noqa: PLR0913 - what the views show
     """Serve the control socket at `cfg.control_socket`; return the running server."""
     assert cfg.control_socket is not None  # noqa: S101 - checked by the caller
     observer = Observer()
-    server = DaemonControl(cfg.control_socket, ROUTE_MODULES)
+    server = DaemonControl(cfg.control_socket, ROUTE_MODULES,
+                           idle_timeout=cfg.control_idle_timeout,
+                           max_connections=cfg.control_max_connections)
     server.observer = observer
     server.state["runtime"] = Runtime(cfg, service, device, features, observer,
                                       restored=restored, backend=backend)

@@ -48,9 +48,37 @@ def location(status: int) -> Handler[URL]:
         expect(resp, (status,), "upload")
         await resp.read()
         loc = resp.headers.get("Location")
-        return resp.url.join(URL(loc, encoded=True)) if loc else resp.url
+        return joined(resp.url, loc, f"{resp.url.host}: upload Location") if loc else resp.url
 
     return handle
+
+
+def checked_url(text: str, what: str, base: URL | None = None) -> URL:
+    """`text` as an absolute http(s) URL with a plausible host (relative to `base` if given).
+
+    A registry's Location header and a token realm are untrusted: yarl raises ValueError on
+    some (an unclosed IPv6 bracket, a port over 65535), accepts spaces in others.
+
+    Raises:
+        FetchError: not retryable; says which header was malformed.
+    """
+    try:
+        url = URL(text, encoded=True) if base is not None else URL(text)
+        if base is not None:
+            url = base.join(url)
+        host, _port = url.host, url.port  # the port is parsed (and may fail) only here
+    except (ValueError, TypeError):
+        host = None
+    if (host is None or url.scheme not in ("http", "https") or not host
+            or any(c.isspace() or not c.isprintable() for c in host)):
+        msg = f"{what} is not a usable http(s) URL: the registry sent a malformed header"
+        raise FetchError(msg, retryable=False)
+    return url
+
+
+def joined(base: URL, location: str, what: str) -> URL:
+    """A Location header resolved against the URL that sent it (see `checked_url`)."""
+    return checked_url(location, what, base)
 
 
 def expect(resp: aiohttp.ClientResponse, ok: tuple[int, ...], what: str) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 
 import aiohttp
 import structlog
-from yarl import URL
 
 from ondemand_d.errors import ConfigError, FetchError
+from ondemand_d.registry._http import checked_url
 
 log = structlog.get_logger()
 
@@ -202,7 +202,7 @@ class Authenticator:
             scopes.append(params["scope"])
         query += [("scope", s) for s in scopes]
         headers = {"Authorization": creds.basic()} if creds is not None else {}
-        realm = URL(params["realm"])
+        realm = checked_url(params["realm"], f"{registry}: bearer token realm")
         if realm.scheme != "https" and not (
             realm.scheme == "http" and plain_ok(realm.raw_authority or "")
         ):

@@ -34,6 +34,7 @@ from ondemand_d.registry._http import (
     describe,
     expect,
     iter_body,
+    joined,
     payload,
     read_bounded,
     retry_after,
@@ -259,7 +260,7 @@ class RegistryClient:
                 )
                 if status in _REDIRECTS and "Location" in resp.headers and hops < _MAX_REDIRECTS:
                     hops += 1
-                    url = url.join(URL(resp.headers["Location"], encoded=True))
+                    url = joined(url, resp.headers["Location"], f"{registry}: redirect Location")
                     if url.scheme == "http" and not self.may_use_http(url.raw_authority):
                         msg = f"{registry}: refusing a redirect to plain http://{url.host}"
                         raise FetchError(msg, retryable=False)

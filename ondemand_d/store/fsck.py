@@ -14,11 +14,17 @@ write-through), since every write verifies what is already there.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
+import os
+import stat
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from ondemand_d.errors import StoreError
 from ondemand_d.store import durable
@@ -52,7 +58,7 @@ def fsck(store: LocalStore, *, repair: bool = False,
     """Check the whole store; with `repair`, quarantine what is damaged."""
     say = progress or (lambda _msg: None)
     report = FsckReport()
-    with store.writer_lock():
+    with store.writer_lock() if repair else _reader_lock(store.root):
         images, damaged = store.scan_images()
         report.images = len(images) + len(damaged)
         for d in damaged:
@@ -111,7 +117,7 @@ def _check_chunks(
             seen.add(path.name)
             h = hashlib.sha256()
             try:
-                with open(path, "rb") as f:
+                with _open_regular(path) as f:
                     while block := f.read(1 << 20):
                         h.update(block)
                         report.bytes += len(block)
@@ -132,6 +138,38 @@ def _check_chunks(
             "chunk-missing", str(store.chunk_path(digest)),
             "a blob's local chunk is absent; build, import or add the same content again "
             "to restore it", tuple(sorted(needed[digest]))))
+
+
+@contextlib.contextmanager
+def _reader_lock(root: Path) -> Iterator[None]:
+    """Keep writers out while checking, without writing: the lock file is only opened.
+
+    A store on a read-only mount (or one this user cannot write) has no writers to keep
+    out, and may have no lock file: fsck then reads it without a lock.
+    """
+    try:
+        fd = os.open(root / "lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (a FIFO would hang a plain open).
+
+    Raises:
+        OSError: it cannot be opened, or is not a regular file (EINVAL, "not a regular file").
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return open(fd, "rb")  # noqa: SIM115 - the caller's with closes it
 
 
 def _check_dedup(store: LocalStore, report: FsckReport, *, repair: bool) -> None:

@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,10 +102,11 @@ class RecordStore:
     def chunk_ok(self, digest: str, length: int | None = None) -> bool:
         """Whether the chunk file exists and hashes to its name (and has `length` bytes)."""
         try:
-            with open(self.chunk_path(digest), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+            fd = self._open_chunk(check_digest(digest))
+        except (ChunkNotFound, DigestMismatch):
             return False
+        with open(fd, "rb") as f:
+            data = f.read()
         if length is not None and len(data) != length:
             return False
         return hashlib.sha256(data).hexdigest() == digest
@@ -134,6 +136,34 @@ class RecordStore:
             durable.fsync_dir(path.parent)
         return got
 
+    def _open_chunk(self, digest: str) -> int:
+        """A read fd on chunk `digest`'s file, which is a regular file (checked on the fd).
+
+        Anything else planted in the store must not hang a READ: opening a FIFO without
+        O_NONBLOCK waits for a writer forever (and so would its READ and I/O thread),
+        O_NOFOLLOW refuses a symlink out of the store.
+
+        Raises:
+            ChunkNotFound: no file of that name.
+            DigestMismatch: a file that cannot be a chunk (a remote source may replace it).
+        """
+        path = f"{self._chunk_dir}/{digest[:2]}/{digest}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise ChunkNotFound(f"chunk {digest} is not in the store {self.root}") from None
+        except OSError as exc:  # ELOOP (a symlink), ENXIO (a socket), EACCES, ...
+            msg = (f"chunk {digest}: its file {path} cannot be opened ({exc.strerror}): "
+                   "`ondemand-d fsck --repair` moves it aside")
+            raise DigestMismatch(msg) from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            msg = (f"chunk {digest}: its file {path} is {_kind(mode)}, not a regular file: "
+                   "`ondemand-d fsck --repair` moves it aside")
+            raise DigestMismatch(msg)
+        return fd
+
     def read_chunk(self, chunk: Chunk) -> bytes:
         """Read a chunk's bytes and verify them against its digest.
 
@@ -141,11 +171,7 @@ class RecordStore:
         checked when its Blob was loaded), one read of length+1 to catch a
         chunk file that grew.
         """
-        d = chunk.digest
-        try:
-            fd = os.open(f"{self._chunk_dir}/{d[:2]}/{d}", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ChunkNotFound(f"chunk {d} is not in the store {self.root}") from None
+        fd = self._open_chunk(chunk.digest)
         try:
             data = os.read(fd, chunk.length + 1)
         finally:
@@ -163,10 +189,7 @@ class RecordStore:
             msg = f"chunk {chunk.digest}: {chunk.length} bytes do not fit at {at} of the buffer"
             raise ValueError(msg)
         d = chunk.digest
-        try:
-            fd = os.open(f"{self._chunk_dir}/{d[:2]}/{d}", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ChunkNotFound(f"chunk {d} is not in the store {self.root}") from None
+        fd = self._open_chunk(d)
         extra = bytearray(1)  # a byte past the length: catches a chunk file that grew
         got = 0
         try:
@@ -414,3 +437,10 @@ def _load(path: Path) -> dict[str, Any]:
         msg = f"{path} is damaged (not a JSON object)"
         raise StoreError(msg)
     return raw
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for an error message."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR,
+             "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")

@@ -27,7 +27,7 @@ class Fault:
 
     kind: "delay" (sleep `seconds` before answering), "stall" (send headers and
     half the body, then sleep `seconds`), "status" (answer `status`, with
-    Retry-After `retry_after` if set), "reset" (TCP RST, no answer), "truncate"
+    Retry-After `retry_after` and `headers` if set), "reset" (TCP RST, no answer), "truncate"
     (half the promised body, then close), "corrupt" (flip one body byte),
     "ignore_range" (forward without Range: the whole blob comes back with 200),
     "redirect" (307 to the same path on localhost, as blob storage would),
@@ -41,6 +41,7 @@ class Fault:
     seconds: float = 0.0
     status: int = 503
     retry_after: str | None = None
+    headers: str = ""  # raw header lines ("Name: value\r\n") a "status" answer also carries
 
 
 @dataclass
@@ -143,6 +144,7 @@ class FaultProxy:
         if kind == "status":
             assert fault is not None
             extra = f"Retry-After: {fault.retry_after}\r\n" if fault.retry_after else ""
+            extra += fault.headers
             writer.write(
                 f"HTTP/1.1 {fault.status} Fault\r\n{extra}Content-Length: 0\r\n\r\n".encode()
             )
