@@ -22,6 +22,7 @@ from ondemand_d.service import Service
 from ondemand_d.store.fetch import ChunkFetcher, RemoteSource
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Chunk
+from ondemand_d.volume_images import FILE_NAME as VOLUME_IMAGES, VolumeImages
 
 log = structlog.get_logger()
 
@@ -185,6 +186,8 @@ async def serve(
         prefill_bootstrap=cfg.prefill_bootstrap,
         prefetch=cfg.prefetch,
         readahead=cfg.readahead,
+        # Beside cache/ and graveyard/: the successor of a crash or restart reads it.
+        volumes=VolumeImages.load(cfg.cache_dir / VOLUME_IMAGES) if fscache else None,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

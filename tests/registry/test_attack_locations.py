@@ -35,6 +35,7 @@ from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.locations import LOCATIONS, image_location, locate
 from ondemand_d.store.model import Blob, Image
+from ondemand_d.volume_images import VolumeImages
 
 from ._proxy import Fault, FaultProxy
 from ._server import Registry
@@ -85,16 +86,19 @@ async def setup(registry: Registry, tmp_path: Path) -> AsyncIterator[Setup]:
 
 
 @contextlib.asynccontextmanager
-async def serving(store: LocalStore, cache: Path) -> AsyncIterator[FakeKernel]:
-    """A daemon (Service + RegistrySource, no write-through: every miss is fetched)."""
-    cache.mkdir()
+async def serving(store: LocalStore, cache: Path,
+                  state: Path | None = None) -> AsyncIterator[FakeKernel]:
+    """A daemon (Service + RegistrySource, no write-through: every miss is fetched);
+    `state` is the file a daemon keeps its volumes' mount order in across restarts."""
+    cache.mkdir(exist_ok=True)
     kernel = FakeKernel(cache)
     kernel.start()
     executor = ThreadPoolExecutor(2)
     source = RegistrySource(CONFIG)
     fetcher = ChunkFetcher(store, executor, source, deadline=DEADLINE_S)
     backend = RecordingBackend(load_backend("python"), kernel)
-    service = Service(Device(kernel.device_fd, Path("fake")), store, fetcher, backend, executor)
+    service = Service(Device(kernel.device_fd, Path("fake")), store, fetcher, backend, executor,
+                      volumes=VolumeImages.load(state) if state else None)
     service.start()
     try:
         yield kernel
@@ -206,3 +210,27 @@ async def test_in_one_share_domain_the_first_mount_that_uses_a_blob_locates_it(
         assert await read_all(kernel, obj, setup.blob) == setup.data
     assert blob_gets(setup.attacker) == 0
     assert blob_gets(setup.victim) > 0
+
+
+@pytest.mark.parametrize("order", [("victim", "attacker"), ("attacker", "victim")])
+async def test_a_restarted_daemon_locates_a_reopened_blob_as_its_predecessor_did(
+        setup: Setup, tmp_path: Path, order: tuple[str, str]) -> None:
+    """One domain, two images that disagree on the blob's registry. After a restart the
+    kernel re-sends the data blob's OPEN before any bootstrap's (a bootstrap cached whole
+    is never read, so never reopened): the successor reads every byte, exact, from the
+    registry its predecessor chose (the first mount's), and nothing from the other."""
+    volume, state = b"erofs,shared", tmp_path / "cache" / "volume-images.json"
+    first, second = (setup.victim, setup.attacker) if order[0] == "victim" else (
+        setup.attacker, setup.victim)
+    head = setup.blob.chunks[0]
+    async with serving(setup.store, tmp_path / "cache", state) as kernel:
+        for image in order:
+            assert (await kernel.open(image.encode(), volume)).copen_result > 0
+        obj = await kernel.open(setup.blob.blob_id.encode(), volume)
+        assert await kernel.read(obj, head.offset, head.length, timeout=BOUND_S)
+    assert (blob_gets(first), blob_gets(second)) == (1, 0)
+    async with serving(setup.store, tmp_path / "cache2", state) as kernel:  # the successor
+        obj = await kernel.open(setup.blob.blob_id.encode(), volume)
+        assert await read_all(kernel, obj, setup.blob) == setup.data
+    assert blob_gets(first) > 1
+    assert blob_gets(second) == 0
