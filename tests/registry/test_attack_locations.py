@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import subprocess
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 from fakekernel import FakeKernel, FakeObject, RecordingBackend
 
 from ondemand_d._native import load_backend
 from ondemand_d.device import Device
+from ondemand_d.importer import import_image
 from ondemand_d.registry import reference
 from ondemand_d.registry.add import add
 from ondemand_d.registry.client import RegistryClient
@@ -234,3 +238,44 @@ async def test_a_restarted_daemon_locates_a_reopened_blob_as_its_predecessor_did
         assert await read_all(kernel, obj, setup.blob) == setup.data
     assert blob_gets(first) > 1
     assert blob_gets(second) == 0
+
+
+async def test_attack_an_imported_copy_never_fetches_from_the_registry_an_add_named(
+        registry: Registry, tmp_path: Path) -> None:
+    """An image imported here lists a data blob the attacker's `add` recorded first (same
+    content): its chunks come from this store only. A chunk missing here is EIO, with a
+    sentence saying why in the READ's log line, and the attacker's registry sees nothing."""
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "f").write_bytes(random.Random(3).randbytes(400_000))
+    meta, data = tmp_path / "meta", tmp_path / "data"
+    subprocess.run(["mkfs.erofs", "--chunksize=65536", f"--blobdev={data}", str(meta), str(src)],
+                   check=True, capture_output=True)
+    origin = LocalStore(tmp_path / "origin")
+    import_image(origin, "app", meta, [(data, "app-data")], chunk_size=64 << 10)
+    store = LocalStore(tmp_path / "dst")
+    a = await FaultProxy(registry.host).start()
+    try:
+        async with RegistryClient(RegistryConfig()) as client:
+            await push(origin, "app", reference.parse(f"{registry.host}/atk/imp:v1"), client)
+            await add(store, reference.parse(f"{a.host}/atk/imp:v1"), client, name="attacker")
+        mine = import_image(store, "mine", meta, [(data, "mine-data")], chunk_size=64 << 10)
+        assert mine.extra[LOCATIONS] == {}
+        blob = store.get_blob(mine.devices[0][1])
+        assert blob.extra["remote"]["registry"] == a.host  # the record is the attacker's
+        lost = blob.chunks[2]
+        store.chunk_path(lost.digest).unlink()
+        a.seen.clear()
+        with capture_logs() as logs:
+            async with serving(store, tmp_path / "cache") as kernel:
+                assert (await kernel.open(b"mine", b"erofs,mine")).copen_result > 0
+                obj = await kernel.open(b"mine-data", b"erofs,mine")
+                head = blob.chunks[0]
+                assert await kernel.read(obj, head.offset, head.length, timeout=BOUND_S)
+                assert kernel.cache_bytes(obj)[: head.length] == data.read_bytes()[: head.length]
+                assert not await kernel.read(obj, lost.offset, lost.length, timeout=BOUND_S)
+        assert blob_gets(a) == 0
+        (failed,) = [e for e in logs if e["event"] == "read_completed" and e["outcome"] == "eio"]
+        assert "was built or imported here and reads only this store" in failed["error"]
+    finally:
+        await a.stop()

@@ -122,3 +122,27 @@ def test_location_records_round_trip_and_refuse_a_foreign_table(tmp_path):
         location.apply(other)
     with pytest.raises(StoreError, match="malformed"):
         Location.from_json({"blob_id": blob.blob_id, "registry": "x"})
+
+
+def test_a_built_image_is_local_only_and_never_borrows_an_added_location(tmp_path):
+    """`build` writes `locations: {}`; a blob record `add` wrote first does not give the
+    built image a registry (its missing chunks fail), nor a volume that holds both."""
+    from ondemand_d.image.build import build_image
+    from ondemand_d.image.tree import directory, regular
+
+    store = LocalStore(tmp_path)
+    root = directory(mtime_ns=10**18)
+    root.children[b"f"] = regular(b"x" * 10_000, mtime_ns=10**18)
+    build_image(root, store, "built")
+    built = store.get_image("built")
+    assert built.extra == {LOCATIONS: {}}
+    blob = remote_blob("a.example")
+    add_image(store, "added", blob)
+    local = Image("local", built.bootstrap, ((blob.blob_id, blob.blob_id),), built.extra)
+    store.put_image(local)
+    got = locate(store, store.get_blob(blob.blob_id), ["local"])
+    assert "remote" not in got.extra
+    assert "was built or imported here and reads only this store" in got.extra["unlocated"]
+    assert "unlocated" in locate(store, store.get_blob(blob.blob_id), []).extra
+    assert locate(store, store.get_blob(blob.blob_id), ["added"]).extra["remote"] == {
+        "registry": "a.example", "repository": "app"}
