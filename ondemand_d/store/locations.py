@@ -93,3 +93,23 @@ def _where(blob: Blob) -> tuple[str, str, tuple[object, ...]]:
     remote = blob.extra.get("remote") or {}
     return (str(remote.get("registry", "")), str(remote.get("repository", "")),
             tuple(c.remote for c in blob.chunks))
+
+
+def where(store: LocalStore, image: Image, blob: Blob) -> str:
+    """Where `image` fetches `blob`'s missing chunks from, as `ls` and `status` show it.
+
+    Returns:
+        "<registry>/<repository>", "local" (this store only), or "none (<why>)".
+    """
+    if not blob.is_remote or (image.extra.get(LOCATIONS) == {} and "remote" not in image.extra):
+        return "local"
+    located = image_location(store, image, blob)
+    remote = located.extra.get("remote")
+    if isinstance(remote, dict):
+        return f"{remote.get('registry')}/{remote.get('repository')}"
+    return f"none ({located.extra.get('unlocated')})"
+
+
+def remote_places(places: Iterable[str]) -> list[str]:
+    """The registries/repositories among an image's blobs' places, each once, in order."""
+    return list(dict.fromkeys(p for p in places if p != "local"))

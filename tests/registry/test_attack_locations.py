@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import subprocess
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ import pytest
 from structlog.testing import capture_logs
 from fakekernel import FakeKernel, FakeObject, RecordingBackend
 
+from ondemand_d import cli
 from ondemand_d._native import load_backend
 from ondemand_d.device import Device
 from ondemand_d.importer import import_image
@@ -41,6 +43,7 @@ from ondemand_d.store.locations import LOCATIONS, image_location, locate
 from ondemand_d.store.model import Blob, Image
 from ondemand_d.volume_images import VolumeImages
 
+from ..service.test_control import Running
 from ._proxy import Fault, FaultProxy
 from ._server import Registry
 from .conftest import BOUND_S, blob_bytes, make_image
@@ -279,3 +282,36 @@ async def test_attack_an_imported_copy_never_fetches_from_the_registry_an_add_na
         assert "was built or imported here and reads only this store" in failed["error"]
     finally:
         await a.stop()
+
+
+async def test_ls_status_and_gc_say_where_each_image_reads_from(
+        setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ls` and `status` (text and JSON) show each image's own registry/repository, not the
+    blob record's; `gc` says how many location records it removed (text and JSON)."""
+    root = str(setup.store.root)
+    mine, theirs = f"{setup.victim.host}/vic/app", f"{setup.attacker.host}/atk/app"
+    assert cli.main(["--store", root, "ls", "--json"]) == 0
+    listed = {i["name"]: i for i in json.loads(capsys.readouterr().out)["images"]}
+    assert (listed["victim"]["locations"], listed["attacker"]["locations"]) == ([mine], [theirs])
+    (data,) = [b for b in listed["victim"]["blobs"] if b["blob"] == setup.blob.blob_id]
+    assert data["location"] == mine
+    assert cli.main(["--store", root, "ls"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("victim ")]
+    assert line.endswith(f"from {mine}")
+    async with Running(tmp_path / "run", store=root) as d:
+        assert await asyncio.to_thread(cli.main, ["status", "--socket", str(d.socket)]) == 0
+        (line,) = [x for x in capsys.readouterr().out.splitlines()
+                   if x.startswith("  victim ")]
+        assert line.endswith(f", from {mine}")
+        assert await asyncio.to_thread(
+            cli.main, ["status", "--json", "--socket", str(d.socket)]) == 0
+        shown = {i["name"]: i for i in json.loads(capsys.readouterr().out)["images"]}
+    assert (shown["victim"]["locations"], shown["attacker"]["locations"]) == ([mine], [theirs])
+    (data,) = [b for b in shown["victim"]["blobs"] if b["blob"] == setup.blob.blob_id]
+    assert data["location"] == mine
+    gc.rm(setup.store, ["attacker"])
+    assert cli.main(["--store", root, "gc", "--dry-run"]) == 0
+    assert "1 location record(s)" in capsys.readouterr().out
+    assert cli.main(["--store", root, "gc", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["locations"] == 1
+    assert len(setup.store.location_ids()) == 1
