@@ -186,8 +186,7 @@ async def serve(
         prefill_bootstrap=cfg.prefill_bootstrap,
         prefetch=cfg.prefetch,
         readahead=cfg.readahead,
-        # Beside cache/ and graveyard/: the successor of a crash or restart reads it.
-        volumes=VolumeImages.load(cfg.cache_dir / VOLUME_IMAGES) if fscache else None,
+        volumes=_volume_images(cfg, restored) if fscache else None,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -233,6 +232,14 @@ async def serve(
             device.close()
         log.info("stopped", **vars(service.counters), **remote_stats)
     return service
+
+
+def _volume_images(cfg: Config, restored: bool) -> VolumeImages:  # noqa: FBT001
+    """Each volume's mount order, beside cache/ and graveyard/: a successor that took over
+    the device (restored) reads its predecessor's; a fresh bind starts without (the
+    kernel's objects of before are gone, and so are their mounts)."""
+    path = cfg.cache_dir / VOLUME_IMAGES
+    return VolumeImages.load(path) if restored else VolumeImages(path)
 
 
 def _fanotify_check(cfg: Config) -> Any:

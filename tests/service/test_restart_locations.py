@@ -7,15 +7,16 @@ import asyncio
 from fakekernel import FakeKernel
 from ondemand_d import daemon
 from ondemand_d.config import load
-from ondemand_d.device import Device
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Image
 from ondemand_d.volume_images import FILE_NAME, VolumeImages
 
 
-async def test_serve_saves_the_mount_order_before_answering_and_loads_it_at_start(tmp_path):
-    """The bootstrap's OPEN is answered only once the order is on disk; a second serve
-    starts with it (its Service knows the volume's images before any OPEN)."""
+async def test_serve_saves_the_mount_order_before_answering_and_a_successor_loads_it(
+        tmp_path, monkeypatch):
+    """The bootstrap's OPEN is answered only once the order is on disk; a serve that takes
+    over the device (restored) starts with it; one that binds afresh starts without (the
+    mounts of before are gone with the kernel's objects)."""
     store = LocalStore(tmp_path / "store")
     for name in ("a", "b"):
         (tmp_path / name).write_bytes(name.encode() * 5000)
@@ -24,12 +25,15 @@ async def test_serve_saves_the_mount_order_before_answering_and_loads_it_at_star
     cache.mkdir()
     cfg = load(None, {}, {"store": str(tmp_path / "store"), "cache_dir": str(cache),
                           "native": "python", "control_socket": ""})
-    for round_ in range(2):
-        kernel = FakeKernel(tmp_path / f"objects{round_}")
+    known = []
+    for round_, adopted in enumerate((False, True, False)):
         (tmp_path / f"objects{round_}").mkdir()
+        kernel = FakeKernel(tmp_path / f"objects{round_}")
         kernel.start()
+        monkeypatch.setattr(daemon, "open_device", lambda cfg, k=kernel, a=adopted: (
+            k.device(), a))
         stop = asyncio.Event()
-        task = asyncio.create_task(daemon.serve(cfg, Device(kernel.device_fd, cfg.device), stop))
+        task = asyncio.create_task(daemon.serve(cfg, None, stop))
         if round_ == 0:
             for name in (b"b", b"a"):
                 assert (await kernel.open(name, b"erofs,dom")).copen_result == 5000
@@ -38,4 +42,5 @@ async def test_serve_saves_the_mount_order_before_answering_and_loads_it_at_star
         stop.set()
         service = await asyncio.wait_for(task, 10)
         kernel.stop()
-        assert service.volumes.opened(b"erofs,dom") == ("b", "a")
+        known.append(service.volumes.opened(b"erofs,dom"))
+    assert known == [("b", "a"), ("b", "a"), ()]
