@@ -45,7 +45,8 @@ from ondemand_d.store.verify import check, verified
 #: whole chunk per READ, and vm.md measured 1 MiB as a good trade.
 DEFAULT_CHUNK_SIZE = 1 << 20
 FORMAT = "ondemand-d store 2\n"
-_SUBDIRS = ("chunks", "blobs", "locations", "images", "keys", "dedup", "quarantine", "leases", "tmp")
+_SUBDIRS = ("chunks", "blobs", "locations", "images", "keys", "dedup", "quarantine", "leases",
+            "tmp")
 _tmp_names = itertools.count()
 
 
