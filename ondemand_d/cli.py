@@ -391,6 +391,7 @@ def _ls_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _ls(args: argparse.Namespace, ctx: Context) -> int:
     from ondemand_d.errors import StoreError  # noqa: PLC0415
+    from ondemand_d.store.locations import remote_places, where  # noqa: PLC0415
 
     store = ctx.store()
     found, damaged = store.scan_images()
@@ -406,15 +407,18 @@ def _ls(args: argparse.Namespace, ctx: Context) -> int:
                 continue
             local = sum(1 for c in blob.chunks if store.has_chunk(c.digest))
             blobs.append({"role": role, "key": key, "blob": blob_id, "size": blob.size,
-                          "chunks": len(blob.chunks), "chunks_local": local})
-        images.append({"name": image.name, "blobs": blobs})
+                          "chunks": len(blob.chunks), "chunks_local": local,
+                          "location": where(store, image, blob)})
+        images.append({"name": image.name, "blobs": blobs,
+                       "locations": remote_places(b.get("location", "") for b in blobs)})
     bad = [{"record": str(d.path), "error": d.error} for d in damaged]
     if args.json:
         print(json.dumps({"store": str(store.root), "images": images, "damaged": bad}, indent=2))
         return EXIT_OK
     for img in images:
         total = sum(b.get("size", 0) for b in img["blobs"])
-        print(f"{img['name']}  {len(img['blobs'])} blob(s), {total} bytes")
+        origin = f"  from {', '.join(img['locations'])}" if img["locations"] else ""
+        print(f"{img['name']}  {len(img['blobs'])} blob(s), {total} bytes{origin}")
         for b in img["blobs"]:
             if "error" in b:
                 print(f"  {b['role']:9} {b['blob'][:16]}  DAMAGED: {b['error']}  key={b['key']}")

@@ -23,6 +23,7 @@ from ondemand_d.service import Service
 from ondemand_d.store.fetch import ChunkFetcher, RemoteSource
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Chunk
+from ondemand_d.volume_images import FILE_NAME as VOLUME_IMAGES, VolumeImages
 
 log = structlog.get_logger()
 
@@ -188,6 +189,7 @@ async def serve(
         readahead=cfg.readahead,
         cache_limit=(CacheLimit(cfg.cache_dir, cfg.cache_max, device.command if fscache else None)
                      if cfg.cache_max else None),
+        volumes=_volume_images(cfg, restored) if fscache else None,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -233,6 +235,14 @@ async def serve(
             device.close()
         log.info("stopped", **vars(service.counters), **remote_stats)
     return service
+
+
+def _volume_images(cfg: Config, restored: bool) -> VolumeImages:  # noqa: FBT001
+    """Each volume's mount order, beside cache/ and graveyard/: a successor that took over
+    the device (restored) reads its predecessor's; a fresh bind starts without (the
+    kernel's objects of before are gone, and so are their mounts)."""
+    path = cfg.cache_dir / VOLUME_IMAGES
+    return VolumeImages.load(path) if restored else VolumeImages(path)
 
 
 def _fanotify_check(cfg: Config) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 from ondemand_d.errors import ImageError, StoreError
 from ondemand_d.store.limits import DEFAULT_MAX_CHUNK, ImageBudget, check_chunk_size
 from ondemand_d.store.local import DEFAULT_CHUNK_SIZE, LocalStore
+from ondemand_d.store.locations import local_only
 from ondemand_d.store.model import PAGE, Image, check_key, check_name
 
 EROFS_MAGIC = 0xE0F5E1E2
@@ -212,7 +213,8 @@ def import_image(
             blob = store.ingest_file(path, chunk_size)
             cookie = key or slot.tag or blob.blob_id
             devices.append((cookie, blob.blob_id))
-        extra = {"source": "import", "tags": [slot.tag or "" for slot in slots]}
+        extra = {"source": "import", "tags": [slot.tag or "" for slot in slots],
+                 **local_only()}  # a blob `add` recorded first is never fetched from there
         try:
             image = Image(name, bootstrap.blob_id, tuple(devices), extra)
         except StoreError as exc:

@@ -31,6 +31,7 @@ from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.locations import locate
 from ondemand_d.store.model import Blob
+from ondemand_d.volume_images import VolumeImages
 
 log = structlog.get_logger()
 
@@ -67,6 +68,8 @@ class Service:
         prefetch: write a data blob's holes right after its OPEN.
         readahead: bytes written past each READ before the kernel asks.
         cache_limit: cache_max: prefill, prefetch and readahead stop before passing it.
+        volumes: the images each volume mounted, in order (kept across restarts
+            when it has a path); it decides where shared data blobs are fetched from.
     """
 
     def __init__(  # noqa: PLR0913 - collaborators arrive as parameters
@@ -82,6 +85,7 @@ class Service:
         prefetch: bool = False,
         readahead: int = 0,
         cache_limit: CacheLimit | None = None,
+        volumes: VolumeImages | None = None,
     ) -> None:
         self.device = device
         self.store = store
@@ -101,8 +105,7 @@ class Service:
         self._reading = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        # volume key -> the images whose bootstrap it opened, in mount order (locations)
-        self._volume_images: dict[bytes, list[str]] = {}
+        self.volumes = volumes or VolumeImages()
 
     @property
     def reads(self) -> dict[int, Any]:
@@ -233,9 +236,8 @@ class Service:
         blob: Blob | None = None
         bootstrap = False
         try:
-            opened = tuple(self._volume_images.get(action.volume_key, ()))
             found, bootstrap = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._resolve, action.cookie_key, opened)
+                self._executor, self._resolve, action.cookie_key, action.volume_key)
             blob, size, outcome = found, found.size, "ok"
         except BadKey as exc:
             size, outcome, error = -errno.ENOENT, "bad_key", str(exc)
@@ -263,17 +265,13 @@ class Service:
         )
         if blob is not None:
             self.engine.blobs[action.object_id] = blob  # READs use this copy: no store access
-            if bootstrap:  # this volume (fsid or share domain) has mounted that image
-                names = self._volume_images.setdefault(action.volume_key, [])
-                if _text(action.cookie_key) not in names:
-                    names.append(_text(action.cookie_key))
         self._run(self.objects.looked_up(
             action.msg_id, blob.blob_id if blob else None, size,
             source=_source(blob), background=background))
         if blob is not None:
             self.store.lease_settled(blob.blob_id, self.objects.blob_ids())
 
-    def _resolve(self, key: bytes, opened: tuple[str, ...]) -> tuple[Blob, bool]:
+    def _resolve(self, key: bytes, volume: bytes) -> tuple[Blob, bool]:
         """The blob a cookie key names, located for the image that reads it.
 
         A data blob is fetched from the location of the first image (in mount
@@ -281,9 +279,12 @@ class Service:
         itself without a domain, the domain's first mount that uses it in one.
         """
         blob = self.store.open_blob(key)  # leased: gc keeps it while it is open
-        bootstrap = self.store.has_image(key.decode())
+        name = key.decode()
+        bootstrap = self.store.has_image(name)
         if isinstance(self.store, LocalStore):  # an --images directory has no remote blobs
-            blob = locate(self.store, blob, (key.decode(),) if bootstrap else opened)
+            if bootstrap:  # noted (and saved) before the copen: a successor knows it too
+                self.volumes.note(volume, name)
+            blob = locate(self.store, blob, (name,) if bootstrap else self.volumes.opened(volume))
         return blob, bootstrap
 
     # -- READ ------------------------------------------------------------------------

@@ -78,8 +78,9 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
     for img in st["images"]:
         share = f" ({100 * img['cached_bytes'] // img['size']}%)" if img["size"] else ""
         more = " and ?" if img.get("cached_unknown") else ""
+        origin = f", from {', '.join(img['locations'])}" if img.get("locations") else ""
         out.append(f"  {img['name']}  {len(img['blobs'])} blob(s), {size(img['size'])}, "
-                   f"cached {size(img['cached_bytes'])}{share}{more}")
+                   f"cached {size(img['cached_bytes'])}{share}{more}{origin}")
         for b in img["blobs"]:
             cached = "?" if b["cached_bytes"] is None else size(b["cached_bytes"])
             unknown |= b["cached_bytes"] is None

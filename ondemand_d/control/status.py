@@ -15,6 +15,7 @@ from ondemand_d.control.observe import Observer
 from ondemand_d.control.server import ControlServer, json_ok, state
 from ondemand_d.device import KernelFeatures
 from ondemand_d.errors import StoreError
+from ondemand_d.store.locations import remote_places, where
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -92,17 +93,19 @@ def images(rt: Runtime, cached: dict[str, dict[str, int]],
         for role, key, blob_id in [("bootstrap", image.name, image.bootstrap),
                                    *(("data", k, b) for k, b in image.devices)]:
             try:
-                size = store.get_blob(blob_id).size
+                blob = store.get_blob(blob_id)
+                size, place = blob.size, where(store, image, blob)
             except (StoreError, OSError):
-                size = -1
+                size, place = -1, "none (its blob record is damaged)"
             c = cached.get(blob_id) or {
                 # After a restart, an object the previous instance opened may still be held by
                 # the kernel; its cache file is an unlinked tmpfile until the kernel lets go of
                 # it (umount) and no fd of ours reaches it until it is reopened: unknown, not 0.
                 "cached_bytes": None if rt.restored else 0, "cache_files": 0}
             blobs.append({"role": role, "key": key, "blob": blob_id, "size": size,
-                          "open": blob_id in open_blobs, **c})
+                          "open": blob_id in open_blobs, "location": place, **c})
         out.append({"name": image.name, "blobs": blobs,
+                    "locations": remote_places(b["location"] for b in blobs),
                     "size": sum(b["size"] for b in blobs if b["size"] > 0),
                     "cached_bytes": sum(b["cached_bytes"] or 0 for b in blobs),
                     "cached_unknown": sum(b["cached_bytes"] is None for b in blobs)})

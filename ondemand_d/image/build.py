@@ -22,6 +22,7 @@ from ondemand_d.image.report import BuildReport
 from ondemand_d.image.tree import Node, validate, walk
 from ondemand_d.image.xattrs import FingerprintPrefix
 from ondemand_d.store import Image, LocalStore
+from ondemand_d.store.locations import local_only
 from ondemand_d.store.model import check_name
 
 #: Regular files up to this size live inline in the bootstrap, not in a blob:
@@ -131,7 +132,8 @@ def _build(
         fingerprint=options.fingerprint,
     )
     boot = put_bytes(store, bootstrap, {"kind": "erofs-bootstrap"})
-    image = Image(name, boot.blob_id, tuple((b, b) for b in order))  # tag = blob id
+    # tag = blob id; local_only: a blob `add` recorded first is never fetched from its registry
+    image = Image(name, boot.blob_id, tuple((b, b) for b in order), local_only())
     store.put_image(image, replace=options.replace)  # the commit point: last
 
     s = planner.stats

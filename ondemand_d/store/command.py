@@ -61,8 +61,9 @@ def run_gc(args: argparse.Namespace, ctx: Context) -> int:
     verb = "would free" if args.dry_run else "freed"
     leases = (f"; kept {report.kept_for_leases} blob(s) a running daemon has open"
               if report.kept_for_leases else "")
-    print(f"gc {verb} {report.blobs} blob(s) and {report.chunks} chunk(s), "
-          f"{show_size(report.bytes)}, in {store.root} ({report.images} image(s) kept{leases})")
+    print(f"gc {verb} {report.blobs} blob(s), {report.locations} location record(s) and "
+          f"{report.chunks} chunk(s), {show_size(report.bytes)}, in {store.root} "
+          f"({report.images} image(s) kept{leases})")
     return EXIT_OK
 
 

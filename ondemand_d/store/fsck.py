@@ -5,7 +5,8 @@ Checked: image records (readable, name matches), blob records (readable, id is
 the content id of the table), every blob an image names is present, every
 chunk file hashes to its name, every local chunk of a named blob is present
 (chunks with a remote range may be absent: they are fetched on READ), dedup
-records, key entries.
+records, key entries, location records (readable, named by their content, for
+a blob in the store with one range per chunk; each one an image names is there).
 
 `--repair` quarantines damaged files (moved to quarantine/, kept for a look)
 and drops stale key entries. A quarantined chunk or blob record is written
@@ -26,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ondemand_d.errors import StoreError
+from ondemand_d.errors import StoreError, UnknownName
 from ondemand_d.store import durable
 from ondemand_d.store.local import LocalStore
+from ondemand_d.store.locations import LOCATIONS
+from ondemand_d.store.model import Image
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ def fsck(store: LocalStore, *, repair: bool = False,
                 chunk_users[chunk.digest].update(who)
                 if chunk.remote is None:
                     local_needed[chunk.digest].update(who)
+        _check_locations(store, report, images, repair=repair)
         _check_chunks(store, report, chunk_users, local_needed, repair=repair, say=say)
         _check_dedup(store, report, repair=repair)
         _check_keys(store, report, repair=repair)
@@ -170,6 +174,56 @@ def _open_regular(path: Path) -> BinaryIO:
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file")
     return open(fd, "rb")  # noqa: SIM115 - the caller's with closes it
+
+
+def _check_locations(store: LocalStore, report: FsckReport, images: list[Image], *,
+                     repair: bool) -> None:
+    """A bad location hurts each image naming it: their remote chunks fail (EIO), since
+    an image never fetches from another image's location."""
+    named: dict[str, set[str]] = defaultdict(set)  # location id -> images naming it
+    for image in images:
+        locations = image.extra.get(LOCATIONS)
+        if isinstance(locations, dict):
+            for location_id in locations.values():
+                named[str(location_id)].add(image.name)
+    folder = store.root / "locations"
+    present = {p.stem for p in folder.glob("*.json")}
+    for location_id in sorted(present | set(named)):
+        path, who = folder / f"{location_id}.json", tuple(sorted(named.get(location_id, ())))
+        if location_id not in present:
+            report.problems.append(Problem("location-missing", str(path),
+                                           "an image names this location; add it again", who))
+            continue
+        detail = _location_damage(store, location_id, report)
+        if detail is None:
+            continue
+        done = _quarantine(store, path) if repair else ""
+        report.problems.append(Problem("location-record", str(path), detail, who, done))
+        if done and who:
+            report.problems.append(Problem("location-missing", str(path),
+                                           "add the image(s) again to restore it", who))
+
+
+def _location_damage(store: LocalStore, location_id: str, report: FsckReport) -> str | None:
+    """What is wrong with a location record, or None (also when its blob's record is the
+    damaged one: that is reported, and the location is sound)."""
+    try:
+        location = store.get_location(location_id)
+    except StoreError as exc:  # a name that is not a digest among them
+        return str(exc)
+    try:
+        blob = store.get_blob(location.blob_id)
+    except UnknownName:
+        if any(p.kind == "blob-record" and p.path == str(store.blob_path(location.blob_id))
+               for p in report.problems):
+            return None
+        return f"names blob {location.blob_id}, which is not in the store"
+    except StoreError:
+        return None
+    if len(blob.chunks) != len(location.ranges):
+        return (f"has {len(location.ranges)} range(s) but blob {location.blob_id} has "
+                f"{len(blob.chunks)} chunk(s)")
+    return None
 
 
 def _check_dedup(store: LocalStore, report: FsckReport, *, repair: bool) -> None:

@@ -11,8 +11,11 @@ domain), so it is located for the image that opened it first (mount order):
 images in one share domain share that image's registry, as they share the
 page cache. Put images that do not trust each other in different domains.
 
-Images recorded before locations existed name none: their location is the one
-in the blob record (read as that image's, no record is rewritten).
+Images built or imported here name no location (``locations: {}``): they read
+their chunks from this store only, even when `add` recorded the same blob first
+with a registry; a chunk missing here is an error, not a fetch from that registry.
+Images recorded before locations existed have no ``locations`` key at all: their
+location is the one in the blob record (read as that image's, nothing is rewritten).
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ from ondemand_d.store.local import LocalStore
 from ondemand_d.store.model import Blob, Image, Location, unlocated
 
 LOCATIONS = "locations"  # the Image.extra key: {blob_id: location_id}
+
+
+def local_only() -> dict[str, dict[str, str]]:
+    """The Image.extra of an image built or imported here: it fetches from no registry."""
+    return {LOCATIONS: {}}
 
 
 def image_location(store: LocalStore, image: Image, blob: Blob) -> Blob:
@@ -42,6 +50,9 @@ def image_location(store: LocalStore, image: Image, blob: Blob) -> Blob:
         return legacy.apply(blob)
     location_id = names.get(blob.blob_id) if isinstance(names, dict) else None
     if not isinstance(location_id, str):
+        if names == {} and "remote" not in image.extra:
+            return unlocated(blob, f"image {image.name!r} was built or imported here and "
+                             "reads only this store; the chunk is missing from it (fsck)")
         return unlocated(blob, f"image {image.name!r} records no location for it")
     try:
         return store.get_location(location_id).apply(blob)
@@ -82,3 +93,23 @@ def _where(blob: Blob) -> tuple[str, str, tuple[object, ...]]:
     remote = blob.extra.get("remote") or {}
     return (str(remote.get("registry", "")), str(remote.get("repository", "")),
             tuple(c.remote for c in blob.chunks))
+
+
+def where(store: LocalStore, image: Image, blob: Blob) -> str:
+    """Where `image` fetches `blob`'s missing chunks from, as `ls` and `status` show it.
+
+    Returns:
+        "<registry>/<repository>", "local" (this store only), or "none (<why>)".
+    """
+    if not blob.is_remote or (image.extra.get(LOCATIONS) == {} and "remote" not in image.extra):
+        return "local"
+    located = image_location(store, image, blob)
+    remote = located.extra.get("remote")
+    if isinstance(remote, dict):
+        return f"{remote.get('registry')}/{remote.get('repository')}"
+    return f"none ({located.extra.get('unlocated')})"
+
+
+def remote_places(places: Iterable[str]) -> list[str]:
+    """The registries/repositories among an image's blobs' places, each once, in order."""
+    return list(dict.fromkeys(p for p in places if p != "local"))

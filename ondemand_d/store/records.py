@@ -45,7 +45,8 @@ from ondemand_d.store.verify import check, verified
 #: whole chunk per READ, and vm.md measured 1 MiB as a good trade.
 DEFAULT_CHUNK_SIZE = 1 << 20
 FORMAT = "ondemand-d store 2\n"
-_SUBDIRS = ("chunks", "blobs", "locations", "images", "keys", "dedup", "quarantine", "leases", "tmp")
+_SUBDIRS = ("chunks", "blobs", "locations", "images", "keys", "dedup", "quarantine", "leases",
+            "tmp")
 _tmp_names = itertools.count()
 
 
@@ -289,13 +290,16 @@ class RecordStore:
 
         Raises:
             UnknownName: no such record (e.g. removed by gc with its image).
-            StoreError: the record is damaged.
+            StoreError: the record is damaged or unreadable.
         """
         path = self.location_path(location_id)
         try:
-            location = Location.from_json(_load(path))
+            location = Location.from_json(_load_regular(path))
         except FileNotFoundError:
             raise UnknownName(f"location {location_id} is not in the store {self.root}") from None
+        except OSError as exc:
+            msg = f"{path} is unreadable ({exc.strerror})"
+            raise StoreError(msg) from None
         if location.location_id != location_id:
             msg = f"{path} is damaged (its content does not match its name)"
             raise StoreError(msg)
@@ -423,6 +427,29 @@ def _raise_if_full(exc: OSError, root: Path, path: Path) -> None:
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _load_regular(path: Path) -> dict[str, Any]:
+    """_load, for a regular file only: a FIFO put there would hang the reader.
+
+    Raises:
+        FileNotFoundError: no such file. OSError: it cannot be opened (a symlink among them).
+        StoreError: it is not a regular file of a JSON object.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            msg = f"{path} is damaged (not a regular file)"
+            raise StoreError(msg)
+        try:
+            raw = json.load(f)
+        except (ValueError, RecursionError) as exc:
+            msg = f"{path} is damaged (not JSON: {exc!r})"
+            raise StoreError(msg) from None
+    if not isinstance(raw, dict):
+        msg = f"{path} is damaged (not a JSON object)"
+        raise StoreError(msg)
+    return raw
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import random
+import subprocess
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 from fakekernel import FakeKernel, FakeObject, RecordingBackend
 
+from ondemand_d import cli
 from ondemand_d._native import load_backend
 from ondemand_d.device import Device
+from ondemand_d.importer import import_image
 from ondemand_d.registry import reference
 from ondemand_d.registry.add import add
 from ondemand_d.registry.client import RegistryClient
@@ -35,7 +41,9 @@ from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.locations import LOCATIONS, image_location, locate
 from ondemand_d.store.model import Blob, Image
+from ondemand_d.volume_images import VolumeImages
 
+from ..service.test_control import Running
 from ._proxy import Fault, FaultProxy
 from ._server import Registry
 from .conftest import BOUND_S, blob_bytes, make_image
@@ -85,16 +93,19 @@ async def setup(registry: Registry, tmp_path: Path) -> AsyncIterator[Setup]:
 
 
 @contextlib.asynccontextmanager
-async def serving(store: LocalStore, cache: Path) -> AsyncIterator[FakeKernel]:
-    """A daemon (Service + RegistrySource, no write-through: every miss is fetched)."""
-    cache.mkdir()
+async def serving(store: LocalStore, cache: Path,
+                  state: Path | None = None) -> AsyncIterator[FakeKernel]:
+    """A daemon (Service + RegistrySource, no write-through: every miss is fetched);
+    `state` is the file a daemon keeps its volumes' mount order in across restarts."""
+    cache.mkdir(exist_ok=True)
     kernel = FakeKernel(cache)
     kernel.start()
     executor = ThreadPoolExecutor(2)
     source = RegistrySource(CONFIG)
     fetcher = ChunkFetcher(store, executor, source, deadline=DEADLINE_S)
     backend = RecordingBackend(load_backend("python"), kernel)
-    service = Service(Device(kernel.device_fd, Path("fake")), store, fetcher, backend, executor)
+    service = Service(Device(kernel.device_fd, Path("fake")), store, fetcher, backend, executor,
+                      volumes=VolumeImages.load(state) if state else None)
     service.start()
     try:
         yield kernel
@@ -206,3 +217,101 @@ async def test_in_one_share_domain_the_first_mount_that_uses_a_blob_locates_it(
         assert await read_all(kernel, obj, setup.blob) == setup.data
     assert blob_gets(setup.attacker) == 0
     assert blob_gets(setup.victim) > 0
+
+
+@pytest.mark.parametrize("order", [("victim", "attacker"), ("attacker", "victim")])
+async def test_a_restarted_daemon_locates_a_reopened_blob_as_its_predecessor_did(
+        setup: Setup, tmp_path: Path, order: tuple[str, str]) -> None:
+    """One domain, two images that disagree on the blob's registry. After a restart the
+    kernel re-sends the data blob's OPEN before any bootstrap's (a bootstrap cached whole
+    is never read, so never reopened): the successor reads every byte, exact, from the
+    registry its predecessor chose (the first mount's), and nothing from the other."""
+    volume, state = b"erofs,shared", tmp_path / "cache" / "volume-images.json"
+    first, second = (setup.victim, setup.attacker) if order[0] == "victim" else (
+        setup.attacker, setup.victim)
+    head = setup.blob.chunks[0]
+    async with serving(setup.store, tmp_path / "cache", state) as kernel:
+        for image in order:
+            assert (await kernel.open(image.encode(), volume)).copen_result > 0
+        obj = await kernel.open(setup.blob.blob_id.encode(), volume)
+        assert await kernel.read(obj, head.offset, head.length, timeout=BOUND_S)
+    assert (blob_gets(first), blob_gets(second)) == (1, 0)
+    async with serving(setup.store, tmp_path / "cache2", state) as kernel:  # the successor
+        obj = await kernel.open(setup.blob.blob_id.encode(), volume)
+        assert await read_all(kernel, obj, setup.blob) == setup.data
+    assert blob_gets(first) > 1
+    assert blob_gets(second) == 0
+
+
+async def test_attack_an_imported_copy_never_fetches_from_the_registry_an_add_named(
+        registry: Registry, tmp_path: Path) -> None:
+    """An image imported here lists a data blob the attacker's `add` recorded first (same
+    content): its chunks come from this store only. A chunk missing here is EIO, with a
+    sentence saying why in the READ's log line, and the attacker's registry sees nothing."""
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "f").write_bytes(random.Random(3).randbytes(400_000))
+    meta, data = tmp_path / "meta", tmp_path / "data"
+    subprocess.run(["mkfs.erofs", "--chunksize=65536", f"--blobdev={data}", str(meta), str(src)],
+                   check=True, capture_output=True)
+    origin = LocalStore(tmp_path / "origin")
+    import_image(origin, "app", meta, [(data, "app-data")], chunk_size=64 << 10)
+    store = LocalStore(tmp_path / "dst")
+    a = await FaultProxy(registry.host).start()
+    try:
+        async with RegistryClient(RegistryConfig()) as client:
+            await push(origin, "app", reference.parse(f"{registry.host}/atk/imp:v1"), client)
+            await add(store, reference.parse(f"{a.host}/atk/imp:v1"), client, name="attacker")
+        mine = import_image(store, "mine", meta, [(data, "mine-data")], chunk_size=64 << 10)
+        assert mine.extra[LOCATIONS] == {}
+        blob = store.get_blob(mine.devices[0][1])
+        assert blob.extra["remote"]["registry"] == a.host  # the record is the attacker's
+        lost = blob.chunks[2]
+        store.chunk_path(lost.digest).unlink()
+        a.seen.clear()
+        with capture_logs() as logs:
+            async with serving(store, tmp_path / "cache") as kernel:
+                assert (await kernel.open(b"mine", b"erofs,mine")).copen_result > 0
+                obj = await kernel.open(b"mine-data", b"erofs,mine")
+                head = blob.chunks[0]
+                assert await kernel.read(obj, head.offset, head.length, timeout=BOUND_S)
+                assert kernel.cache_bytes(obj)[: head.length] == data.read_bytes()[: head.length]
+                assert not await kernel.read(obj, lost.offset, lost.length, timeout=BOUND_S)
+        assert blob_gets(a) == 0
+        (failed,) = [e for e in logs if e["event"] == "read_completed" and e["outcome"] == "eio"]
+        assert "was built or imported here and reads only this store" in failed["error"]
+    finally:
+        await a.stop()
+
+
+async def test_ls_status_and_gc_say_where_each_image_reads_from(
+        setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ls` and `status` (text and JSON) show each image's own registry/repository, not the
+    blob record's; `gc` says how many location records it removed (text and JSON)."""
+    root = str(setup.store.root)
+    mine, theirs = f"{setup.victim.host}/vic/app", f"{setup.attacker.host}/atk/app"
+    assert cli.main(["--store", root, "ls", "--json"]) == 0
+    listed = {i["name"]: i for i in json.loads(capsys.readouterr().out)["images"]}
+    assert (listed["victim"]["locations"], listed["attacker"]["locations"]) == ([mine], [theirs])
+    (data,) = [b for b in listed["victim"]["blobs"] if b["blob"] == setup.blob.blob_id]
+    assert data["location"] == mine
+    assert cli.main(["--store", root, "ls"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("victim ")]
+    assert line.endswith(f"from {mine}")
+    async with Running(tmp_path / "run", store=root) as d:
+        assert await asyncio.to_thread(cli.main, ["status", "--socket", str(d.socket)]) == 0
+        (line,) = [x for x in capsys.readouterr().out.splitlines()
+                   if x.startswith("  victim ")]
+        assert line.endswith(f", from {mine}")
+        assert await asyncio.to_thread(
+            cli.main, ["status", "--json", "--socket", str(d.socket)]) == 0
+        shown = {i["name"]: i for i in json.loads(capsys.readouterr().out)["images"]}
+    assert (shown["victim"]["locations"], shown["attacker"]["locations"]) == ([mine], [theirs])
+    (data,) = [b for b in shown["victim"]["blobs"] if b["blob"] == setup.blob.blob_id]
+    assert data["location"] == mine
+    gc.rm(setup.store, ["attacker"])
+    assert cli.main(["--store", root, "gc", "--dry-run"]) == 0
+    assert "1 location record(s)" in capsys.readouterr().out
+    assert cli.main(["--store", root, "gc", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["locations"] == 1
+    assert len(setup.store.location_ids()) == 1
