@@ -187,6 +187,7 @@ async def serve(
         prefill_bootstrap=cfg.prefill_bootstrap,
         prefetch=cfg.prefetch,
         readahead=cfg.readahead,
+        max_bootstrap=cfg.max_bootstrap,
         cache_limit=(CacheLimit(cfg.cache_dir, cfg.cache_max, device.command if fscache else None)
                      if cfg.cache_max else None),
         volumes=_volume_images(cfg, restored) if fscache else None,

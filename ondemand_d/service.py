@@ -28,6 +28,7 @@ from ondemand_d._native import Backend
 from ondemand_d.errors import BadKey, ProtocolError, StoreError, UnknownName
 from ondemand_d.fill import CacheLimit, FillEngine, FillReport, Progress
 from ondemand_d.store.fetch import ChunkFetcher
+from ondemand_d.store.limits import DEFAULT_MAX_BOOTSTRAP
 from ondemand_d.store.local import LocalStore
 from ondemand_d.store.locations import locate
 from ondemand_d.store.model import Blob
@@ -68,6 +69,7 @@ class Service:
         prefetch: write a data blob's holes right after its OPEN.
         readahead: bytes written past each READ before the kernel asks.
         cache_limit: cache_max: prefill, prefetch and readahead stop before passing it.
+        max_bootstrap: the largest bootstrap prefilled whole when its metadata walk gives up.
         volumes: the images each volume mounted, in order (kept across restarts
             when it has a path); it decides where shared data blobs are fetched from.
     """
@@ -86,6 +88,7 @@ class Service:
         readahead: int = 0,
         cache_limit: CacheLimit | None = None,
         volumes: VolumeImages | None = None,
+        max_bootstrap: int = DEFAULT_MAX_BOOTSTRAP,
     ) -> None:
         self.device = device
         self.store = store
@@ -96,7 +99,8 @@ class Service:
         debug = structlog.get_logger().is_enabled_for(logging.DEBUG)
         self.engine = FillEngine(fetcher, backend, executor,
                                  io_jobs=getattr(executor, "_max_workers", 4),
-                                 log=log if debug else None, cache_limit=cache_limit)
+                                 log=log if debug else None, cache_limit=cache_limit,
+                                 whole_prefill_cap=max_bootstrap)
         self._executor = executor
         self._prefill_bootstrap = prefill_bootstrap
         self._prefetch = prefetch

@@ -529,3 +529,19 @@ async def test_readahead_with_gaps_writes_each_chunk_at_its_offset(make_env):
         assert bad == [], f"gaps at {gaps}: chunks {bad} hold the wrong bytes"
         env.kernel.close(obj)
     _all_complete_once(env.kernel)
+
+
+async def test_attack_max_bootstrap_bounds_the_prefill_of_an_unwalkable_bootstrap(make_env):
+    """A bootstrap whose metadata walk gives up is prefilled whole only up to max_bootstrap
+    (`serve` passes the configured cap): above it, nothing is written at OPEN."""
+    for cap, whole in ((1 << 20, True), (8192, False)):
+        env = await make_env(max_bootstrap=cap)
+        path = _blob_file(env.tmp, 16 * PAGE, "junk")  # random bytes: no EROFS superblock
+        blob = env.store.ingest_file(path, 1 << 20)
+        env.store.put_image(Image("junk", blob.blob_id, ()))
+        obj = await env.kernel.open(b"junk")
+        await _until(lambda env=env: _events(env, "prefilled"), 5)
+        (done,) = _events(env, "prefilled")
+        assert done["bytes"] == (16 * PAGE if whole else 0), done
+        assert env.kernel.range_present(obj, 0, 16 * PAGE) is whole
+        env.logs.clear()
