@@ -3,8 +3,9 @@
 
 The daemon asks the kernel (`inuse`, `cull` on the device), which refuses any file an
 object holds (a mounted image's blob); it never unlinks a file under `cache/` itself.
-Culled files go to the graveyard, which the daemon then empties. With the store's gc
-this gives disk space back.
+Culled files go to the graveyard, which the daemon then empties. The fanotify front end
+removes its own blob files (`fanotify/<domain>/<blob id>`) that no mount uses. With the
+store's gc this gives disk space back.
 """
 from __future__ import annotations
 
@@ -66,6 +67,14 @@ async def cull_view(request: web.Request) -> web.Response:
     # Synchronously on the loop thread: cachefiles resolves the names against our cwd,
     # so no other cull may interleave (the daemon's own paths are all absolute).
     results = cachedir.cull(rt.device.command, rt.cfg.cache_dir, files)
+    fanotify = rt.frontends.get("fanotify")
+    if fanotify is not None:
+        try:
+            blobs = None if image is None else set(
+                rt.service.store.get_image(image).blob_ids)
+        except (StoreError, OSError) as exc:
+            return json_error(404, f"no image {image!r} in the store: {exc}")
+        results += fanotify.cull(blobs)
     freed = sum(r.bytes for r in results if r.outcome == "culled")
     counts = {o: sum(r.outcome == o for r in results) for o in ("culled", "in_use", "gone")}
     log.info("culled", image=image, bytes_freed=freed, **counts)

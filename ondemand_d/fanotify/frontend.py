@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import structlog
 
 from ondemand_d import systemd
+from ondemand_d.cachedir import CullResult
 from ondemand_d.log import ms_since
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
 from ondemand_d.fanotify import cachelimit, layout, syscalls, uapi
@@ -135,6 +136,7 @@ class FanotifyFrontend:
         self.counters = {"events": 0, "denied": 0, "orphans": 0}
         #: Mounts a previous instance left that this one could not serve (fail closed).
         self.denied: list[dict[str, Any]] = []
+        self._denied_files: set[tuple[str, str]] = set()  # (domain, blob id) of those
 
     # -- start and stop -------------------------------------------------------------
 
@@ -198,6 +200,12 @@ class FanotifyFrontend:
         self._deny_unrecorded(up)
         if layout.root(self.cache_dir).is_dir():
             layout.save_mounts(self.cache_dir, kept)
+        # Files handed over for mounts that are gone (unmounted before the crash) are only
+        # cache now: their fds leave this process and the fd store. A denied mount's files
+        # stay marked and known: it may still be read until its readers close it.
+        for key, file in list(self.files.items()):
+            if key not in first_user and key not in self._denied_files:
+                self._release_file(file)
         self._update_lease()
 
     def _deny_unrecorded(self, up: dict[str, tuple[str, str]]) -> None:
@@ -225,6 +233,7 @@ class FanotifyFrontend:
         zeros; the lazy umount keeps anyone from opening a file there again.
         """
         marked = 0
+        self._denied_files |= {(record.domain, b) for b in record.blobs}
         for blob_id in record.blobs:
             if (record.domain, blob_id) in self.files:
                 continue  # known: its events are served, with verified bytes
@@ -607,6 +616,49 @@ class FanotifyFrontend:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
+    def _release_file(self, file: BlobFile) -> None:
+        """Forget a blob file no mount reads: unmark it, drop and close its fill fd.
+
+        The mark goes first: a later mount opens the file again, and an fd opened while
+        our mark is on it would raise events on our own writes. What is filled stays.
+        """
+        if file.pending or file.filling:
+            return  # still being served (a fill under way): the next umount or stop does it
+        with contextlib.suppress(OSError):
+            syscalls.mark_fd(self.group, file.fd, remove=True)
+        del self.files[(file.domain, file.blob.blob_id)]
+        self._by_ino.pop(file.ino, None)
+        self.fdstore.remove(_fdstore_name(file.path))
+        os.close(file.fd)
+
+    def _busy(self) -> set[Path]:
+        """Blob files that must stay: a mount's, a mount's under way, or being filled."""
+        return {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out) | {
+            f.path for f in self.files.values() if f.filling or f.pending}
+
+    def cull(self, blob_ids: set[str] | None) -> list[CullResult]:
+        """Remove the blob files of `blob_ids` (all, for None) that no mount uses.
+
+        Returns one result per file: culled (removed, its allocated bytes freed) or in_use.
+        """
+        busy = self._busy()
+        results = []
+        root = layout.root(self.cache_dir)
+        for file in cachelimit.scan(root):
+            if blob_ids is not None and file.path.name not in blob_ids:
+                continue
+            if file.path in busy:
+                results.append(CullResult(file.path, file.path.name, "in_use", file.allocated))
+                continue
+            self._remove_file(file.path)
+            results.append(CullResult(file.path, file.path.name, "culled", file.allocated))
+            log.info("cache_file_removed", frontend="fanotify", path=str(file.path),
+                     bytes=file.allocated, reason="cull")
+        for domain in {r.path.parent for r in results if r.outcome == "culled"}:
+            with contextlib.suppress(OSError):  # not empty: another blob's file is there
+                domain.rmdir()
+        return results
+
     def _make_room(self, need: int) -> None:
         """Before a fill of `need` bytes: under cache_max, else blob files of no current mount
         removed (least recently used first), else OSError(ENOSPC): its reader gets EIO."""
@@ -614,8 +666,7 @@ class FanotifyFrontend:
         used = sum(f.allocated for f in files) + self.filler.in_flight_bytes
         if used + need <= self.cache_max:
             return
-        busy = {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out) | {
-            f.path for f in self.files.values() if f.filling or f.pending}
+        busy = self._busy()
         for victim in cachelimit.victims(files, busy, used + need - self.cache_max):
             self._remove_file(victim.path)
             used -= victim.allocated
@@ -658,6 +709,7 @@ class FanotifyFrontend:
                 denied += 1
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + wait
+        detached = False
         while True:
             try:
                 await loop.run_in_executor(self._executor, syscalls.umount, target)
@@ -670,6 +722,7 @@ class FanotifyFrontend:
                 if lazy:
                     await loop.run_in_executor(self._executor, functools.partial(
                         syscalls.umount, target, detach=True))
+                    detached = True
                     break
                 if time.monotonic() >= deadline:
                     msg = (f"{target} is in use (a process has a file open there): close it, "
@@ -678,9 +731,23 @@ class FanotifyFrontend:
                 await asyncio.sleep(0.05)
         del self.mounts[target]
         self._save()
+        released = 0
+        if not detached:
+            # Nothing reads these files any more: their fds leave (here and the fd store);
+            # the files stay as cache until cull, gc or cache_max removes them. A detached
+            # mount may still be read, so its files stay open and marked.
+            fills = [fut for f in own for fut in f.filling.values()]
+            if fills:  # a readahead still writing through the fd
+                await asyncio.wait(fills)
+            busy = self._busy()  # a mount that started meanwhile may use them again
+            for file in own:
+                if file.path not in busy and (file.domain, file.blob.blob_id) in self.files:
+                    self._release_file(file)
+                    released += 1
         self._update_lease()
         log.info("fanotify_unmounted", frontend="fanotify", image=mount.record.image,
-                 mountpoint=target, readers_answered=denied, lazy=lazy)
+                 mountpoint=target, readers_answered=denied, lazy=lazy,
+                 files_released=released)
         return {"mountpoint": target, "image": mount.record.image, "readers_answered": denied}
 
     def mount_view(self, mount: Mount) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ondemand_d.errors import EXIT_FAILED, EXIT_OK, StoreError
@@ -50,11 +51,14 @@ def run_rm(args: argparse.Namespace, ctx: Context) -> int:
 def add_gc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="say what would be freed, free nothing")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--cache-dir", type=Path, default=argparse.SUPPRESS,
+                        help="the daemon's cache directory, whose fanotify blob files of "
+                        "removed blobs go too (default: the configured cache_dir)")
 
 
 def run_gc(args: argparse.Namespace, ctx: Context) -> int:
     store = ctx.store()
-    report = gc(store, dry_run=args.dry_run, progress=_progress)
+    report = gc(store, dry_run=args.dry_run, cache_dir=ctx.cfg.cache_dir, progress=_progress)
     if args.json:
         print(json.dumps(vars(report)))
         return EXIT_OK
@@ -64,6 +68,9 @@ def run_gc(args: argparse.Namespace, ctx: Context) -> int:
     print(f"gc {verb} {report.blobs} blob(s), {report.locations} location record(s) and "
           f"{report.chunks} chunk(s), {show_size(report.bytes)}, in {store.root} "
           f"({report.images} image(s) kept{leases})")
+    if report.cache_files:
+        print(f"gc {verb} {report.cache_files} fanotify cache file(s), "
+              f"{show_size(report.cache_bytes)}, in {ctx.cfg.cache_dir}")
     return EXIT_OK
 
 

@@ -3,7 +3,8 @@
 
 gc marks every blob an image record names or a live daemon lease holds, and
 every chunk of those blobs, and every location an image record names;
-everything else is removed, records before chunks:
+everything else is removed, records before chunks (and, given the cache
+directory, the fanotify blob files of the blobs not kept):
 
 1. with the writer lock (no build, import or add runs) and gc.lock exclusive
    (no daemon is between resolving a key and leasing its blob): mark; remove
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ondemand_d.errors import StoreError
+from ondemand_d.fanotify import cachelimit
+from ondemand_d.fanotify import layout as fanotify_layout
 from ondemand_d.store import durable
 from ondemand_d.store.lease import gc_lock, leased_blobs
 from ondemand_d.store.local import LocalStore
@@ -44,6 +47,8 @@ class GcReport:
     kept_for_leases: int = 0  # blobs no image names that a running daemon has open
     locations: int = 0  # location records removed (their images are gone)
     images: int = 0  # image records marked from
+    cache_files: int = 0  # fanotify blob files removed (their blobs are gone)
+    cache_bytes: int = 0  # their allocated bytes
 
 
 @dataclass
@@ -87,9 +92,12 @@ def rm(store: LocalStore, names: list[str]) -> RmReport:
     return report
 
 
-def gc(store: LocalStore, *, dry_run: bool = False,
+def gc(store: LocalStore, *, dry_run: bool = False, cache_dir: Path | None = None,
        progress: Callable[[str], None] | None = None) -> GcReport:
-    """Remove unreferenced blobs and chunks (nothing, with `dry_run`); report what is freed."""
+    """Remove unreferenced blobs and chunks (nothing, with `dry_run`); report what is freed.
+
+    With `cache_dir`, also the fanotify front end's blob files of blobs no longer live.
+    """
     say = progress or (lambda _msg: None)
     report = GcReport(dry_run)
     with store.writer_lock():
@@ -127,6 +135,8 @@ def gc(store: LocalStore, *, dry_run: bool = False,
                 durable.fsync_dir(store.root / "dedup")
                 durable.fsync_dir(store.root / "blobs")
             _sweep_locations(store, images, report)
+            if cache_dir is not None:  # under gc.lock: no mount is resolving a blob now
+                _sweep_fanotify(cache_dir, live, report)
         say(f"{report.blobs} dead blob record(s){'' if not dry_run else ' (dry run)'}; "
             "sweeping chunks")
         _sweep_chunks(store, live_chunks, report)
@@ -149,6 +159,24 @@ def _sweep_locations(store: LocalStore, images: list[Image], report: GcReport) -
         for location_id in dead:
             durable.unlink(store.root / "locations" / f"{location_id}.json")
         durable.fsync_dir(store.root / "locations")
+
+
+def _sweep_fanotify(cache_dir: Path, live: set[str], report: GcReport) -> None:
+    """Remove the fanotify blob files of blobs gc does not keep.
+
+    A running daemon leases every blob its mounts use, so those are live. A file a
+    recorded mount names (fanotify/mounts.json) is kept even when no daemon runs: its
+    fill fd may wait in the fd holder or systemd's fd store for a successor to adopt it.
+    """
+    recorded = {(m.domain, b) for m in fanotify_layout.load_mounts(cache_dir) for b in m.blobs}
+    for file in cachelimit.scan(fanotify_layout.root(cache_dir)):
+        if file.path.name in live or (file.path.parent.name, file.path.name) in recorded:
+            continue
+        report.cache_files += 1
+        report.cache_bytes += file.allocated
+        if not report.dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                file.path.unlink()
 
 
 def _sweep_chunks(store: LocalStore, live: set[str], report: GcReport) -> None:
