@@ -631,6 +631,19 @@ class FanotifyFrontend:
         self.fdstore.remove(_fdstore_name(file.path))
         os.close(file.fd)
 
+    def _release_unused(self, file: BlobFile) -> bool:
+        """Release `file` unless a mount (done or under way) uses it again."""
+        if file.path in self._busy() or self.files.get(
+                (file.domain, file.blob.blob_id)) is not file:
+            return False
+        self._release_file(file)
+        return True
+
+    async def _release_when_filled(self, file: BlobFile) -> None:
+        while file.filling:
+            await asyncio.wait(list(file.filling.values()))
+        self._release_unused(file)
+
     def _busy(self) -> set[Path]:
         """Blob files that must stay: a mount's, a mount's under way, or being filled."""
         return {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out) | {
@@ -736,13 +749,10 @@ class FanotifyFrontend:
             # Nothing reads these files any more: their fds leave (here and the fd store);
             # the files stay as cache until cull, gc or cache_max removes them. A detached
             # mount may still be read, so its files stay open and marked.
-            fills = [fut for f in own for fut in f.filling.values()]
-            if fills:  # a readahead still writing through the fd
-                await asyncio.wait(fills)
-            busy = self._busy()  # a mount that started meanwhile may use them again
             for file in own:
-                if file.path not in busy and (file.domain, file.blob.blob_id) in self.files:
-                    self._release_file(file)
+                if file.filling:  # a fill still writes through the fd (a stalled fetch)
+                    self._spawn(self._release_when_filled(file))
+                elif self._release_unused(file):
                     released += 1
         self._update_lease()
         log.info("fanotify_unmounted", frontend="fanotify", image=mount.record.image,
