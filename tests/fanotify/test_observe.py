@@ -4,6 +4,7 @@ and how much of it goes to the log (a real daemon, a real mount, real reads)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -18,9 +19,12 @@ from pathlib import Path
 from ondemand_d import cli
 from ondemand_d.store.local import LocalStore
 
+from ..registry._proxy import Fault, FaultProxy
+from ..registry._server import Registry
 from .conftest import Daemon, build, tree
 from .test_failover import drop_cache
 from .test_mount import make_tree
+from .test_registry import pending_reads, proxy, publish, registry  # noqa: F401 - fixtures
 
 WAIT_S = 60.0  # a bound on waiting for the daemon, never an assertion about speed
 
@@ -245,3 +249,43 @@ def test_log_target_stderr(workdir: Path) -> None:
     assert out.read_bytes() == b""
     events = [json.loads(line)["event"] for line in err.read_text().splitlines()]
     assert "ready" in events and events[-1] == "stopped"
+
+
+async def test_inflight_and_errors_of_a_stalled_event(
+        daemon: Daemon, workdir: Path, registry: Registry, proxy: FaultProxy,  # noqa: F811
+        capsys) -> None:
+    """A reader held by a stalled registry is an `inflight` row (fanotify, waiting for its
+    fill, its pid); once umount answers it with EIO, status and /metrics count the error."""
+    src = make_tree(workdir / "src", seed=34)
+    await publish(src, workdir, registry, proxy, daemon.store, "slow")
+    slow = workdir / "slow"
+    await asyncio.to_thread(daemon.mount, "slow", slow)
+    proxy.faults.append(Fault("delay", times=1000, seconds=120))
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", f"open({str(slow / 'large.bin')!r}, 'rb').read()",
+        stderr=subprocess.PIPE)
+    for _ in range(int(WAIT_S / 0.05)):
+        if await pending_reads(daemon, slow):
+            break
+        await asyncio.sleep(0.05)
+    view = await asyncio.to_thread(daemon.client.get, "/inflight")
+    assert await asyncio.to_thread(
+        cli.main, ["inflight", "--socket", str(daemon.socket)]) == 0
+    table = capsys.readouterr().out
+    await asyncio.to_thread(daemon.umount, slow)
+    _, err = await asyncio.wait_for(reader.communicate(), WAIT_S)
+    assert reader.returncode != 0 and b"Input/output error" in err
+    fan = await asyncio.to_thread(daemon.client.get, "/fanotify")
+    text = await asyncio.to_thread(daemon.client.text, "/metrics")
+    rows = [r for r in view["reads"] if r["frontend"] == "fanotify"]
+    assert rows and all(r["waits_on"] == "fill" and r["key"].startswith("slow/")
+                        and r["object_id"] is None for r in rows)
+    assert reader.pid in {r["pid"] for r in rows}
+    assert str(rows[0]["msg_id"]) in table and "fill" in table
+    assert fan["denied"] >= 1 and sum(fan["read_errors"].values()) == fan["denied"]
+    got = samples(text)
+    errors = {k: int(v) for k, v in got.items()
+              if k.startswith('ondemand_read_errors_total{frontend="fanotify",')}
+    assert sum(errors.values()) == fan["denied"]
+    assert int(got['ondemand_requests_total{frontend="fanotify",op="READ",outcome="eio"}']) \
+        == fan["denied"]
