@@ -339,7 +339,8 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     if ctx.cfg.store.exists() or ctx.cfg.store.is_symlink():
         ctx.store()  # a store that cannot be used is a sentence, not a traceback
     # else: the daemon creates it once the device is bound (a fresh StateDirectory= under systemd)
-    log.configure(ctx.cfg.log_format, ctx.cfg.log_level, observe=True)  # type: ignore[arg-type]
+    log.configure(ctx.cfg.log_format, ctx.cfg.log_level,  # type: ignore[arg-type]
+                  stream=ctx.cfg.log_target, observe=True)
     return daemon.run(ctx.cfg)
 
 

@@ -84,6 +84,9 @@ class Config:
                               choices=("auto", "json", "console"))
     log_level: str = setting("info", "debug shows each step of every READ",
                              choices=("debug", "info", "warning", "error"), flag=False)
+    log_target: str = setting("stdout", "where serve writes its log: stdout, or stderr (what "
+                              "scripts that capture a daemon's stderr expect)",
+                              choices=("stdout", "stderr"))
     native: str = setting("auto", "READ fill backend: the C shim (cffi) or pure Python",
                           choices=("auto", "cffi", "python"),
                           aliases={"0": "python", "1": "cffi"})  # ONDEMAND_D_NATIVE's old ones

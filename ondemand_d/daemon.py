@@ -202,8 +202,10 @@ async def serve(
     faults.arm(service)
     frontend = _fanotify_start(cfg, fan, store, fetcher, executor, control)
     log.info(
-        "ready", frontends=[*(["fscache"] if fscache else []), *(["fanotify"] if frontend else [])], device=str(cfg.device), cache_dir=str(cfg.cache_dir), tag=cfg.tag,
-        store=str(cfg.store), backend=backend.name, concurrency=cfg.concurrency,
+        "ready", frontends=[*(["fscache"] if fscache else []), *(["fanotify"] if frontend else [])],
+        # The device only when it is served: a host without /dev/cachefiles is not told of it.
+        **({"device": str(cfg.device)} if fscache else {}), cache_dir=str(cfg.cache_dir),
+        tag=cfg.tag, store=str(cfg.store), backend=backend.name, concurrency=cfg.concurrency,
         restored=restored, adopted=adopted, restore=features.restore, pid=os.getpid(),
     )
     # The first watchdog ping with READY: the loop has just started taking requests.
@@ -211,7 +213,8 @@ async def serve(
     systemd.notify(f"READY=1\nSTATUS=serving from {cfg.store}{ping}")
     warm_up = getattr(remote, "warm_up", None)
     warming = loop.run_in_executor(None, warm_up, store) if warm_up is not None else None
-    status = loop.create_task(_report_status(service, cfg.hung_read_after))
+    status = loop.create_task(_report_status(
+        service, cfg.hung_read_after, fscache=fscache, fanotify=frontend))
     try:
         await stop.wait()
     finally:
@@ -288,6 +291,8 @@ def _fanotify_start(  # noqa: PLR0913 - what the front end shares with the servi
         log.info("frontend_unavailable", frontend="fanotify", reason=fan.probe.reason)
     if control is not None:
         rt = control.state["runtime"]
+        if frontend is not None:  # every event's line for `trace`, whatever the log level
+            frontend.on_answer = control.observer.publish
         rt.frontends["fanotify"] = frontend
         rt.frontends["fanotify_unavailable"] = None if frontend else fan.probe.reason
     return frontend
@@ -313,7 +318,19 @@ def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
             hint="settings apply at start: `systemctl restart ondemand-d` (mounts stay up)"))
 
 
-async def _report_status(service: Service, hung_after: float) -> None:
+def status_line(service: Service, *, fscache: bool, fanotify: Any) -> str:
+    """STATUS=: the counters of the front ends that run (fscache's, fanotify's or both)."""
+    parts = [service.status()] if fscache else []
+    if fanotify is not None:
+        c = fanotify.counters
+        parts.append(f"fanotify: mounts={len(fanotify.mounts)} events={c.events} "
+                     f"fills={c.fills} bytes_filled={fanotify.filler.bytes_filled} "
+                     f"denied={c.denied}")
+    return "; ".join(parts)
+
+
+async def _report_status(service: Service, hung_after: float, *, fscache: bool = True,
+                         fanotify: Any = None) -> None:
     """STATUS= for `systemctl status`, hung READs in the log, and the watchdog ping.
 
     WATCHDOG=1 goes out only while the request loop is alive (watchdog.Liveness), so
@@ -330,7 +347,8 @@ async def _report_status(service: Service, hung_after: float) -> None:
         await asyncio.sleep(period)
         hung.scan()
         ping = bool(watchdog_usec) and liveness.check()
-        systemd.notify(f"STATUS={service.status()}" + ("\nWATCHDOG=1" if ping else ""))
+        status = status_line(service, fscache=fscache, fanotify=fanotify)
+        systemd.notify(f"STATUS={status}" + ("\nWATCHDOG=1" if ping else ""))
 
 
 async def start_control(  # noqa: PLR0913 - what the views show

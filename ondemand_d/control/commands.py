@@ -57,6 +57,30 @@ def yes(flag: object) -> str:
     return "yes" if flag else "no"
 
 
+def _kernel_line(k: dict[str, Any]) -> str:
+    """The features of the front ends that run (fscache's only where it is served)."""
+    parts = []
+    if k.get("fscache", True):  # a daemon before the key: fscache
+        parts.append(f"fscache (restore {yes(k['restore'])}, share domains {yes(k['domain'])}, "
+                     f"tracing {yes(k['tracing'])})")
+    if k.get("fanotify_pre_content"):
+        parts.append("fanotify (pre-content events)")
+    if not k.get("fscache", True):
+        parts.append("no /dev/cachefiles: fscache not served")
+    return f"kernel {k['release']}: " + ", ".join(parts)
+
+
+def _fanotify_counts(fan: dict[str, Any]) -> list[str]:
+    out = [f"fanotify events since start: {fan['events']} ({fan['already_filled']} already "
+           f"filled, {fan['fills']} filled, {fan['denied']} denied), "
+           f"{size(fan['bytes_filled'])} written to blob files"]
+    for r in fan["reads"]:
+        out.append(f"  {r['source']:7} {r['outcome']:14} {r['count']:>8}  {size(r['bytes'])}")
+    if fan["read_errors"]:
+        out.append("  errors: " + ", ".join(f"{k} {v}" for k, v in fan["read_errors"].items()))
+    return out
+
+
 def run_status(args: argparse.Namespace, ctx: Context) -> int:
     cfg = ctx.cfg
     st = client(args, cfg).get("/status")
@@ -67,8 +91,7 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
     out = [
         f"ondemand-d {st['version']}, pid {st['pid']}, up {duration(st['uptime_s'])}"
         + (" (took over a previous instance's device: restored)" if st["restored"] else ""),
-        f"kernel {k['release']}: restore {yes(k['restore'])}, share domains {yes(k['domain'])}, "
-        f"tracing {yes(k['tracing'])}",
+        _kernel_line(k),
         f"cache {st['cache_dir']} (tag {st['tag']}), store {st['store']}, "
         f"backend {st['backend']}",
         f"objects open {st['objects_open']}, READs in flight {st['reads_in_flight']}",
@@ -104,15 +127,19 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
         for d in fan.get("denied_mounts", []):
             detached = "detached" if d["detached"] else "NOT detached"
             out.append(f"  {d['mountpoint']}  {d['image']} DENIED ({detached}): {d['reason']}")
-    c = st["counters"]
-    out.append("requests since start:")
-    for r in c["requests"]:
-        out.append(f"  {r['op']:5} {r['outcome']:14} {r['count']:>8}")
-    out.append("READs by source:")
-    for r in c["reads"]:
-        out.append(f"  {r['source']:7} {r['outcome']:14} {r['count']:>8}  {size(r['bytes'])}")
-    if c["read_errors"]:
-        out.append("READ errors: " + ", ".join(f"{k} {v}" for k, v in c["read_errors"].items()))
+        out += _fanotify_counts(fan)
+    c = st["counters"]  # the fscache front end's (fanotify's are above)
+    if k.get("fscache", True):
+        out.append("requests since start:")
+        for r in c["requests"]:
+            out.append(f"  {r['op']:5} {r['outcome']:14} {r['count']:>8}")
+        out.append("READs by source:")
+        for r in c["reads"]:
+            out.append(f"  {r['source']:7} {r['outcome']:14} {r['count']:>8}  "
+                       f"{size(r['bytes'])}")
+        if c["read_errors"]:
+            out.append("READ errors: " + ", ".join(f"{name} {n}"
+                                                   for name, n in c["read_errors"].items()))
     print("\n".join(out))
     return 0
 
@@ -128,7 +155,8 @@ def run_inflight(args: argparse.Namespace, ctx: Context) -> int:
         print(f"{'msg_id':>8} {'object':>6} {'age s':>8}  {'waits on':8} {'off':>12} "
               f"{'len':>8}  blob          key")
     for r in rows:
-        print(f"{r['msg_id']:>8} {r['object_id']:>6} {r['age_s']:>8.2f}  {r['waits_on']:8} "
+        obj = "-" if r["object_id"] is None else r["object_id"]  # a fanotify event has none
+        print(f"{r['msg_id']:>8} {obj:>6} {r['age_s']:>8.2f}  {r['waits_on']:8} "
               f"{r['off']:>12} {r['len']:>8}  {r['blob'][:12]}  {r['key']}"
               + ("  HUNG" if r["hung"] else ""))
     print(f"{len(rows)} READ(s) in flight, {view['hung']} older than {view['hung_after_s']} s",

@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """`GET /inflight`: every READ the kernel is waiting on, and what it waits for.
 
+Both front ends: fscache READs (`frontend: fscache`) and fanotify events not yet
+answered (`frontend: fanotify`, no object id; key DOMAIN/BLOB).
+
 A READ older than `hung_read_after` is flagged as hung, and logged once (`read_hung`).
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ def inflight(service: Any, hung_after: float) -> list[dict[str, Any]]:
         obj = service.objects.by_fd(held.fd)
         age = now - held.at
         rows.append({
-            "msg_id": held.msg_id, "object_id": held.object_id,
+            "frontend": "fscache", "msg_id": held.msg_id, "object_id": held.object_id,
             "key": obj.cookie_key.decode("utf-8", "backslashreplace") if obj else None,
             "blob": held.blob_id, "off": held.off, "len": held.len,
             "chunks": len(job.chunks) if job is not None else 0, "age_s": round(age, 3),
@@ -59,9 +62,31 @@ class HungReads:
         return len(rows)
 
 
+def fanotify_inflight(frontend: Any, hung_after: float) -> list[dict[str, Any]]:
+    """The fanotify events waiting for a fill, oldest first (loop thread only)."""
+    if frontend is None:
+        return []
+    now = time.perf_counter()
+    rows = []
+    for file in list(frontend.files.values()):
+        for p in list(file.pending):
+            age = now - p.start
+            rows.append({
+                "frontend": "fanotify", "msg_id": p.seq, "object_id": None,
+                "key": f"{file.domain}/{file.blob.blob_id[:12]}", "blob": file.blob.blob_id,
+                "off": p.event.offset, "len": p.event.count, "chunks": len(p.chunks),
+                "age_s": round(age, 3), "waits_on": "fill", "pid": p.event.pid,
+                "hung": age >= hung_after,
+            })
+    rows.sort(key=lambda r: -r["age_s"])
+    return rows
+
+
 async def inflight_view(request: web.Request) -> web.Response:
     rt = runtime(request)
-    rows = inflight(rt.service, rt.cfg.hung_read_after)
+    rows = inflight(rt.service, rt.cfg.hung_read_after) + fanotify_inflight(
+        rt.frontends.get("fanotify"), rt.cfg.hung_read_after)
+    rows.sort(key=lambda r: -r["age_s"])
     return json_ok({"hung_after_s": rt.cfg.hung_read_after, "reads": rows,
                     "hung": sum(r["hung"] for r in rows)})
 

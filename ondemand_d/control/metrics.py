@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`GET /metrics`: the daemon's counters in the Prometheus text format (version 0.0.4)."""
+"""`GET /metrics`: the daemon's counters in the Prometheus text format (version 0.0.4).
+
+Request, read, byte and error families carry a `frontend` label: `fscache` (the
+kernel's cachefiles requests, counted by `observe.Observer`) or `fanotify` (its
+pre-content events, counted by the front end itself: `fanotify.counters`).
+"""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -59,31 +65,62 @@ def _number(value: float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
-def render(rt: Runtime, cache: list[dict[str, Any]], now: float | None = None) -> str:
-    """The exposition for one scrape; `cache` is status.images() of this moment."""
+def fscache_runs(rt: Runtime) -> bool:
+    """Whether the fscache front end serves (not a host without /dev/cachefiles)."""
+    return not getattr(rt.device, "absent", False)
+
+
+def render(rt: Runtime, cache: list[dict[str, Any]], now: float | None = None,
+           fanotify_cache: dict[str, int] | None = None) -> str:
+    """The exposition for one scrape; `cache` is status.images() of this moment and
+    `fanotify_cache` the fanotify blob files' allocated bytes by domain."""
     obs = rt.observer
     snap = obs.snapshot()
+    fan = rt.frontends.get("fanotify")
+    fc = fan.counters.as_dict() if fan is not None else {"reads": [], "read_errors": {}}
+    fe = {"frontend": "fscache"}
+    fa = {"frontend": "fanotify"}
     out = Exposition()
     out.family("info", "gauge", "The daemon's version and kernel release (always 1).",
                [({"version": _version(), "kernel": rt.features.release}, 1)])
-    out.family("kernel_feature", "gauge", "Kernel features found at start-up (1 yes, 0 no).",
-               [({"feature": k}, int(bool(v))) for k, v in rt.features.as_dict().items()
-                if k != "release"])
+    features = [({"feature": k}, int(bool(v))) for k, v in rt.features.as_dict().items()
+                if k != "release"] if fscache_runs(rt) else []
+    if fan is not None:
+        features.append(({"feature": "fanotify_pre_content"}, 1))
+    out.family("kernel_feature", "gauge", "Kernel features the running front ends found at "
+               "start-up (1 yes, 0 no).", features)
     out.family("uptime_seconds", "gauge", "Seconds since the daemon started.",
                [({}, round((now or time.monotonic()) - rt.started_monotonic, 3))])
-    out.family("requests", "counter", "Requests from the kernel answered, by op and outcome.",
-               [({"op": r["op"], "outcome": r["outcome"]}, r["count"])
-                for r in snap["requests"]])
-    out.family("reads", "counter", "READs completed, by where the bytes came from and outcome.",
-               [({"source": r["source"], "outcome": r["outcome"]}, r["count"])
-                for r in snap["reads"]])
-    out.family("read_bytes", "counter", "Bytes written into cache files for READs, by source.",
-               [({"source": r["source"]}, r["bytes"]) for r in snap["reads"]
-                if r["outcome"] == "ok"])
-    out.histogram("read_duration_seconds", "Time from a READ's arrival to its completion.",
-                  obs.histogram())
-    out.family("read_errors", "counter", "READs answered with EIO, by error type.",
-               [({"error_type": k}, v) for k, v in snap["read_errors"].items()])
+    out.family("requests", "counter", "Requests from the kernel answered (fanotify: events), "
+               "by front end, op and outcome.",
+               [({**fe, "op": r["op"], "outcome": r["outcome"]}, r["count"])
+                for r in snap["requests"]]
+               + [({**fa, "op": "READ", "outcome": outcome}, n) for outcome, n in
+                  _by_outcome(fc["reads"]).items()])
+    out.family("reads", "counter", "READs completed, by front end, where the bytes came from "
+               "(fanotify: filled, a range already there) and outcome.",
+               [({**fe, "source": r["source"], "outcome": r["outcome"]}, r["count"])
+                for r in snap["reads"]]
+               + [({**fa, "source": r["source"], "outcome": r["outcome"]}, r["count"])
+                  for r in fc["reads"]])
+    out.family("read_bytes", "counter", "Bytes written into cache files for READs, by front "
+               "end and source.",
+               [({**fe, "source": r["source"]}, r["bytes"]) for r in snap["reads"]
+                if r["outcome"] == "ok"]
+               + [({**fa, "source": r["source"]}, r["bytes"]) for r in fc["reads"]
+                  if r["outcome"] == "ok"])
+    out.histogram("read_duration_seconds", "Time from a READ's arrival to its completion "
+                  "(fscache).", obs.histogram())
+    out.family("read_errors", "counter", "READs answered with EIO, by front end and error type.",
+               [({**fe, "error_type": k}, v) for k, v in snap["read_errors"].items()]
+               + [({**fa, "error_type": k}, v) for k, v in fc["read_errors"].items()])
+    if fan is not None:
+        out.family("events", "counter", "Events read from the front end's queue (fanotify: "
+                   "pre-content events, overflows included).", [(fa, fc["events"])])
+        out.family("fill_bytes", "counter", "Bytes written into the front end's files "
+                   "(fanotify: for events, readahead and mount metadata).",
+                   [(fa, fan.filler.bytes_filled)])
+        out.family("mounts", "gauge", "Mounts the front end serves.", [(fa, len(fan.mounts))])
     joins = sum(r["count"] for r in snap["reads"] if r["source"] == "joined")
     out.family("single_flight_joins", "counter",
                "READs that waited for another READ's fetch of the same chunk.", [({}, joins)])
@@ -95,22 +132,45 @@ def render(rt: Runtime, cache: list[dict[str, Any]], now: float | None = None) -
     out.family("fetch_digest_mismatches", "counter",
                "Chunks from a registry whose bytes did not match their digest.",
                [({}, snap["fetch_mismatches"])])
-    out.family("background", "counter", "Prefills and readaheads, by kind and outcome.",
-               [({"kind": b["kind"], "outcome": b["outcome"]}, b["count"])
-                for b in snap["background"]])
-    out.family("background_bytes", "counter", "Bytes written without a READ, by kind.",
-               [({"kind": k}, v) for k, v in snap["background_bytes"].items()])
+    out.family("background", "counter", "Prefills and readaheads, by front end, kind and "
+               "outcome.",
+               [({"frontend": b["frontend"], "kind": b["kind"], "outcome": b["outcome"]},
+                 b["count"]) for b in snap["background"]])
+    out.family("background_bytes", "counter", "Bytes written without a READ, by front end and "
+               "kind.", [({"frontend": b["frontend"], "kind": b["kind"]}, b["bytes"])
+                         for b in snap["background_bytes"]])
     out.family("reads_in_flight", "gauge", "READs the kernel is waiting on.",
                [({}, rt.service.objects.reads_in_flight)])
     out.family("hung_reads", "counter", "READs that passed hung_read_after.",
                [({}, snap["hung_reads"])])
     out.family("objects_open", "gauge", "Cache objects (blobs) the kernel holds open.",
                [({}, len(rt.service.objects))])
-    out.family("cache_bytes", "gauge", "Bytes the cache files of an image's blobs hold "
-               "(absent while one cannot be measured: opened before a restart, still held).",
-               [({"image": img["name"]}, img["cached_bytes"]) for img in cache
-                if not img["cached_unknown"]])
+    out.family("cache_bytes", "gauge", "Bytes the cache files hold: fscache by image (absent "
+               "while one cannot be measured: opened before a restart, still held), fanotify "
+               "by domain (its blob files' allocated bytes).",
+               [({**fe, "image": img["name"]}, img["cached_bytes"]) for img in cache
+                if not img["cached_unknown"] and fscache_runs(rt)]
+               + [({**fa, "domain": d}, n) for d, n in sorted((fanotify_cache or {}).items())])
     return out.text()
+
+
+def _by_outcome(reads: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in reads:
+        out[r["outcome"]] = out.get(r["outcome"], 0) + r["count"]
+    return out
+
+
+def fanotify_cache_bytes(rt: Runtime) -> dict[str, int]:
+    """The fanotify blob files' allocated bytes by domain ({} without that front end; I/O)."""
+    if rt.frontends.get("fanotify") is None:
+        return {}
+    from ondemand_d.fanotify import cachelimit, layout  # noqa: PLC0415
+
+    out: dict[str, int] = {}
+    for f in cachelimit.scan(layout.root(rt.cfg.cache_dir)):
+        out[f.path.parent.name] = out.get(f.path.parent.name, 0) + f.allocated
+    return out
 
 
 def _version() -> str:
@@ -122,7 +182,8 @@ def _version() -> str:
 async def metrics_view(request: web.Request) -> web.Response:
     rt = runtime(request)
     cache, _ = await images_now(rt)
-    return web.Response(body=render(rt, cache).encode(),
+    fan_cache = await asyncio.get_running_loop().run_in_executor(None, fanotify_cache_bytes, rt)
+    return web.Response(body=render(rt, cache, fanotify_cache=fan_cache).encode(),
                         headers={"Content-Type": CONTENT_TYPE})
 
 

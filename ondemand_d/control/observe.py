@@ -5,6 +5,10 @@ The log line of each request (`opened`, `read_completed`, `closed`, `prefilled`,
 `read_ahead`) is the daemon's documented record of what it did; counting those lines
 keeps the views true to the log, whatever the service's internals look like. They
 are seen at every log level (`log.configure(observe=True)`).
+
+The fanotify front end's events are not counted here: it counts them itself
+(`fanotify.counters`), because the line of an already-filled range is at debug, and
+hands every event's line to `publish` for `trace` at any log level.
 """
 from __future__ import annotations
 
@@ -69,8 +73,9 @@ class Observer:
         self.reads: collections.Counter[tuple[str, str]] = collections.Counter()  # source, outcome
         self.bytes_by_source: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()  # READ error_type
-        self.background: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.background_bytes: collections.Counter[str] = collections.Counter()
+        #: (frontend, kind, outcome) and (frontend, kind)
+        self.background: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.background_bytes: collections.Counter[tuple[str, str]] = collections.Counter()
         self.read_latency = Histogram()
         self.hung_reads = 0
         self.fetch_retries = 0
@@ -81,6 +86,8 @@ class Observer:
 
     def __call__(self, _method: str, event: MutableMapping[str, Any]) -> None:
         name = event.get("event")
+        if name == "read_completed" and event.get("frontend") == "fanotify":
+            return  # counted by the front end and published by it (`publish`)
         if name not in TRACE_EVENTS:
             if name in COUNTED_EVENTS:
                 with self._lock:
@@ -88,6 +95,10 @@ class Observer:
             return
         with self._lock:
             self._count(str(name), event)
+        self.publish(event)
+
+    def publish(self, event: MutableMapping[str, Any]) -> None:
+        """Hand a request line to the live subscribers (`trace`), without counting it."""
         if self._subscribers:
             line = {k: v for k, v in event.items() if not k.startswith("_")}
             # mono: CLOCK_MONOTONIC, the clock `trace --kernel` sets for the tracepoints.
@@ -110,8 +121,9 @@ class Observer:
             return
         kind = BACKGROUND_EVENTS.get(name)
         if kind is not None:
-            self.background[kind, str(event.get("outcome", "ok"))] += 1
-            self.background_bytes[kind] += int(event.get("bytes") or 0)
+            frontend = str(event.get("frontend") or "fscache")
+            self.background[frontend, kind, str(event.get("outcome", "ok"))] += 1
+            self.background_bytes[frontend, kind] += int(event.get("bytes") or 0)
         elif name == "read_hung":
             self.hung_reads += 1
         elif name == "registry_retry":
@@ -149,9 +161,10 @@ class Observer:
                            "bytes": self.bytes_by_source[s] if oc == "ok" else 0}
                           for (s, oc), n in sorted(self.reads.items())],
                 "read_errors": dict(sorted(self.errors.items())),
-                "background": [{"kind": k, "outcome": oc, "count": n}
-                               for (k, oc), n in sorted(self.background.items())],
-                "background_bytes": dict(self.background_bytes),
+                "background": [{"frontend": f, "kind": k, "outcome": oc, "count": n}
+                               for (f, k, oc), n in sorted(self.background.items())],
+                "background_bytes": [{"frontend": f, "kind": k, "bytes": n}
+                                     for (f, k), n in sorted(self.background_bytes.items())],
                 "hung_reads": self.hung_reads,
                 "fetch_retries": self.fetch_retries,
                 "fetch_mismatches": self.fetch_mismatches,

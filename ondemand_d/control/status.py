@@ -126,16 +126,31 @@ async def images_now(rt: Runtime) -> tuple[list[dict[str, Any]], int]:
     return await asyncio.get_running_loop().run_in_executor(None, collect), len(objects)
 
 
+def kernel_view(rt: Runtime) -> dict[str, Any]:
+    """The kernel features of the front ends that run: fscache's (restore, share domains,
+    tracing) only when /dev/cachefiles is served, fanotify's when its front end runs."""
+    fscache = not getattr(rt.device, "absent", False)
+    out: dict[str, Any] = (rt.features.as_dict() if fscache
+                           else {"release": rt.features.release})
+    out["fscache"] = fscache
+    fan = rt.frontends.get("fanotify")
+    out["fanotify_pre_content"] = fan is not None
+    if fan is None and rt.frontends.get("fanotify_unavailable"):
+        out["fanotify_unavailable"] = rt.frontends["fanotify_unavailable"]
+    return out
+
+
 async def status_view(request: web.Request) -> web.Response:
     rt = runtime(request)
     found, n_open = await images_now(rt)
+    kernel = kernel_view(rt)
     return json_ok({
         "version": ondemand_d.__version__,
         "pid": os.getpid(),
         "started": rt.started,
         "uptime_s": round(time.monotonic() - rt.started_monotonic, 3),
-        "kernel": rt.features.as_dict(),
-        "device": str(rt.cfg.device),
+        "kernel": kernel,
+        "device": str(rt.cfg.device) if kernel["fscache"] else None,
         "cache_dir": str(rt.cfg.cache_dir),
         "tag": rt.cfg.tag,
         "store": str(rt.cfg.store),

@@ -26,20 +26,29 @@ HEADER = (f"{'time':12} {'op':5} {'msg':>6} {'obj':>5} {'key/blob':18} {'off':>1
           f"{'chunks':>6} {'source':7} {'ms':>8} outcome")
 
 
+def _cell(value: Any) -> Any:
+    """A field as a cell: absent or null (fanotify events have no object id) is blank."""
+    return "" if value is None else value
+
+
 def row(line: dict[str, Any]) -> str:
-    """One daemon line as a table row (like `demo`'s request flow)."""
+    """One daemon line as a table row (like `demo`'s request flow).
+
+    A fanotify event has no object id (its key is DOMAIN/BLOB): that cell is blank.
+    """
     when = time.strftime("%H:%M:%S", time.localtime(line.get("ts", 0)))
     when += f".{int(line.get('ts', 0) * 1000) % 1000:03d}"
     op = line.get("op") or {"prefilled": "PFILL", "read_ahead": "AHEAD"}.get(
         line.get("event", ""), "-")
     what = str(line.get("key") or line.get("blob") or "")[:18]
-    outcome = line.get("outcome") or line.get("event", "")
+    outcome = str(line.get("outcome") or line.get("event", ""))
     if line.get("error"):
         outcome += f" ({line['error']})"
-    return (f"{when:12} {op:5} {line.get('msg_id', ''):>6} {line.get('object_id', ''):>5} "
-            f"{what:18} {line.get('off', ''):>10} {line.get('len', ''):>8} "
-            f"{line.get('chunks', ''):>6} {line.get('source', '') or '':7} "
-            f"{line.get('duration_ms', ''):>8} {outcome}")
+    cells = {k: str(_cell(line.get(k))) for k in
+             ("msg_id", "object_id", "off", "len", "chunks", "source", "duration_ms")}
+    return (f"{when:12} {op:5} {cells['msg_id']:>6} {cells['object_id']:>5} "
+            f"{what:18} {cells['off']:>10} {cells['len']:>8} {cells['chunks']:>6} "
+            f"{cells['source']:7} {cells['duration_ms']:>8} {outcome}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

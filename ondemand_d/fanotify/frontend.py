@@ -25,6 +25,7 @@ import hashlib
 import os
 import resource
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from ondemand_d.log import ms_since
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
 from ondemand_d.fanotify import cachelimit, layout, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
+from ondemand_d.fanotify.counters import ALREADY_FILLED, EventCounters
 from ondemand_d.fanotify.filler import ChunkFiller
 from ondemand_d.fill import MetadataWalkError, metadata_of
 from ondemand_d.store.fetch import ChunkFetcher
@@ -133,7 +135,9 @@ class FanotifyFrontend:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease = Lease(store.root)
-        self.counters = {"events": 0, "denied": 0, "orphans": 0}
+        self.counters = EventCounters()
+        #: Gets each event's line whatever the log level (the control socket's `trace`).
+        self.on_answer: Callable[[dict[str, Any]], None] | None = None
         #: Mounts a previous instance left that this one could not serve (fail closed).
         self.denied: list[dict[str, Any]] = []
         self._denied_files: set[tuple[str, str]] = set()  # (domain, blob id) of those
@@ -274,7 +278,7 @@ class FanotifyFrontend:
                 answered += 1
             except OSError:
                 continue
-        self.counters["orphans"] = answered
+        self.counters.orphans = answered
         log.info("fanotify_orphans_answered", events=answered, probed=limit)
 
     async def stop(self, timeout: float) -> None:
@@ -371,7 +375,7 @@ class FanotifyFrontend:
                 self._dispatch(event)
 
     def _dispatch(self, event: uapi.Event) -> None:
-        self.counters["events"] += 1
+        self.counters.events += 1
         self._seq += 1
         if event.fd < 0:  # an overflow: nothing to answer (the queue is unlimited)
             log.error("fanotify_overflow", mask=event.mask)
@@ -392,7 +396,7 @@ class FanotifyFrontend:
         first = bisect.bisect_right(file.starts, covered[0].offset) - 1 if covered else 0
         pending.chunks = tuple(range(first, first + len(covered)))
         if not file.missing(pending.chunks):
-            self._answer(pending, 0, "", source="filled")  # no task: the common warm case
+            self._answer(pending, 0, "", source=ALREADY_FILLED)  # no task: the common warm case
             self.filler.start_readahead(file, pending.chunks)  # keep ahead of a sequential reader
             return
         self._spawn(self._serve(pending))
@@ -418,7 +422,11 @@ class FanotifyFrontend:
         self, pending: Pending, error: int, reason: str, *, written: int = 0,
         source: str = "", error_type: str = "",
     ) -> None:
-        """Answer the event once, close its fd, and log the READ's one line."""
+        """Answer the event once, close its fd, count it, and log the READ's one line.
+
+        The line of a range that was already filled is at debug: those are most events
+        (96% of the lines of a warm tree read), beyond journald's default rate limit.
+        """
         if pending.answered:
             return
         pending.answered = True
@@ -440,11 +448,15 @@ class FanotifyFrontend:
             "duration_ms": ms_since(pending.start),
         }
         if error == 0:
-            log.info("read_completed", **fields, bytes=written, source=source, outcome="ok")
+            fields.update(bytes=written, source=source, outcome="ok")
+            self.counters.answered(source, "ok", written)
+            (log.debug if source == ALREADY_FILLED else log.info)("read_completed", **fields)
         else:
-            self.counters["denied"] += 1
-            log.warning("read_completed", **fields, bytes=0, outcome="eio", error=reason,
-                        error_type=error_type or "Denied")
+            fields.update(bytes=0, outcome="eio", error=reason, error_type=error_type or "Denied")
+            self.counters.answered(source, "eio", 0, fields["error_type"])
+            log.warning("read_completed", **fields)
+        if self.on_answer is not None:
+            self.on_answer({"event": "read_completed", **fields})
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -776,7 +788,7 @@ class FanotifyFrontend:
                 "fd_store": "systemd" if holder is None else "holder", "holder_pid": holder,
                 "mounts": [self.mount_view(m)
                                                     for m in self.mounts.values()],
-                "files": len(self.files), **self.counters,
+                "files": len(self.files), **self.counters.as_dict(),
                 "bytes_filled": self.filler.bytes_filled}
 
     def _leased(self) -> set[str]:

@@ -80,7 +80,7 @@ class Daemon:
     """`ondemand-d serve` as a child process, with its log parsed line by line."""
 
     def __init__(self, workdir: Path, store: Path, *, env: dict[str, str] | None = None,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None, log_level: str = "info") -> None:
         self.workdir = workdir
         self.store = store
         self.cache = workdir / "cache"
@@ -88,13 +88,15 @@ class Daemon:
         self.log_path = workdir / "daemon.log"
         self.env = {**os.environ, **(env or {})}
         self.argv = argv
+        #: debug also logs the events of ranges already filled (info leaves them out)
+        self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         return self.argv or [
             sys.executable, "-m", "ondemand_d", "--store", str(self.store), "serve",
             "--cache-dir", str(self.cache), "--control-socket", str(self.socket),
-            "--log-format", "json", "--log-level", "info"]
+            "--log-format", "json", "--log-level", self.log_level]
 
     def start(self) -> Daemon:
         log = self.log_path.open("ab")

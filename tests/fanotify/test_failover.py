@@ -36,7 +36,8 @@ with open(src, "rb", buffering=0) as f, open(out, "wb", buffering=0) as o:
 
 
 def held_daemon(workdir: Path) -> Daemon:
-    d = Daemon(workdir, workdir / "store")
+    # debug: the test counts the lines of events answered from what is filled
+    d = Daemon(workdir, workdir / "store", log_level="debug")
     LocalStore(workdir / "store")
     d.argv = [sys.executable, str(HOLDER), str(workdir / "notify.sock"),
               str(workdir / "daemon.pid"), *d.command()]
@@ -136,6 +137,7 @@ def test_restart_without_fd_store_readopts(daemon: Daemon, workdir: Path) -> Non
     daemon.proc.kill()
     daemon.proc.wait()
     os.kill(holder, signal.SIGKILL)  # ours: started by this test's daemon
+    daemon.log_level = "debug"  # the lines of events answered from what is filled
     daemon.start()
     daemon.wait_ready(2)
     st = daemon.client.get("/fanotify")

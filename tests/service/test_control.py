@@ -236,13 +236,13 @@ async def test_metrics_pass_promtool(tmp_path):
                              capture_output=True, timeout=60)
     assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode() + text
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert samples['ondemand_requests_total{op="READ",outcome="ok"}'] == "2"
-    assert samples['ondemand_requests_total{op="OPEN",outcome="ok"}'] == "1"
-    assert samples['ondemand_requests_total{op="OPEN",outcome="unknown"}'] == "1"
-    assert samples['ondemand_read_bytes_total{source="local"}'] == str(2 * CHUNK)
+    assert samples['ondemand_requests_total{frontend="fscache",op="READ",outcome="ok"}'] == "2"
+    assert samples['ondemand_requests_total{frontend="fscache",op="OPEN",outcome="ok"}'] == "1"
+    assert samples['ondemand_requests_total{frontend="fscache",op="OPEN",outcome="unknown"}'] == "1"
+    assert samples['ondemand_read_bytes_total{frontend="fscache",source="local"}'] == str(2 * CHUNK)
     assert samples['ondemand_read_duration_seconds_count'] == "2"
     assert samples['ondemand_read_duration_seconds_bucket{le="+Inf"}'] == "2"
-    assert samples['ondemand_cache_bytes{image="img"}'] == str(2 * CHUNK)
+    assert samples['ondemand_cache_bytes{frontend="fscache",image="img"}'] == str(2 * CHUNK)
     assert samples['ondemand_kernel_feature{feature="restore"}'] == "1"
 
 

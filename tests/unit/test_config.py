@@ -31,6 +31,7 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "shutdown_timeout": ("2.5", "2.5", 2.5, "nan"),
     "log_format": ('"json"', "json", "json", "xml"),
     "log_level": ('"debug"', "debug", "debug", "loud"),
+    "log_target": ('"stderr"', "stderr", "stderr", "syslog"),
     "native": ('"python"', "python", "python", "rust"),
     "control_socket": ('"/run/x.sock"', "/run/x.sock", Path("/run/x.sock"), None),
     "control_idle_timeout": ("5", "5", 5.0, "0"),
