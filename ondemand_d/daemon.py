@@ -180,7 +180,8 @@ async def serve(
     executor = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ondemand-io")
     remote = make_remote_source(cfg)
     fetcher = ChunkFetcher(store, executor, remote, write_through=cfg.write_through,
-                           deadline=cfg.registry.fetch_deadline, cache_bytes=RECENT_CHUNKS)
+                           deadline=cfg.registry.fetch_deadline, cache_bytes=RECENT_CHUNKS,
+                           local_timeout=cfg.local_read_timeout)
     service = Service(
         device, store, fetcher, backend, executor,
         concurrency=cfg.concurrency,
