@@ -149,3 +149,22 @@ async def test_chunk_read_on_a_hung_filesystem_fails_at_the_deadline(tmp_path):
     assert len(failed) == 2, failed
     assert "did not return within 0.5 s" in failed[0], failed
     assert "is still stuck" in failed[1], failed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify pre-content mark needs root")
+async def test_reads_queued_behind_a_hung_chunk_read_are_served(tmp_path):
+    """A burst of READs shares I/O jobs (two here): the READ queued behind the hung one in
+    its job moves to another job at the deadline and is served while the thread is stuck."""
+    chunk = 1 << 20
+    async with Running(tmp_path, local_read_timeout=0.5, io_threads=2) as d:
+        blob_id = d.add_image("img", os.urandom(4 * chunk))
+        held = HeldFile(d.store.chunk_path(d.store.get_blob(blob_id).chunks[0].digest))
+        try:
+            obj = await d.kernel.open(b"img-data", b"erofs,dom")
+            burst = [d.kernel.send_read(obj, i * chunk, 4096) for i in range(4)]
+            await held.blocked()
+            for read in burst:
+                await asyncio.wait_for(read.done.wait(), 30)
+            assert [(r.present, r.completions) for r in burst] == [(False, 1)] + [(True, 1)] * 3
+        finally:
+            held.release()
