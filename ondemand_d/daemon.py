@@ -231,7 +231,12 @@ async def serve(
             stats = getattr(remote, "stats", None)
             remote_stats = stats() if stats is not None else {}
             await remote.aclose()
-        executor.shutdown(wait=True)
+        if fetcher.stuck_reads:
+            # A thread stuck in the kernel cannot be interrupted: serve ends without it (the
+            # interpreter still waits for it at exit; a service manager's stop timeout ends that).
+            log.warning("stuck_local_reads", threads=fetcher.stuck_reads,
+                        error="I/O threads are still stuck in reads of the store")
+        executor.shutdown(wait=not fetcher.stuck_reads, cancel_futures=bool(fetcher.stuck_reads))
         if owned:
             device.close()
         log.info("stopped", **vars(service.counters), **remote_stats)

@@ -168,3 +168,27 @@ async def test_reads_queued_behind_a_hung_chunk_read_are_served(tmp_path):
             assert [(r.present, r.completions) for r in burst] == [(False, 1)] + [(True, 1)] * 3
         finally:
             held.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify pre-content mark needs root")
+async def test_serve_stops_while_a_chunk_read_is_still_stuck(tmp_path):
+    """A stop while an I/O thread is stuck in a chunk read (past the deadline): serve ends
+    without waiting for it, the log says how many threads are stuck; the thread ends once
+    its read returns."""
+    events: list[dict] = []
+    log.observe(lambda _m, e: events.append(dict(e)))
+    d = Running(tmp_path, local_read_timeout=0.5)
+    blob_id = d.add_image("img", os.urandom(1 << 20))
+    held = HeldFile(d.store.chunk_path(d.store.get_blob(blob_id).chunks[0].digest))
+    try:
+        async with d:
+            obj = await d.kernel.open(b"img-data", b"erofs,dom")
+            stuck = d.kernel.send_read(obj, 0, 4096)
+            await held.blocked()
+            await asyncio.wait_for(stuck.done.wait(), 30)
+            assert (stuck.present, stuck.completions) == (False, 1)
+        assert d.task.done() and d.task.exception() is None  # stopped while still stuck
+        assert [e["threads"] for e in events if e.get("event") == "stuck_local_reads"] == [1]
+    finally:
+        held.release()
+    assert stuck.completions == 1
