@@ -107,6 +107,11 @@ class Config:
                              size=True, between=(4096, 1 << 30), flag=False)
     hung_read_after: float = setting(30.0, "seconds after which a READ is flagged HUNG and "
                                      "stops the watchdog", between=(0.001, 86400))
+    # Why 30 s: a local chunk read takes milliseconds; only a store on a hung filesystem
+    # (NFS, FUSE) takes this long, and the kernel's own READ waits are far longer.
+    local_read_timeout: float = setting(30.0, "seconds a read of the local store may take "
+                                        "before its READ fails (a hung NFS or FUSE store)",
+                                        between=(0.001, 86400), flag=False)
     max_bootstrap: int = setting(256 << 20, "largest bootstrap (decoded) accepted at add and "
                                  "import", size=True, between=(4096, 1 << 50), flag=False)
     max_image: int = setting(64 << 30, "largest total size an image may declare at add and "

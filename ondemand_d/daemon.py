@@ -180,7 +180,8 @@ async def serve(
     executor = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="ondemand-io")
     remote = make_remote_source(cfg)
     fetcher = ChunkFetcher(store, executor, remote, write_through=cfg.write_through,
-                           deadline=cfg.registry.fetch_deadline, cache_bytes=RECENT_CHUNKS)
+                           deadline=cfg.registry.fetch_deadline, cache_bytes=RECENT_CHUNKS,
+                           local_timeout=cfg.local_read_timeout)
     service = Service(
         device, store, fetcher, backend, executor,
         concurrency=cfg.concurrency,
@@ -234,7 +235,12 @@ async def serve(
             stats = getattr(remote, "stats", None)
             remote_stats = stats() if stats is not None else {}
             await remote.aclose()
-        executor.shutdown(wait=True)
+        if fetcher.stuck_reads:
+            # A thread stuck in the kernel cannot be interrupted: serve ends without it (the
+            # interpreter still waits for it at exit; a service manager's stop timeout ends that).
+            log.warning("stuck_local_reads", threads=fetcher.stuck_reads,
+                        error="I/O threads are still stuck in reads of the store")
+        executor.shutdown(wait=not fetcher.stuck_reads, cancel_futures=bool(fetcher.stuck_reads))
         if owned:
             device.close()
         log.info("stopped", **vars(service.counters), **remote_stats)

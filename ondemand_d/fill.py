@@ -142,6 +142,12 @@ class ReadJob:
     span: Span | None = None
     claim: Claim | None = None
     completed: bool = False  # set once the kernel was told; never tell it twice
+    # Fast path, under FillEngine._phase_lock: queued -> reading -> writing (the I/O thread)
+    # or reading -> expired (the loop, at the local read deadline). Only the side that made
+    # the move may answer the READ, so a late thread never writes or completes.
+    phase: str = "queued"
+    batch: object = None  # the batch whose thread may take it (a queued READ can move)
+    reading_since: float = 0.0
     future: asyncio.Future[FillReport] = field(default_factory=lambda: asyncio.Future())
 
     @property
@@ -196,6 +202,8 @@ class FillEngine:
         # writers that may overlap (joined READs, background writes), so one of two
         # writers of the same chunk finds it written instead of writing it again.
         self._write_locks: dict[int, threading.Lock] = {}
+        self._phase_lock = threading.Lock()
+        self._stuck_jobs: set[Future[Any]] = set()  # batch jobs whose thread a read holds
 
     # -- READs -----------------------------------------------------------------------
 
@@ -238,13 +246,67 @@ class FillEngine:
     def _submit_batch(self) -> None:
         """Hand the fast-path READs of one burst to the I/O pool, a few jobs per burst."""
         batch, self._batch = self._batch, []
-        loop = asyncio.get_running_loop()
         per_job = max(1, -(-len(batch) // self._io_jobs))
         for i in range(0, len(batch), per_job):
-            part = batch[i : i + per_job]
-            job = self._executor.submit(self._run_batch, part)
-            self._jobs.add(job)
-            job.add_done_callback(functools.partial(self._batch_job_ended, loop, part))
+            self._submit(batch[i : i + per_job])
+
+    def _submit(self, part: list[ReadJob]) -> None:
+        loop = asyncio.get_running_loop()
+        for read in part:
+            read.batch = part
+        job = self._executor.submit(self._run_batch, part)
+        self._jobs.add(job)
+        job.add_done_callback(functools.partial(self._batch_job_ended, loop, part))
+        if self.fetcher.local_timeout is not None:
+            loop.call_later(self.fetcher.local_timeout, self._batch_deadline, part, job)
+
+    def _batch_deadline(self, part: list[ReadJob], job: Future[Any]) -> None:
+        """Loop: fail the READ whose local read passed the deadline; move the ones after it.
+
+        The thread stays stuck in the kernel (it cannot be interrupted); the READs it has
+        not begun go to a new job, so they do not wait for it.
+        """
+        if job.done():
+            return
+        timeout = self.fetcher.local_timeout
+        assert timeout is not None  # noqa: S101 - armed only with one
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        expired: ReadJob | None = None
+        moved: list[ReadJob] = []
+        with self._phase_lock:
+            for read in part:
+                if read.batch is not part:
+                    continue
+                if read.phase == "reading":
+                    late = now - read.reading_since
+                    if late < timeout:  # it began later than the batch: its own deadline
+                        loop.call_later(timeout - late, self._batch_deadline, part, job)
+                        return
+                    read.phase = "expired"
+                    expired = read
+                elif read.phase == "queued" and expired is not None:
+                    read.batch = None  # the stuck thread must not take it
+                    moved.append(read)
+        if expired is None:  # not begun (every I/O thread busy) or between READs: later
+            loop.call_later(timeout, self._batch_deadline, part, job)
+            return
+        self._stuck_jobs.add(job)
+        assert expired.claim is not None  # noqa: S101 - set by fill()
+        error = self.fetcher.read_stuck(expired.claim)
+        self.fetcher.settle(expired.claim, error)
+        self._end(expired, error)
+        if moved:
+            self._submit(moved)
+
+    def _move(self, read: ReadJob, part: list[ReadJob], before: str, after: str) -> bool:
+        """I/O thread: `before` -> `after` unless the loop took the READ (expired, moved)."""
+        with self._phase_lock:
+            if read.batch is not part or read.phase != before:
+                return False
+            read.phase = after
+            read.reading_since = time.monotonic()
+            return True
 
     def _batch_job_ended(
         self, loop: asyncio.AbstractEventLoop, batch: list[ReadJob], job: Future[Any]
@@ -257,27 +319,42 @@ class FillEngine:
 
         -1 for a READ that needs the remote source.
         """
-        results: list[int | BaseException] = []
+        results: list[int | BaseException | None] = []
         for job in batch:
+            if not self._move(job, batch, "queued", "reading"):
+                results.append(None)  # moved to another job
+                continue
             try:
                 assert job.claim is not None  # noqa: S101 - set by fill()
-                if not self.fetcher.read_owned(job.claim):
-                    results.append(-1)
-                    continue
-                results.append(self._write(job, job.claim.parts(), last=True))
+                local = self.fetcher.read_owned(job.claim)
+            except Exception as exc:  # noqa: BLE001 - reported per READ, which then gets EIO
+                results.append(exc if self._move(job, batch, "reading", "writing") else None)
+                continue
+            if not self._move(job, batch, "reading", "writing"):
+                results.append(None)  # answered at the deadline: write and complete nothing
+                continue
+            try:
+                results.append(self._write(job, job.claim.parts(), last=True) if local else -1)
             except Exception as exc:  # noqa: BLE001 - reported per READ, which then gets EIO
                 results.append(exc)
         return results
 
     def _batch_done(self, batch: list[ReadJob], job: Future[list[Any]]) -> None:
         self._jobs.discard(job)
+        self._stuck_jobs.discard(job)
         exc = job.exception()
         results = [exc] * len(batch) if exc is not None else job.result()
         for read, result in zip(batch, results, strict=True):
             assert read.claim is not None  # noqa: S101 - set by fill()
-            if isinstance(result, BaseException):
+            if read.batch is not batch:
+                continue  # moved to another job, which answers it
+            if read.phase == "expired":
+                self.fetcher.read_returned(read.claim)  # answered already; nothing written
+            elif isinstance(result, BaseException):
                 self.fetcher.settle(read.claim, result)
                 self._end(read, result)
+            elif result is None:  # pragma: no cover - None only for a moved or expired READ
+                continue
             elif result < 0:  # some chunks must come from the remote source
                 self._spawn(self._slow(read, self.blobs[read.action.object_id]))
             else:
@@ -495,8 +572,13 @@ class FillEngine:
             self.blobs = {k: v for k, v in self.blobs.items() if k in object_ids}
 
     def pending(self) -> set[Any]:
-        """What still runs: READ tasks and batch jobs (for the drain)."""
-        return set(self._tasks) | {asyncio.wrap_future(j) for j in self._jobs}
+        """What still runs: READ tasks and batch jobs (for the drain).
+
+        A job whose thread is stuck in a read past the deadline is not waited for: its
+        READ is answered and the READs it had not begun moved to another job.
+        """
+        return set(self._tasks) | {asyncio.wrap_future(j) for j in self._jobs
+                                   if j not in self._stuck_jobs}
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -185,6 +185,12 @@ class ImagesDir:
     def keep_open(self, _open_blobs: set[str]) -> None:
         pass
 
+    def chunk_path(self, digest: str) -> Path:
+        """The file a chunk is read from (what a log line names: e.g. a read past the
+        local read deadline)."""
+        version = self._by_prefix.get(digest[:64 - _INDEX_HEX])
+        return version.path if version is not None else self.root
+
     def read_chunk(self, chunk: Chunk) -> bytes:
         """The bytes at the chunk's place in its file, unverified, from the version it was
         cut from only.

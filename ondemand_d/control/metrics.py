@@ -141,6 +141,8 @@ def render(rt: Runtime, cache: list[dict[str, Any]], now: float | None = None,
                          for b in snap["background_bytes"]])
     out.family("reads_in_flight", "gauge", "READs the kernel is waiting on.",
                [({}, rt.service.objects.reads_in_flight)])
+    out.family("stuck_local_reads", "gauge", "I/O threads stuck in a local store read past "
+               "local_read_timeout (a hung store).", [({}, rt.service.fetcher.stuck_reads)])
     out.family("hung_reads", "counter", "READs that passed hung_read_after.",
                [({}, snap["hung_reads"])])
     out.family("objects_open", "gauge", "Cache objects (blobs) the kernel holds open.",

@@ -158,6 +158,8 @@ async def status_view(request: web.Request) -> web.Response:
         "restored": rt.restored,
         "objects_open": n_open,
         "reads_in_flight": rt.service.objects.reads_in_flight,
+        # I/O threads stuck in a local store read past local_read_timeout (a hung store)
+        "stuck_local_reads": rt.service.fetcher.stuck_reads,
         "images": found,
         "counters": rt.observer.snapshot(),
         "frontends": {name: fe.status() for name, fe in rt.frontends.items()

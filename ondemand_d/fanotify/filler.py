@@ -50,8 +50,20 @@ class ChunkFiller:
         self.bytes_filled = 0
 
     async def ensure(self, file: BlobFile, indices: Iterable[int]) -> tuple[int, str]:
-        """Fill the chunks `indices` of `file` that are not filled; one fill per chunk."""
-        own, waits = self.claim(file, indices)
+        """Fill the chunks `indices` of `file` that are not filled; one fill per chunk.
+
+        A joined fill that failed (a readahead of several chunks fails on any of them, or
+        at the local read deadline) is tried once more by this caller for the chunks it
+        still needs: a reader fails on its own chunks, not on a neighbour's.
+        """
+        wanted = list(indices)
+        own, waits = self.claim(file, wanted)
+        try:
+            return await self.complete(file, own, waits)
+        except (StoreError, OSError):
+            if not waits or file.missing(i for i in wanted if i in own):
+                raise  # its own fill failed: nothing another try would change
+        own, waits = self.claim(file, wanted)
         return await self.complete(file, own, waits)
 
     @staticmethod

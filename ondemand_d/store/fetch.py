@@ -47,7 +47,8 @@ class Claim:
     rest and wait for the joined chunks).
     """
 
-    __slots__ = ("_data", "_flying", "_joined", "_owned", "_read", "chunks", "source", "stage")
+    __slots__ = ("_data", "_flying", "_joined", "_owned", "_read", "chunks", "reading", "source",
+                 "stage", "stuck_on")
 
     def __init__(self, chunks: Sequence[Chunk]) -> None:
         self.chunks = tuple(chunks)
@@ -58,6 +59,8 @@ class Claim:
         self._flying: set[int] = set()  # owned chunks a fetch task now answers for
         self.source = "cache"  # where the bytes came from, the farthest one used
         self.stage = "local"  # what it waits for now: local (store), fetch (remote), joined
+        self.reading: Chunk | None = None  # the chunk whose file is being read (any thread)
+        self.stuck_on: Chunk | None = None  # its read passed the deadline, not yet returned
 
     @property
     def owned(self) -> int:
@@ -106,6 +109,8 @@ class ChunkFetcher:
             overlapping READs that arrive one after the other hash once.
         deadline: seconds a caller waits for chunks another caller is fetching
             (the registry's fetch deadline; None: no limit).
+        local_timeout: seconds a read of the local store may take before the caller's
+            READ fails (a store on a hung NFS or FUSE filesystem; None: no limit).
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class ChunkFetcher:
         write_through: bool = False,
         cache_bytes: int = 64 << 20,
         deadline: float | None = None,
+        local_timeout: float | None = None,
     ) -> None:
         self.store = store
         self.remote = remote
@@ -130,6 +136,12 @@ class ChunkFetcher:
         self._joiners: collections.Counter[FlightKey] = collections.Counter()
         self._flights: set[asyncio.Task[list[bytes]]] = set()
         self.fetches = 0  # chunk fetches actually started (not joined or cached)
+        self.local_timeout = local_timeout
+        # Digests whose file a read past the deadline is still stuck in (how many): a
+        # thread stuck in the kernel cannot be interrupted, so no other read of that file
+        # starts and takes another I/O thread until it returns. Changed on the loop only.
+        self._stuck: collections.Counter[str] = collections.Counter()
+        self.stuck_reads = 0  # I/O threads now stuck in a local read past the deadline
 
     def claim(self, chunks: Sequence[Chunk]) -> Claim:
         """Sort `chunks` into cached, ours to produce, and being produced by another caller.
@@ -167,7 +179,7 @@ class ChunkFetcher:
         """
         claim._read = True
         wanted = [(i, claim.chunks[i]) for i, _ in claim._owned]
-        got = self.read_local([c for _, c in wanted])
+        got = self.read_local([c for _, c in wanted], claim)
         for (i, _), data in zip(wanted, got, strict=True):
             claim._data[i] = data
         if wanted:
@@ -204,8 +216,7 @@ class ChunkFetcher:
         """
         try:
             if claim._owned and not claim._read:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, self.read_owned, claim)
+                await self._read_owned_in_time(claim)
             self.settle(claim)
             missing = [(i, fut) for i, fut in claim._owned
                        if claim._data[i] is None]
@@ -221,6 +232,59 @@ class ChunkFetcher:
         finally:
             self._leave(claim)
         return claim.parts()
+
+    async def _read_owned_in_time(self, claim: Claim) -> None:
+        """`read_owned` on the I/O pool, waited for at most `local_timeout` seconds.
+
+        Past it the caller fails; the thread's late result is dropped (the claim is
+        settled with the failure by then, and only the caller writes what a claim read).
+        """
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, self.read_owned, claim)
+        try:
+            async with asyncio.timeout(self.local_timeout):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            error = self.read_stuck(claim)
+            fut.add_done_callback(lambda f: self.read_returned(claim, f))
+            raise error from None
+
+    def read_stuck(self, claim: Claim) -> StoreError:
+        """Count and log a local read of `claim` past the deadline; the error for its READ.
+
+        Loop thread. A thread stuck in the kernel cannot be interrupted: it stays stuck
+        until the read returns, then `read_returned` uncounts it. A claim whose read never
+        began (every I/O thread busy) is not counted: no file is to blame.
+        """
+        chunk = claim.reading
+        if chunk is None:
+            msg = (f"no I/O thread was free to read the local store within "
+                   f"{self.local_timeout:g} s ({self.stuck_reads} stuck in reads)")
+            log.warning("local_read_stuck", chunk=None, timeout_s=self.local_timeout,
+                        stuck_threads=self.stuck_reads, error=msg)
+            return StoreError(msg)
+        claim.stuck_on = chunk
+        name = getattr(self.store, "chunk_path", None)  # a store without files names none
+        path = name(chunk.digest) if name is not None else "?"
+        self._stuck[chunk.digest] += 1
+        self.stuck_reads += 1
+        log.warning("local_read_stuck", chunk=chunk.digest, file=str(path),
+                    timeout_s=self.local_timeout, stuck_threads=self.stuck_reads,
+                    error="the store may be on a hung filesystem (NFS, FUSE)")
+        msg = (f"chunk {chunk.digest}: reading its file {path} did not return within "
+               f"{self.local_timeout:g} s; the store may be on a hung filesystem (NFS, FUSE)")
+        return StoreError(msg)
+
+    def read_returned(self, claim: Claim, _fut: object = None) -> None:
+        """The late read of `claim` returned (loop thread): uncounted, its bytes dropped."""
+        chunk, claim.stuck_on = claim.stuck_on, None
+        if chunk is None:
+            return
+        self._stuck[chunk.digest] -= 1
+        if self._stuck[chunk.digest] <= 0:
+            del self._stuck[chunk.digest]
+        self.stuck_reads -= 1
+        log.info("local_read_returned", chunk=chunk.digest, stuck_threads=self.stuck_reads,
+                 outcome="dropped: its READ was answered at the deadline")
 
     async def _fetch_missing(
         self, blob: Blob, claim: Claim, missing: list[tuple[int, asyncio.Future[bytes]]]
@@ -289,14 +353,26 @@ class ChunkFetcher:
             fut.set_exception(exc)
             fut.exception()  # retrieved: joiners re-raise it themselves
 
-    def read_local(self, chunks: Sequence[Chunk]) -> list[bytes | None]:
+    def read_local(self, chunks: Sequence[Chunk], claim: Claim | None = None,
+                   ) -> list[bytes | None]:
         """Read and verify chunks from the local store (blocking; any thread).
 
         A chunk missing or damaged locally but fetchable remotely comes back as
         None (with write-through, the fetched bytes then replace the damaged file).
+        `claim.reading` names the chunk being read (for the deadline's log line).
+
+        Raises:
+            StoreError: also when a read of a chunk's file is still stuck past the deadline.
         """
         out: list[bytes | None] = []
         for chunk in chunks:
+            if chunk.digest in self._stuck:
+                path = self.store.chunk_path(chunk.digest)
+                msg = (f"chunk {chunk.digest}: an earlier read of its file {path} is still "
+                       "stuck; the store may be on a hung filesystem (NFS, FUSE)")
+                raise StoreError(msg)
+            if claim is not None:
+                claim.reading = chunk
             try:
                 out.append(self.store.read_chunk(chunk))
             except (ChunkNotFound, DigestMismatch):

@@ -22,6 +22,8 @@ from ondemand_d import _native, daemon
 from ondemand_d.config import load
 from ondemand_d.imagesdir import ImagesDir
 
+from .test_attack_store import HeldFile
+
 MIB = 1 << 20
 
 
@@ -135,3 +137,34 @@ async def test_a_1_tib_sparse_file_costs_no_chunk_table(tmp_path, monkeypatch):
         fits = await s.kernel.open(b"fits")
     assert refused.copen_result == -errno.EIO
     assert fits.copen_result == 4096
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify pre-content mark needs root")
+async def test_an_image_file_on_a_hung_filesystem_fails_the_read_at_the_deadline(
+        tmp_path, monkeypatch):
+    """Reads of the image file block in the kernel (an unanswered pre-content event, as on
+    a hung NFS or FUSE filesystem): the READ fails at local_read_timeout, the log names the
+    file; once the read returns, the late thread wrote and completed nothing; the daemon
+    stops cleanly."""
+    with capture_logs() as logs:
+        async with Served(tmp_path, monkeypatch, local_read_timeout=0.5) as s:
+            path = s.images / "img"
+            path.write_bytes(os.urandom(MIB))
+            obj = await s.kernel.open(b"img")
+            held = HeldFile(path)
+            try:
+                read = s.kernel.send_read(obj, 0, 4096)
+                await held.blocked()
+                await asyncio.wait_for(read.done.wait(), 30)
+                assert (read.present, read.completions) == (False, 1)
+                stuck = [e for e in logs if e["event"] == "local_read_stuck"]
+                assert stuck and stuck[0]["file"] == str(path), logs
+            finally:
+                held.release()
+            for _ in range(3000):
+                if any(e["event"] == "local_read_returned" for e in logs):
+                    break
+                await asyncio.sleep(0.01)
+            assert read.completions == 1
+            assert not s.kernel.range_present(obj, 0, 4096)
+            assert s.kernel.bad_completions == []

@@ -37,6 +37,7 @@ ROWS: dict[str, tuple[str, str, Any, str]] = {
     "control_idle_timeout": ("5", "5", 5.0, "0"),
     "control_max_connections": ("8", "8", 8, "0"),
     "hung_read_after": ("5", "5", 5.0, "0"),
+    "local_read_timeout": ("5", "5", 5.0, "0"),
     "max_chunk": ('"8M"', "8M", 8 << 20, "1K"),
     "max_bootstrap": ('"64M"', "64M", 64 << 20, "1K"),
     "max_image": ('"2G"', "2G", 2 << 30, "big"),
