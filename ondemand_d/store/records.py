@@ -294,7 +294,7 @@ class RecordStore:
         """
         path = self.location_path(location_id)
         try:
-            location = Location.from_json(_load_regular(path))
+            location = Location.from_json(_load(path))
         except FileNotFoundError:
             raise UnknownName(f"location {location_id} is not in the store {self.root}") from None
         except OSError as exc:
@@ -429,37 +429,31 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _load_regular(path: Path) -> dict[str, Any]:
-    """_load, for a regular file only: a FIFO put there would hang the reader.
+def _load(path: Path) -> dict[str, Any]:
+    """A record as a dict, read only from a regular file (a FIFO put there would hang the
+    reader; a symlink could point anywhere).
 
     Raises:
-        FileNotFoundError: no such file. OSError: it cannot be opened (a symlink among them).
-        StoreError: it is not a regular file of a JSON object.
+        FileNotFoundError: no such file. OSError: it cannot be opened.
+        StoreError: it is a symlink or not a regular file, or not a JSON object.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            msg = f"{path} is damaged (a symbolic link, not a record)"
+            raise StoreError(msg) from None
+        raise
     with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             msg = f"{path} is damaged (not a regular file)"
             raise StoreError(msg)
         try:
             raw = json.load(f)
-        except (ValueError, RecursionError) as exc:
-            msg = f"{path} is damaged (not JSON: {exc!r})"
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            msg = f"{path} is damaged ({'empty' if not st.st_size else 'not JSON'}: {exc!r})"
             raise StoreError(msg) from None
-    if not isinstance(raw, dict):
-        msg = f"{path} is damaged (not a JSON object)"
-        raise StoreError(msg)
-    return raw
-
-
-def _load(path: Path) -> dict[str, Any]:
-    """A record as a dict. Raises FileNotFoundError, or StoreError if it is not JSON."""
-    try:
-        with open(path, "rb") as f:
-            raw = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        msg = f"{path} is damaged ({'empty' if not path.stat().st_size else 'not JSON'}: {exc})"
-        raise StoreError(msg) from None
     if not isinstance(raw, dict):
         msg = f"{path} is damaged (not a JSON object)"
         raise StoreError(msg)

@@ -235,7 +235,7 @@ def test_a_fifo_or_a_symlink_as_location_record_is_no_location_and_no_hang(tmp_p
     path.rename(elsewhere)
     path.symlink_to(elsewhere)
     got = locate(store, store.get_blob(blob.blob_id), ["second"])
-    assert "remote" not in got.extra and "unreadable" in got.extra["unlocated"]
+    assert "remote" not in got.extra and "symbolic link" in got.extra["unlocated"]
     path.unlink()
     os.mkfifo(path)
     got = locate(store, store.get_blob(blob.blob_id), ["second"])
