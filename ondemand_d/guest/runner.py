@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Run one command as root inside a QEMU guest that has a cachefiles on-demand kernel.
 
-The guest (spec/vm.md) boots the kernel from :mod:`ondemand_d.guest.kernel` with:
+The guest (spec/vm.md) boots a kernel from :mod:`ondemand_d.guest.kernel` (``kernel_kind``:
+6.12 by default, or 7.2; the same command line and init scripts for every kind) with:
 
 * the host's ``/`` as its root, read-only over virtio-9p: host binaries, the host's Python and
   this package run unchanged; tmpfs covers ``/run``, ``/mnt`` and ``/dev/shm``, and ``/tmp``
