@@ -13,19 +13,22 @@
 # Its stdout/stderr go to .guest/stdout and .guest/stderr, its exit status to .guest/status.
 #
 # Every process started here costs ~0.3 s under TCG (dynamic loading over 9p), so this
-# script uses shell builtins and mounts everything with one `mount -a` of a generated fstab
+# script uses shell builtins and mounts the rest with one `mount -a` of a generated fstab
 # (X-mount.mkdir creates the mount points inside the tmpfs mounts made before them).
 export PATH="${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}"
 : "${ODG_RESULTS:=/mnt/results}" "${ODG_CACHE:=/mnt/cache}"
 G="$ODG_RESULTS/.guest"
 P9="trans=virtio,version=9p2000.L,msize=512000,cache=none"
 
+# /proc first: `mount -a` (util-linux 2.38) ignores every fstab entry when it cannot read a
+# mount table, and the 7.2 kernel's 9p root shows the host's /proc with a dangling `self`.
+mount -t proc proc /proc
 mount -t tmpfs -o mode=0755 tmpfs /run
 # /tmp: writable, yet what the host keeps there (a CI checkout, its venv, test inputs)
 # stays visible: an overlay whose lower layer is the host's /tmp, upper layer on /run.
 mkdir -m 1777 /run/tmp-upper /run/tmp-work
 {
-    printf '%s\n' "proc /proc proc defaults 0 0" "sysfs /sys sysfs defaults 0 0"
+    printf '%s\n' "sysfs /sys sysfs defaults 0 0"
     printf '%s\n' "devtmpfs /dev devtmpfs defaults 0 0"
     printf '%s\n' "overlay /tmp overlay lowerdir=/tmp,upperdir=/run/tmp-upper,workdir=/run/tmp-work 0 0"
     printf '%s\n' "tmpfs /mnt tmpfs mode=0755 0 0"

@@ -1,33 +1,44 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Build (once per machine) the test guest's kernel: cachefiles on-demand + EROFS over fscache.
+"""Build (once per machine) the test guests' kernels: one per *kind* in :data:`KINDS`.
 
 Debian's stock kernels ship without ``CONFIG_CACHEFILES_ONDEMAND``, so the real-kernel tests
-boot a kernel built here from Debian trixie's ``linux-source-6.12`` package:
+boot kernels built here from Debian source packages. Two kinds:
 
-1. fetch the source .deb with a *private* apt sources list, state and cache dir (the machine's
-   apt configuration is never read for sources nor written);
+* ``6.12`` (the default): trixie's ``linux-source-6.12``; the fscache front end
+  (cachefiles on-demand + EROFS over fscache). Every vm test without a kind boots it.
+* ``7.2``: sid's ``linux-source-7.2`` (spec/kernel-7.2.md); the fanotify front end on
+  file-backed EROFS, page-cache sharing. EROFS there no longer mounts by ``fsid``.
+
+Each kind is a row (source package, suite, fragments, required options), one code path:
+
+1. fetch the source .deb with a *private* apt sources list, state and cache dir per suite (the
+   machine's apt configuration is never read for sources nor written);
 2. unpack it once per source version;
-3. ``make tinyconfig``, merge the project's fragment (``kernel.config`` beside this file),
-   ``make olddefconfig``, and check that ``CACHEFILES_ONDEMAND=y`` and ``EROFS_FS_ONDEMAND=y``
-   survived;
+3. ``make tinyconfig``, merge the kind's fragments (``kernel.config`` beside this file, then
+   e.g. ``kernel-7.2.config``), ``make olddefconfig``, and check that the kind's required
+   options survived (6.12: ``CACHEFILES_ONDEMAND``, ``EROFS_FS_ONDEMAND``; 7.2: every option
+   of its own fragment);
 4. ``make bzImage`` (``nice -n 5``, ``-j nproc+1``), output to ``build.log``;
 5. keep the result at ``<cache>/<source-version>-<fragment-hash>/bzImage``.
 
 The cache root is ``$ONDEMAND_D_KERNEL_CACHE`` or ``~/.cache/ondemand-d/kernel``. The fragment
-hash is the sha256 (first 12 hex digits) of the fragment's option lines, so editing comments
-does not cause a rebuild. A cached kernel for the current fragment is reused without touching
-the network; ``--refresh`` asks apt for the newest source version and builds if it changed.
+hash is the sha256 (first 12 hex digits) of the kind's fragments' option lines, so editing
+comments does not cause a rebuild. A cached kernel for the current fragments is reused without
+touching the network; ``--refresh`` asks apt for the newest source version and builds if it
+changed. A kind is built only when something asks for it (a vm test of that kind, the demo,
+or this command).
 
 Usage::
 
-    python3 -m ondemand_d.guest.kernel [--refresh] [--cache-dir DIR] [--no-install] [--prune]
+    python3 -m ondemand_d.guest.kernel [--kind 6.12|7.2|all ...] [--refresh] [--cache-dir DIR]
+                                       [--no-install] [--prune]
 
-The source tree (1.7 GB) and the object dir (200 MB) are kept so that a changed fragment
+The source trees (1.7 GB each) and the object dirs (200 MB each) are kept so that a changed fragment
 rebuilds incrementally (a new fragment's object dir is seeded from the previous one);
 ``--prune`` deletes them and keeps only the built kernels.
 
-API: :func:`ensure_kernel` returns a :class:`Kernel` (bzImage path, version, whether it was
-built now). Missing build tools, ``qemu-system-x86``, ``e2fsprogs`` and ``erofs-utils`` are
+API: :func:`ensure_kernel` (``kind="6.12"``) returns a :class:`Kernel` (bzImage path, kind,
+version, whether it was built now). Missing build tools, ``qemu-system-x86``, ``e2fsprogs`` and ``erofs-utils`` are
 installed with ``apt-get`` (as root, or through ``sudo -n``) unless ``install=False``.
 """
 from __future__ import annotations
@@ -48,12 +59,47 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-SOURCE_PACKAGE = "linux-source-6.12"
-DEBIAN_SUITE = "trixie"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 FRAGMENT = Path(__file__).with_name("kernel.config")
-REQUIRED = ("CONFIG_CACHEFILES_ONDEMAND", "CONFIG_EROFS_FS_ONDEMAND")
+FRAGMENT_7_2 = Path(__file__).with_name("kernel-7.2.config")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KernelKind:
+    """One kind of guest kernel: where its source comes from and how it is configured.
+
+    Attributes:
+        name: what callers ask for (``"6.12"``, ``"7.2"``).
+        package: Debian source package (``linux-source-X.Y``).
+        suite: Debian suite that has it.
+        fragments: merged over ``make tinyconfig`` in this order.
+        required: options that must be ``=y`` after olddefconfig (else the build fails).
+        minutes: rough build time on 2 loaded cores, for the progress line.
+    """
+
+    name: str
+    package: str
+    suite: str
+    fragments: tuple[Path, ...]
+    required: tuple[str, ...]
+    minutes: int
+
+
+#: The guest kernels the project tests on; a test names one by its key.
+KINDS: dict[str, KernelKind] = {
+    "6.12": KernelKind("6.12", "linux-source-6.12", "trixie", (FRAGMENT,),
+                       ("CONFIG_CACHEFILES_ONDEMAND", "CONFIG_EROFS_FS_ONDEMAND"), 8),
+    "7.2": KernelKind("7.2", "linux-source-7.2", "sid", (FRAGMENT, FRAGMENT_7_2),
+                      ("CONFIG_FANOTIFY", "CONFIG_FANOTIFY_ACCESS_PERMISSIONS",
+                       "CONFIG_EROFS_FS_XATTR", "CONFIG_EROFS_FS_BACKED_BY_FILE",
+                       "CONFIG_EROFS_FS_PAGE_CACHE_SHARE", "CONFIG_CGROUPS", "CONFIG_MEMCG"), 20),
+}
+DEFAULT_KIND = "6.12"
+# The default kind's names, as before there were kinds.
+SOURCE_PACKAGE = KINDS[DEFAULT_KIND].package
+DEBIAN_SUITE = KINDS[DEFAULT_KIND].suite
+REQUIRED = KINDS[DEFAULT_KIND].required
 
 #: Debian packages and a file each provides; a package is installed when its file is missing.
 HOST_PACKAGES: dict[str, str] = {
@@ -84,6 +130,7 @@ class Kernel:
 
     Attributes:
         bzimage: path of the bootable image.
+        kind: the :data:`KINDS` key it was built for.
         version: Debian version of the source package, e.g. ``6.12.117-1``.
         fragment_hash: first 12 hex digits of the fragment's option-line sha256.
         built: True if this call built it, False if it came from the cache.
@@ -91,6 +138,7 @@ class Kernel:
     """
 
     bzimage: Path
+    kind: str
     version: str
     fragment_hash: str
     built: bool
@@ -120,10 +168,24 @@ def fragment_lines(fragment: Path = FRAGMENT) -> list[str]:
     return out
 
 
-def fragment_hash(fragment: Path = FRAGMENT) -> str:
-    """Return the cache key part for the fragment: sha256 of its option lines, 12 hex digits."""
-    text = "\n".join(fragment_lines(fragment)) + "\n"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def fragment_hash(*fragments: Path) -> str:
+    """Return the cache key part for fragments (default: the 6.12 one): sha256 of their option
+    lines, in order, 12 hex digits (a single fragment hashes as it did before kinds)."""
+    lines = [line for fragment in fragments or (FRAGMENT,) for line in fragment_lines(fragment)]
+    return hashlib.sha256(("\n".join(lines) + "\n").encode()).hexdigest()[:12]
+
+
+def kernel_kind(name: str) -> KernelKind:
+    """Return the :data:`KINDS` row for ``name``.
+
+    Raises:
+        KernelBuildError: no such kind (the message lists the known ones).
+    """
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise KernelBuildError(f"unknown guest kernel kind {name!r}; known: "
+                               f"{', '.join(KINDS)}") from None
 
 
 def _run(argv: list[str], *, log: Path | None = None, cwd: Path | None = None) -> str:
@@ -177,14 +239,14 @@ def install_host_packages(progress: Progress = _stderr) -> None:
 
 
 class _PrivateApt:
-    """apt-get/apt-cache pointed at a private sources list, state and cache under ``root``."""
+    """apt-get/apt-cache pointed at a private sources list (one suite), state and cache."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, suite: str) -> None:
+        self.root, self.suite = root, suite
         (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
         (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
         sources = root / "sources.list"
-        sources.write_text(f"deb [signed-by={KEYRING}] {DEBIAN_MIRROR} {DEBIAN_SUITE} main\n")
+        sources.write_text(f"deb [signed-by={KEYRING}] {DEBIAN_MIRROR} {suite} main\n")
         self.options = [
             "-o", f"Dir::Etc::sourcelist={sources}",
             "-o", "Dir::Etc::sourceparts=-",
@@ -200,7 +262,7 @@ class _PrivateApt:
         out = _run(["apt-cache", *self.options, "policy", package])
         match = re.search(r"Candidate:\s*(\S+)", out)
         if not match or match.group(1) == "(none)":
-            raise KernelBuildError(f"{package} not found in {DEBIAN_SUITE}; apt-cache said:\n{out}")
+            raise KernelBuildError(f"{package} not found in {self.suite}; apt-cache said:\n{out}")
         return match.group(1)
 
     def download(self, package: str, version: str, into: Path) -> Path:
@@ -230,9 +292,14 @@ def _cached(root: Path, fhash: str) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def cached_kernel(cache_dir: Path | None = None) -> Path | None:
-    """The cached bzImage for the current fragment, or None if the next use must build one."""
-    found = _cached(cache_dir or cache_root(), fragment_hash())
+def _apt_dir(root: Path, suite: str) -> Path:
+    """Private apt state per suite (trixie keeps the ``apt`` dir it had before kinds)."""
+    return root / ("apt" if suite == KINDS[DEFAULT_KIND].suite else f"apt-{suite}")
+
+
+def cached_kernel(cache_dir: Path | None = None, kind: str = DEFAULT_KIND) -> Path | None:
+    """The cached bzImage of a kind for its fragments, or None if the next use must build one."""
+    found = _cached(cache_dir or cache_root(), fragment_hash(*kernel_kind(kind).fragments))
     return found[0] if found else None
 
 
@@ -260,23 +327,29 @@ def _unpack(deb: Path, dest: Path, progress: Progress) -> Path:
     return dest
 
 
-def check_config(config: Path, fragment: Path = FRAGMENT) -> list[str]:
-    """Check a final .config against the fragment.
+def check_config(config: Path, fragments: tuple[Path, ...] = (FRAGMENT,),
+                 required: tuple[str, ...] = REQUIRED) -> list[str]:
+    """Check a final .config against the fragments.
 
     Returns:
         Warnings for fragment options that did not survive olddefconfig.
 
     Raises:
-        KernelBuildError: a REQUIRED option is not ``=y``.
+        KernelBuildError: a ``required`` option is not ``=y``.
     """
     text = config.read_text()
-    for name in REQUIRED:
+    for name in required:
         if not re.search(rf"^{name}=y$", text, re.M):
             raise KernelBuildError(
                 f"{config} lacks {name}=y after olddefconfig: a dependency of it is missing "
-                f"from {fragment}")
+                f"from {', '.join(map(str, fragments))}")
     warnings = []
-    for line in fragment_lines(fragment):
+    # The last fragment that sets an option wins (merge_config.sh order).
+    wanted = {}
+    for fragment in fragments:
+        for line in fragment_lines(fragment):
+            wanted[line.split()[1] if line.startswith("#") else line.split("=", 1)[0]] = line
+    for line in wanted.values():
         if line.startswith("#"):
             name, want = line.split()[1], "n"
         else:
@@ -315,30 +388,34 @@ def _seed_objdir(objdir: Path, version: str, progress: Progress) -> None:
 
 def prune(root: Path, progress: Progress = _stderr) -> None:
     """Delete sources, downloads and object dirs; keep each kernel's bzImage, config, logs."""
-    for path in [root / "src", root / "downloads", root / "apt", *root.glob("*/build")]:
+    for path in [root / "src", root / "downloads", root / "apt", *root.glob("apt-*"),
+                 *root.glob("*/build")]:
         if path.exists():
             progress(f"pruning {path}")
             shutil.rmtree(path)
 
 
 def build(src: Path, outdir: Path, version: str, progress: Progress = _stderr,
-          fragment: Path = FRAGMENT) -> Path:
+          kind: KernelKind = KINDS[DEFAULT_KIND]) -> Path:
     """Configure and build bzImage out of tree in ``outdir/build``; return the cached bzImage."""
+    fragments = kind.fragments
     objdir = outdir / "build"
     outdir.mkdir(parents=True, exist_ok=True)
     _seed_objdir(objdir, version, progress)
     objdir.mkdir(parents=True, exist_ok=True)
     log = outdir / "build.log"
     log.write_text("")
-    progress(f"configuring: tinyconfig + {fragment} (log: {log})")
+    names = " + ".join(str(f) for f in fragments)
+    progress(f"configuring {kind.package}: tinyconfig + {names} (log: {log})")
     _run(["make", "-C", str(src), f"O={objdir}", "tinyconfig"], log=log)
     _run([str(src / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(objdir),
-          str(objdir / ".config"), str(fragment)], log=log, cwd=src)
+          str(objdir / ".config"), *map(str, fragments)], log=log, cwd=src)
     _run(["make", "-C", str(src), f"O={objdir}", "olddefconfig"], log=log)
-    for warning in check_config(objdir / ".config", fragment):
+    for warning in check_config(objdir / ".config", fragments, kind.required):
         progress(f"warning: {warning}")
     jobs = (os.cpu_count() or 1) + 1
-    progress(f"build started: make -j{jobs} bzImage (nice -n 5), about 8 min on 2 cores")
+    progress(f"build started: make -j{jobs} bzImage (nice -n 5), about {kind.minutes} min "
+             "on 2 cores")
     started = time.monotonic()
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(log, stop, progress, started), daemon=True)
@@ -356,82 +433,94 @@ def build(src: Path, outdir: Path, version: str, progress: Progress = _stderr,
     shutil.copy2(image, tmp)
     tmp.rename(outdir / "bzImage")
     (outdir / "meta.json").write_text(json.dumps({
-        "source_package": SOURCE_PACKAGE, "version": version,
-        "fragment_hash": fragment_hash(fragment),
+        "kind": kind.name, "source_package": kind.package, "version": version,
+        "fragment_hash": fragment_hash(*fragments),
         "build_seconds": round(time.monotonic() - started),
     }) + "\n")
     progress(f"build done in {time.monotonic() - started:.0f} s")
     return outdir / "bzImage"
 
 
-def ensure_kernel(*, cache_dir: Path | None = None, refresh: bool = False, install: bool = True,
+def ensure_kernel(*, kind: str = DEFAULT_KIND, cache_dir: Path | None = None,
+                  refresh: bool = False, install: bool = True,
                   progress: Progress = _stderr) -> Kernel:
-    """Return the guest kernel, building it first if the cache has none for this fragment.
+    """Return a guest kernel of ``kind``, building it first if the cache has none for its fragments.
 
     Args:
+        kind: a :data:`KINDS` key (``"6.12"``, ``"7.2"``).
         cache_dir: cache root; default :func:`cache_root`.
         refresh: ask apt for the newest source version even if a cached kernel exists.
         install: install missing host packages with apt-get.
         progress: called with one human-readable line per step.
 
     Raises:
-        KernelBuildError: fetching, configuring or building failed (the message says why).
+        KernelBuildError: unknown kind, or fetching, configuring or building failed (the
+            message says why).
     """
     started = time.monotonic()
+    spec = kernel_kind(kind)
     root = cache_dir or cache_root()
-    fhash = fragment_hash()
+    fhash = fragment_hash(*spec.fragments)
     if install:
         install_host_packages(progress)
     with _locked(root):
         cached = _cached(root, fhash)
         if cached and not refresh:
             version = cached[0].parent.name.rsplit("-", 1)[0]
-            return Kernel(cached[0], version, fhash, False, time.monotonic() - started)
-        apt = _PrivateApt(root / "apt")
-        progress(f"fetching package lists for {DEBIAN_SUITE} (private apt state in {apt.root})")
+            return Kernel(cached[0], kind, version, fhash, False, time.monotonic() - started)
+        apt = _PrivateApt(_apt_dir(root, spec.suite), spec.suite)
+        progress(f"fetching package lists for {spec.suite} (private apt state in {apt.root})")
         apt.update()
-        version = apt.candidate(SOURCE_PACKAGE)
+        version = apt.candidate(spec.package)
         outdir = root / f"{version}-{fhash}"
         if (outdir / "bzImage").is_file():
-            return Kernel(outdir / "bzImage", version, fhash, False, time.monotonic() - started)
+            return Kernel(outdir / "bzImage", kind, version, fhash, False,
+                          time.monotonic() - started)
         deb_dir = root / "downloads"
-        debs = list(deb_dir.glob(f"{SOURCE_PACKAGE}_{version.replace(':', '%3a')}_*.deb"))
+        debs = list(deb_dir.glob(f"{spec.package}_{version.replace(':', '%3a')}_*.deb"))
         if debs:
             deb = debs[0]
         else:
-            progress(f"fetching {SOURCE_PACKAGE} {version} (about 150 MB)")
-            deb = apt.download(SOURCE_PACKAGE, version, deb_dir)
+            progress(f"fetching {spec.package} {version} (about 150 MB)")
+            deb = apt.download(spec.package, version, deb_dir)
         src = _unpack(deb, root / "src" / version, progress)
-        image = build(src, outdir, version, progress)
-        return Kernel(image, version, fhash, True, time.monotonic() - started)
+        image = build(src, outdir, version, progress, spec)
+        return Kernel(image, kind, version, fhash, True, time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: build or reuse the guest kernel and print where it is."""
+    """CLI: build or reuse guest kernels and print where they are."""
     parser = argparse.ArgumentParser(prog="python3 -m ondemand_d.guest.kernel",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", action="append", choices=[*KINDS, "all"],
+                        help=f"kernel kind to build or reuse, repeatable; 'all' for every kind "
+                        f"(default: {DEFAULT_KIND})")
     parser.add_argument("--cache-dir", type=Path, help="cache root (default: %(default)s)",
                         default=cache_root())
     parser.add_argument("--refresh", action="store_true",
-                        help="check apt for a newer linux-source-6.12 and build it if so")
+                        help="check apt for a newer source package and build it if so")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install missing build tools / qemu")
     parser.add_argument("--prune", action="store_true",
-                        help="afterwards delete sources and object dirs (~2 GB), keeping the "
-                        "bzImages (e.g. before saving the cache dir in CI)")
+                        help="afterwards delete sources and object dirs (~2 GB per kind), "
+                        "keeping the bzImages (e.g. before saving the cache dir in CI)")
     args = parser.parse_args(argv)
-    try:
-        kernel = ensure_kernel(cache_dir=args.cache_dir, refresh=args.refresh,
-                               install=not args.no_install)
-        if args.prune:
-            with _locked(args.cache_dir):
-                prune(args.cache_dir)
-    except KernelBuildError as exc:
-        print(f"kernel: FAILED: {exc}", file=sys.stderr)
-        return 1
-    what = "built" if kernel.built else "reused cached"
-    print(f"kernel: {what} {SOURCE_PACKAGE} {kernel.version} (fragment {kernel.fragment_hash}) "
-          f"in {kernel.seconds:.0f} s: {kernel.bzimage}")
+    kinds = args.kind or [DEFAULT_KIND]
+    if "all" in kinds:
+        kinds = list(KINDS)
+    for kind in dict.fromkeys(kinds):
+        try:
+            kernel = ensure_kernel(kind=kind, cache_dir=args.cache_dir, refresh=args.refresh,
+                                   install=not args.no_install)
+        except KernelBuildError as exc:
+            print(f"kernel: FAILED ({kind}): {exc}", file=sys.stderr)
+            return 1
+        what = "built" if kernel.built else "reused cached"
+        print(f"kernel: {what} {KINDS[kind].package} {kernel.version} (kind {kind}, fragment "
+              f"{kernel.fragment_hash}) in {kernel.seconds:.0f} s: {kernel.bzimage}")
+    if args.prune:
+        with _locked(args.cache_dir):
+            prune(args.cache_dir)
     return 0
 
 

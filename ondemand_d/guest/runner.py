@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Run one command as root inside a QEMU guest that has a cachefiles on-demand kernel.
 
-The guest (spec/vm.md) boots the kernel from :mod:`ondemand_d.guest.kernel` with:
+The guest (spec/vm.md) boots a kernel from :mod:`ondemand_d.guest.kernel` (``kernel_kind``:
+6.12 by default, or 7.2; the same command line and init scripts for every kind) with:
 
 * the host's ``/`` as its root, read-only over virtio-9p: host binaries, the host's Python and
   this package run unchanged; tmpfs covers ``/run``, ``/mnt`` and ``/dev/shm``, and ``/tmp``
@@ -212,7 +213,8 @@ def _float(path: Path) -> float | None:
 
 def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  timeout: float = 300, results_dir: Path | None = None, cwd: str | None = None,
-                 kernel: Path | None = None, cache_disk: Path | None = None,
+                 kernel: Path | None = None, kernel_kind: str = _kernel.DEFAULT_KIND,
+                 cache_disk: Path | None = None,
                  cache_size: str = "1G", memory_mb: int = 2048, cpus: int = 2,
                  systemd: bool = False) -> GuestResult:
     """Boot the guest, run ``argv`` as root, and return what happened.
@@ -224,8 +226,11 @@ def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         results_dir: host directory shared writable at the same path in the guest; created
             if missing; default a new temporary directory (the caller owns it either way).
         cwd: working directory of the command in the guest (default: the current one).
-        kernel: bzImage to boot; default :func:`ondemand_d.guest.kernel.ensure_kernel`, which
-            builds it on first use (about 8 min on 2 cores).
+        kernel: bzImage to boot; default :func:`ondemand_d.guest.kernel.ensure_kernel` of
+            ``kernel_kind``, which builds it on first use.
+        kernel_kind: which guest kernel (a key of ``ondemand_d.guest.kernel.KINDS``): ``"6.12"``
+            (about 8 min to build on 2 cores) or ``"7.2"`` (about 20 min). The QEMU command
+            line and init scripts are the same for every kind.
         cache_disk: an existing ext4 image to use as /mnt/cache (kept, so a later boot sees
             the same cache); default a fresh sparse 1 GiB image, deleted afterwards.
         cache_size: size of the fresh cache image.
@@ -239,7 +244,7 @@ def run_in_guest(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         ondemand_d.guest.kernel.KernelBuildError: no kernel and it could not be built.
     """
     if kernel is None:
-        kernel = _kernel.ensure_kernel().bzimage
+        kernel = _kernel.ensure_kernel(kind=kernel_kind).bzimage
     if not shutil.which("qemu-system-x86_64") or not shutil.which("mkfs.ext4"):
         _kernel.install_host_packages()
     results = Path(results_dir or tempfile.mkdtemp(prefix="odg-results-")).resolve()
@@ -296,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run a command as root in the test guest.")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--results-dir", type=Path)
+    parser.add_argument("--kernel-kind", choices=list(_kernel.KINDS), default=_kernel.DEFAULT_KIND,
+                        help="guest kernel to boot (default: %(default)s)")
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
-    result = run_in_guest(args.command, timeout=args.timeout, results_dir=args.results_dir)
+    result = run_in_guest(args.command, timeout=args.timeout, results_dir=args.results_dir,
+                          kernel_kind=args.kernel_kind)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     print(f"guest: {'timed out' if result.timed_out else f'exit {result.returncode}'} in "

@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """pytest integration of the real-kernel guest (ondemand_d.guest).
 
-* Collecting any test under tests/vm builds or reuses the guest kernel *before* the tests
-  run (outside pytest-timeout, with its progress shown live). Nothing is skipped: if the
-  kernel or QEMU cannot be had, every vm test fails with the reason.
+* Collecting any test under tests/vm builds or reuses the guest kernels the selected tests
+  need *before* they run (outside pytest-timeout, with progress shown live): the 6.12 kind for
+  every test, the 7.2 kind only if a selected test is marked ``pytest.mark.kernel("7.2")``.
+  Nothing is skipped: if a kernel or QEMU cannot be had, every vm test of it fails with the
+  reason.
 * ``guest`` (session fixture) runs commands in a fresh guest boot: ``guest.run(argv)``,
-  ``guest.shell(script)``, ``guest.python(code_or_path, *args)``.
+  ``guest.shell(script)``, ``guest.python(code_or_path, *args)``. ``guest_7_2`` is the same
+  on the 7.2 kernel (its tests carry ``pytest.mark.kernel("7.2")``).
 * ``guest.checks(__file__)`` boots once and runs every ``check_*`` function of a test module
   in the guest (tests/vm/harness.py); host tests then assert ``checks.passed("check_x")``.
   Pattern::
@@ -42,12 +45,17 @@ PACKAGE_ROOT = Path(ondemand_d.__file__).resolve().parent.parent
 #: pytest-timeout limit for one vm test (its module's guest boot runs in its setup).
 VM_TEST_TIMEOUT = 1800  # above the sum of a module's check guards (scenarios: ~1230 s)
 
-_kernel_key = pytest.StashKey[Any]()
+_kernel_key = pytest.StashKey[dict[str, Any]]()
+
+
+def _kind_of(item: pytest.Item) -> str:
+    marker = item.get_closest_marker("kernel")
+    return str(marker.args[0]) if marker else guest_kernel.DEFAULT_KIND
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: `-m "not vm"` builds nothing
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give selected vm tests a longer timeout, and build the kernel once, up front.
+    """Give selected vm tests a longer timeout, and build their kernels once, up front.
 
     The test modules mark themselves ``pytestmark = pytest.mark.vm`` (static, so that
     ``-m "not vm"`` can deselect them before this hook runs).
@@ -59,29 +67,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not vm_items or _kernel_key in config.stash:
         return
     capture = config.pluginmanager.getplugin("capturemanager")
+    kernels: dict[str, Any] = {}
+    config.stash[_kernel_key] = kernels
 
     def progress(line: str) -> None:
         print(f"\nkernel: {line}", file=sys.stderr, flush=True)
 
-    try:
+    def ensure(kind: str) -> Any:
+        try:
+            return guest_kernel.ensure_kernel(kind=kind, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - reported by every vm test of it instead
+            return exc
+
+    for kind in sorted({_kind_of(item) for item in vm_items}):
         if capture is not None:
             with capture.global_and_fixture_disabled():
-                config.stash[_kernel_key] = guest_kernel.ensure_kernel(progress=progress)
+                kernels[kind] = ensure(kind)
         else:
-            config.stash[_kernel_key] = guest_kernel.ensure_kernel(progress=progress)
-    except Exception as exc:  # noqa: BLE001 - reported by every vm test instead
-        config.stash[_kernel_key] = exc
+            kernels[kind] = ensure(kind)
+
+
+def _kernel_image(config: pytest.Config, kind: str) -> Path:
+    found = config.stash.get(_kernel_key, {}).get(kind)
+    if found is None:  # collected without the hook, or unmarked: build now
+        found = guest_kernel.ensure_kernel(kind=kind)
+    if isinstance(found, BaseException):
+        pytest.fail(f"the {kind} guest kernel could not be built or found: {found}",
+                    pytrace=False)
+    return Path(found.bzimage)
 
 
 @pytest.fixture(scope="session")
 def guest_kernel_image(pytestconfig: pytest.Config) -> Path:
-    """The bzImage of the guest kernel (built before the tests ran)."""
-    found = pytestconfig.stash.get(_kernel_key, None)
-    if found is None:  # collected without the hook (should not happen); build now
-        found = guest_kernel.ensure_kernel()
-    if isinstance(found, BaseException):
-        pytest.fail(f"the guest kernel could not be built or found: {found}", pytrace=False)
-    return Path(found.bzimage)
+    """The bzImage of the default (6.12) guest kernel (built before the tests ran)."""
+    return _kernel_image(pytestconfig, guest_kernel.DEFAULT_KIND)
 
 
 @dataclasses.dataclass
@@ -191,3 +210,9 @@ def _guard_of(test_file: str, name: str) -> float:
 def guest(guest_kernel_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Guest:
     """Run commands in the real-kernel guest (see the module docstring)."""
     return Guest(guest_kernel_image, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def guest_7_2(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """Like ``guest``, on the 7.2 kernel (mark the test ``pytest.mark.kernel("7.2")``)."""
+    return Guest(_kernel_image(pytestconfig, "7.2"), tmp_path_factory)
