@@ -21,7 +21,6 @@ import bisect
 import contextlib
 import errno
 import functools
-import hashlib
 import os
 import resource
 import time
@@ -29,17 +28,18 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from ondemand_d import systemd
 from ondemand_d.cachedir import CullResult
 from ondemand_d.log import ms_since
 from ondemand_d.errors import OndemandError, StoreError, UnknownName
 from ondemand_d.fanotify import cachelimit, layout, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
 from ondemand_d.fanotify.counters import ALREADY_FILLED, EventCounters
+from ondemand_d.fanotify.fdstore import (
+    FDSTORE_FILE_PREFIX, FDSTORE_GROUP, FdStore, SystemdFdStore, fdstore_name)
 from ondemand_d.fanotify.filler import ChunkFiller
 from ondemand_d.fill import MetadataWalkError, metadata_of
 from ondemand_d.store.fetch import ChunkFetcher
@@ -50,34 +50,9 @@ from ondemand_d.store.model import Blob
 
 log = structlog.get_logger()
 
-FDSTORE_GROUP = "fanotify"
-FDSTORE_FILE_PREFIX = "fanotify-file."
 READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 #: Orphaned events (read by a dead instance, never answered) are found by fd number.
 ORPHAN_FD_LIMIT = 1 << 16
-
-
-class FdStore(Protocol):
-    """Where the group and the fill fds are kept across a crash (systemd, or the holder)."""
-
-    def store(self, fd: int, name: str) -> bool: ...
-
-    def remove(self, name: str) -> None: ...
-
-    def close(self, *, clean: bool) -> None: ...
-
-
-class SystemdFdStore:
-    """systemd's fd store (a no-op off systemd); systemd itself drops it at a clean stop."""
-
-    def store(self, fd: int, name: str) -> bool:
-        return systemd.store_fd(fd, name)
-
-    def remove(self, name: str) -> None:
-        systemd.remove_fd(name)
-
-    def close(self, *, clean: bool) -> None:
-        pass
 
 
 class MountError(OndemandError):
@@ -341,7 +316,7 @@ class FanotifyFrontend:
         except BaseException:
             os.close(fd)
             raise
-        self.fdstore.store(fd, _fdstore_name(path))
+        self.fdstore.store(fd, fdstore_name(path))
         return self._add_file(domain, blob, path, fd)
 
     def _add_file(self, domain: str, blob: Blob, path: Path, fd: int) -> BlobFile:
@@ -623,7 +598,7 @@ class FanotifyFrontend:
                 self._by_ino.pop(file.ino, None)
                 for pending in list(file.pending):
                     self._answer(pending, errno.EIO, "blob file removed")
-                self.fdstore.remove(_fdstore_name(file.path))
+                self.fdstore.remove(fdstore_name(file.path))
                 os.close(file.fd)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -640,7 +615,7 @@ class FanotifyFrontend:
             syscalls.mark_fd(self.group, file.fd, remove=True)
         del self.files[(file.domain, file.blob.blob_id)]
         self._by_ino.pop(file.ino, None)
-        self.fdstore.remove(_fdstore_name(file.path))
+        self.fdstore.remove(fdstore_name(file.path))
         os.close(file.fd)
 
     def _release_unused(self, file: BlobFile) -> bool:
@@ -799,11 +774,6 @@ class FanotifyFrontend:
 
     def _save(self) -> None:
         layout.save_mounts(self.cache_dir, [m.record for m in self.mounts.values()])
-
-
-def _fdstore_name(path: Path) -> str:
-    """The fd store name of a blob file's fill fd (FDNAME allows 255 characters)."""
-    return FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
 
 
 def _mountpoint(path: str) -> str:
