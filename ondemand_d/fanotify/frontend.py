@@ -34,13 +34,15 @@ import structlog
 
 from ondemand_d.cachedir import CullResult
 from ondemand_d.log import ms_since
-from ondemand_d.errors import OndemandError, StoreError, UnknownName
+from ondemand_d.errors import MountError, StoreError, UnknownName
 from ondemand_d.fanotify import cachelimit, layout, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
 from ondemand_d.fanotify.counters import ALREADY_FILLED, EventCounters
 from ondemand_d.fanotify.fdstore import (
     FDSTORE_FILE_PREFIX, FDSTORE_GROUP, FdStore, SystemdFdStore, fdstore_name)
 from ondemand_d.fanotify.filler import ChunkFiller
+from ondemand_d.fanotify.mountpoint import (
+    current_options, is_mount_root, mount_table_name, open_mountpoint)
 from ondemand_d.fill import MetadataWalkError, metadata_of
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.lease import Lease, gc_lock
@@ -53,10 +55,6 @@ log = structlog.get_logger()
 READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 #: Orphaned events (read by a dead instance, never answered) are found by fd number.
 ORPHAN_FD_LIMIT = 1 << 16
-
-
-class MountError(OndemandError):
-    """A mount or umount request that cannot be carried out (the message says why)."""
 
 
 @dataclass
@@ -458,40 +456,16 @@ class FanotifyFrontend:
             MountError: the image, the domain or the mountpoint is not usable, or mount(2)
                 failed; the message says which and what to do.
         """
-        target_fd, target = self._open_mountpoint(mountpoint)
+        target_fd, target = open_mountpoint(mountpoint, self.keep_dirs)
         try:
             return await self._mount(image_name, target_fd, target, domain)
         finally:
             os.close(target_fd)
 
-    def _open_mountpoint(self, path: str) -> tuple[int, str]:
-        """The checked O_PATH fd of the directory `path`, and its canonical path."""
-        if not os.path.isabs(path):
-            msg = f"{path} is not an absolute path"
-            raise MountError(msg)
-        try:
-            fd = syscalls.open_dir_nofollow(path)
-        except OSError as exc:
-            reason = {errno.ELOOP: "it has a symlink in its path: give the real directory",
-                      errno.ENOTDIR: "not a directory: create it first",
-                      errno.ENOENT: "not a directory: create it first (no such directory)",
-                      errno.EXDEV: "it crosses a magic link"}.get(
-                          exc.errno or 0, exc.strerror or str(exc))
-            raise MountError(f"{path}: {reason}") from None
-        try:
-            target = syscalls.fd_path(fd)
-            refusal = layout.refuse_mountpoint(target, self.keep_dirs)
-            if refusal is not None:
-                raise MountError(refusal)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, target
-
     async def _mount(self, image_name: str, target_fd: int, target: str, domain: str | None
                      ) -> dict[str, Any]:
         start = time.perf_counter()
-        if target in self.mounts or _is_mount_root(target_fd):
+        if target in self.mounts or is_mount_root(target_fd):
             msg = f"{target} is already a mount point: umount it first or pick another directory"
             raise MountError(msg)
         try:
@@ -547,7 +521,7 @@ class FanotifyFrontend:
         self._done_laying_out(laying)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
-                 domain=domain, blobs=len(files), options=_options(target),
+                 domain=domain, blobs=len(files), options=current_options(target),
                  nosuid=self.nosuid, duration_ms=ms_since(start),
                  **({} if self.nosuid else {"warning": "mount_nosuid = false: setuid files "
                                             "and device nodes of this image take effect"}))
@@ -686,7 +660,7 @@ class FanotifyFrontend:
         Raises:
             MountError: not a mount of this daemon, or still in use (pass lazy to detach).
         """
-        target = _mountpoint(mountpoint)
+        target = mount_table_name(mountpoint)
         mount = self.mounts.get(target)
         if mount is None:
             msg = f"{target} is not mounted by this daemon (see `ondemand-d status`)"
@@ -750,7 +724,7 @@ class FanotifyFrontend:
     def mount_view(self, mount: Mount) -> dict[str, Any]:
         return {
             "mountpoint": mount.record.mountpoint, "image": mount.record.image,
-            "domain": mount.record.domain, "options": _options(mount.record.mountpoint),
+            "domain": mount.record.domain, "options": current_options(mount.record.mountpoint),
             "blobs": [{"blob": f.blob.blob_id, "role": "bootstrap" if i == 0 else "data",
                        "path": str(f.path), "size": f.blob.size, "filled_bytes": f.filled_bytes,
                        "pending": len(f.pending)}
@@ -776,15 +750,6 @@ class FanotifyFrontend:
         layout.save_mounts(self.cache_dir, [m.record for m in self.mounts.values()])
 
 
-def _mountpoint(path: str) -> str:
-    """The mount table's name for `path` (umount: a lookup, the mount itself is by fd)."""
-    target = os.path.realpath(path)
-    if not os.path.isdir(target):
-        msg = f"{path} is not a directory: create it first"
-        raise MountError(msg)
-    return target
-
-
 def _check_gap(files: tuple[BlobFile, ...]) -> None:
     """Refuse a mount whose group died with the previous instance while a hole was left.
 
@@ -802,18 +767,4 @@ def _check_gap(files: tuple[BlobFile, ...]) -> None:
                    "instance's fanotify group closed (no fd store or holder kept it): its "
                    "holes may have been read as zeros")
             raise ValueError(msg)
-
-
-def _is_mount_root(fd: int) -> bool:
-    """Whether the directory open as `fd` is the root of a mount (asked of the fd)."""
-    st, parent = os.fstat(fd), os.stat("..", dir_fd=fd)
-    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
-
-
-def _options(mountpoint: str) -> str:
-    """The mount's flags as the kernel has them ("ro,nosuid,nodev,relatime"), or ""."""
-    try:
-        return layout.current_flags(mountpoint)
-    except OSError:
-        return ""
 
