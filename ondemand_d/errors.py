@@ -84,3 +84,7 @@ class FetchError(StoreError):
 
 class ImageError(OndemandError):
     """An image or its source cannot be read or built."""
+
+
+class MountError(OndemandError):
+    """A mount or umount request that cannot be carried out (the message says why)."""

@@ -12,6 +12,10 @@ kernel raises a FAN_PRE_ACCESS event for a range nobody has read yet
 * ``probe``: whether pre-content events work here (serve's start-up check);
 * ``layout``: where the files of a mounted image live and what is mounted;
 * ``blobfile``: one blob's file (fill fd, filled chunks) and the writes into it;
+* ``files``: the blob files of one group: laid out, released, removed, culled, room made;
+* ``fdstore``: where the group and fill fds outlive a crash (systemd), and their names;
+* ``adoption``: what a successor takes over, and the mounts it denies (fail closed);
+* ``mountpoint``: the directory a mount goes on: opened without symlinks, checked;
 * ``frontend``: the group fd, the events and the mounts;
 * ``holder``: the fd holder that keeps the group across a crash when there is no systemd;
 * ``serving``: the daemon's hooks; ``demo``: `ondemand-d demo` through this front end;

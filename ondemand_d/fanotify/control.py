@@ -12,6 +12,7 @@ from aiohttp import web
 from ondemand_d.control.commands import add_socket_argument, client
 from ondemand_d.control.server import ControlServer, json_error, json_ok
 from ondemand_d.control.status import runtime
+from ondemand_d.errors import MountError
 
 if TYPE_CHECKING:
     from ondemand_d.cli import Context
@@ -39,8 +40,6 @@ def _unavailable(reason: str | None) -> web.Response:
 
 
 async def mount_view(request: web.Request) -> web.Response:
-    from ondemand_d.fanotify.frontend import MountError
-
     frontend, reason = _frontend(request)
     if frontend is None:
         return _unavailable(reason)
@@ -56,8 +55,6 @@ async def mount_view(request: web.Request) -> web.Response:
 
 
 async def umount_view(request: web.Request) -> web.Response:
-    from ondemand_d.fanotify.frontend import MountError
-
     frontend, reason = _frontend(request)
     if frontend is None:
         return _unavailable(reason)

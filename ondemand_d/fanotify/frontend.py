@@ -6,13 +6,11 @@ fetched (local store or registry, verified by the shared `ChunkFetcher`), writte
 whole through the file's fill fd, and the event is allowed; any failure denies it
 with EIO. A reader therefore gets correct bytes or EIO, never a hole's zeros.
 
-Files are written only through fds opened *before* the file was marked: the kernel
-decides at open time whether an fd raises pre-content events, and a write through
-one that does would wait for this daemon's own answer. Those fds and the group fd
-go to systemd's fd store, or without systemd to the daemon's own fd holder
-(`holder`), so a successor keeps the marks and pending events alive (a closed group
-allows every pending event: readers would get zeros). A mount a successor cannot serve
-is denied and detached (fail closed), never left to read holes as zeros.
+Here the events are answered and the mounts made and unmade. The blob files, written
+only through fds opened before their mark, are `files`; those fds and the group fd go
+to systemd's fd store or the fd holder (`fdstore`, `holder`), so a successor keeps the
+marks and pending events alive; what it takes over or denies is `adoption`; the
+directory a mount goes on is `mountpoint`.
 """
 from __future__ import annotations
 
@@ -21,67 +19,36 @@ import bisect
 import contextlib
 import errno
 import functools
-import hashlib
 import os
-import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from ondemand_d import systemd
 from ondemand_d.cachedir import CullResult
 from ondemand_d.log import ms_since
-from ondemand_d.errors import OndemandError, StoreError, UnknownName
-from ondemand_d.fanotify import cachelimit, layout, syscalls, uapi
-from ondemand_d.fanotify.blobfile import BlobFile, Pending, filled_chunks
+from ondemand_d.errors import MountError, StoreError, UnknownName
+from ondemand_d.fanotify import adoption, layout, syscalls, uapi
+from ondemand_d.fanotify.blobfile import BlobFile, Pending
 from ondemand_d.fanotify.counters import ALREADY_FILLED, EventCounters
+from ondemand_d.fanotify.fdstore import FDSTORE_GROUP, FdStore, SystemdFdStore
+from ondemand_d.fanotify.files import BlobFiles
 from ondemand_d.fanotify.filler import ChunkFiller
+from ondemand_d.fanotify.mountpoint import (
+    current_options, is_mount_root, mount_table_name, open_mountpoint)
 from ondemand_d.fill import MetadataWalkError, metadata_of
 from ondemand_d.store.fetch import ChunkFetcher
 from ondemand_d.store.lease import Lease, gc_lock
 from ondemand_d.store.local import LocalStore
-from ondemand_d.store.locations import image_location, locate
-from ondemand_d.store.model import Blob
+from ondemand_d.store.locations import image_location
 
 log = structlog.get_logger()
 
-FDSTORE_GROUP = "fanotify"
-FDSTORE_FILE_PREFIX = "fanotify-file."
 READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
-#: Orphaned events (read by a dead instance, never answered) are found by fd number.
-ORPHAN_FD_LIMIT = 1 << 16
-
-
-class FdStore(Protocol):
-    """Where the group and the fill fds are kept across a crash (systemd, or the holder)."""
-
-    def store(self, fd: int, name: str) -> bool: ...
-
-    def remove(self, name: str) -> None: ...
-
-    def close(self, *, clean: bool) -> None: ...
-
-
-class SystemdFdStore:
-    """systemd's fd store (a no-op off systemd); systemd itself drops it at a clean stop."""
-
-    def store(self, fd: int, name: str) -> bool:
-        return systemd.store_fd(fd, name)
-
-    def remove(self, name: str) -> None:
-        systemd.remove_fd(name)
-
-    def close(self, *, clean: bool) -> None:
-        pass
-
-
-class MountError(OndemandError):
-    """A mount or umount request that cannot be carried out (the message says why)."""
 
 
 @dataclass
@@ -99,7 +66,7 @@ class FanotifyFrontend:
         fetcher: verified chunk bytes (shared with the fscache front end).
         executor: runs file writes.
         readahead: after an event, fill this many bytes that follow it.
-        cache_max: bytes the blob files may hold (0: no limit); see `_make_room`.
+        cache_max: bytes the blob files may hold (0: no limit); see `BlobFiles.make_room`.
         nosuid: mount nosuid,nodev (the default; False is the documented opt-out
             `mount_nosuid = false`, for images whose setuid files must work).
     """
@@ -118,7 +85,6 @@ class FanotifyFrontend:
         self.fetcher = fetcher
         self._executor = executor
         self.cache_max = cache_max
-        self._laying_out: list[Path] = []  # files of mounts under way (one entry each)
         self.filler = ChunkFiller(fetcher, executor, readahead=readahead, spawn=self._spawn,
                                   make_room=self._make_room if cache_max else None)
         self.adopted = group is not None
@@ -127,8 +93,8 @@ class FanotifyFrontend:
         if group is None:
             self.fdstore.store(self.group, FDSTORE_GROUP)
         self._inherited = dict(inherited or {})
-        self.files: dict[tuple[str, str], BlobFile] = {}
-        self._by_ino: dict[tuple[int, int], BlobFile] = {}
+        self.blob_files = BlobFiles(cache_dir, self.group, self.fdstore, adopted=self.adopted,
+                                    mounted=self._mounted, answer=self._answer)
         self.mounts: dict[str, Mount] = {}
         self._seq = 0
         self._closing: set[BlobFile] = set()  # files of mounts being unmounted: events get EIO
@@ -140,7 +106,11 @@ class FanotifyFrontend:
         self.on_answer: Callable[[dict[str, Any]], None] | None = None
         #: Mounts a previous instance left that this one could not serve (fail closed).
         self.denied: list[dict[str, Any]] = []
-        self._denied_files: set[tuple[str, str]] = set()  # (domain, blob id) of those
+
+    @property
+    def files(self) -> dict[tuple[str, str], BlobFile]:
+        """The blob files known, by (domain, blob id)."""
+        return self.blob_files.files
 
     # -- start and stop -------------------------------------------------------------
 
@@ -149,137 +119,17 @@ class FanotifyFrontend:
         self._loop = asyncio.get_running_loop()
         self._adopt()
         if self.adopted:
-            self._answer_orphans()
+            self.counters.orphans = adoption.answer_orphans(self.group)
         self._loop.add_reader(self.group, self._on_readable)
         self._on_readable()
 
     def _adopt(self) -> None:
         """Take over the files and the mounts of the previous instance that are still up."""
-        # A blob's file in a domain fetches from the first mount's image that uses it.
-        first_user: dict[tuple[str, str], str] = {}
-        for record in layout.load_mounts(self.cache_dir):
-            for b in record.blobs:
-                first_user.setdefault((record.domain, b), record.image)
-        lost: dict[tuple[str, str], str] = {}  # (domain, blob id) -> why its file was dropped
-        for name, fd in self._inherited.items():
-            if not name.startswith(FDSTORE_FILE_PREFIX):
-                continue
-            path = Path("?")
-            try:
-                path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-                domain, blob_id = path.parent.name, path.name
-                user = first_user.get((domain, blob_id))
-                blob = locate(self.store, self.store.get_blob(blob_id), (user,) if user else ())
-                self._add_file(domain, blob, path, fd)
-            except (OSError, StoreError, ValueError) as exc:
-                log.warning("fanotify_file_not_adopted", fd=fd, error=str(exc))
-                lost[(path.parent.name, path.name)] = str(exc)
-                os.close(fd)
-        up = layout.current_mounts()
-        kept = []
-        for record in layout.load_mounts(self.cache_dir):
-            fstype, source = up.get(record.mountpoint, ("", ""))
-            if fstype != "erofs" or not record.blobs:
-                continue
-            try:
-                if self.adopted:  # our group lives on: only the files handed over are safe
-                    missing = [b for b in record.blobs if (record.domain, b) not in self.files]
-                    if missing:
-                        why = lost.get((record.domain, missing[0]), "it was not handed over")
-                        msg = f"the file of blob {missing[0][:12]} cannot be served: {why}"
-                        raise ValueError(msg)
-                files = tuple(self._file(record.domain,
-                                         locate(self.store, self.store.get_blob(b), (record.image,)))
-                              for b in record.blobs)
-                if not self.adopted:
-                    _check_gap(files)
-            except Exception as exc:  # noqa: BLE001 - whatever it is, fail closed
-                self._deny(record, str(exc) or repr(exc))
-                continue
+        kept, denied = adoption.adopt(self.blob_files, self.store, self._inherited)
+        for record, files in kept:
             self.mounts[record.mountpoint] = Mount(record, files)
-            kept.append(record)
-            log.info("fanotify_mount_adopted", mountpoint=record.mountpoint, image=record.image,
-                     domain=record.domain, source=source,
-                     filled_bytes=sum(f.filled_bytes for f in files))
-        self._deny_unrecorded(up)
-        if layout.root(self.cache_dir).is_dir():
-            layout.save_mounts(self.cache_dir, kept)
-        # Files handed over for mounts that are gone (unmounted before the crash) are only
-        # cache now: their fds leave this process and the fd store. A denied mount's files
-        # stay marked and known: it may still be read until its readers close it.
-        for key, file in list(self.files.items()):
-            if key not in first_user and key not in self._denied_files:
-                self._release_file(file)
+        self.denied += denied
         self._update_lease()
-
-    def _deny_unrecorded(self, up: dict[str, tuple[str, str]]) -> None:
-        """Deny the mounts on our files that mounts.json does not name (lost or damaged)."""
-        ours = str(layout.root(self.cache_dir).absolute()) + "/"
-        done = {d["mountpoint"] for d in self.denied}
-        for mountpoint, (fstype, source) in up.items():
-            if fstype != "erofs" or not source.startswith(ours) or mountpoint in self.mounts \
-                    or mountpoint in done:
-                continue
-            path = Path(source)
-            try:
-                record = layout.MountRecord(mountpoint, "?", layout.check_domain(
-                    path.parent.name), (path.name,))
-            except ValueError:
-                continue
-            self._deny(record, "it is not in fanotify/mounts.json (lost or damaged): "
-                       "this instance does not know its image")
-
-    def _deny(self, record: layout.MountRecord, reason: str) -> None:
-        """Fail closed on a mount this instance cannot serve: EIO for its readers, detach it.
-
-        Its blob files get this group's mark (a file this instance does not know is
-        answered EIO), so a reader of a range nobody filled gets EIO, never a hole's
-        zeros; the lazy umount keeps anyone from opening a file there again.
-        """
-        marked = 0
-        self._denied_files |= {(record.domain, b) for b in record.blobs}
-        for blob_id in record.blobs:
-            if (record.domain, blob_id) in self.files:
-                continue  # known: its events are served, with verified bytes
-            path = layout.blob_path(self.cache_dir, record.domain, blob_id)
-            try:
-                syscalls.mark_path(self.group, str(path))
-                marked += 1
-            except OSError as exc:
-                log.error("fanotify_deny_mark_failed", mountpoint=record.mountpoint,
-                          path=str(path), error=exc.strerror)
-        try:
-            syscalls.umount(record.mountpoint, detach=True)
-            detached = True
-        except OSError as exc:
-            log.error("fanotify_detach_failed", mountpoint=record.mountpoint,
-                      error=exc.strerror)
-            detached = False
-        self.denied.append({"mountpoint": record.mountpoint, "image": record.image,
-                            "domain": record.domain, "reason": reason, "detached": detached})
-        log.error("fanotify_mount_denied", mountpoint=record.mountpoint, image=record.image,
-                  domain=record.domain, reason=reason, files_denied=marked, detached=detached,
-                  consequence="not adopted: reads of its unfilled ranges get EIO, and it is "
-                  "detached; mount the image again")
-
-    def _answer_orphans(self) -> None:
-        """Deny the events a dead instance read and never answered (found by fd number).
-
-        Their readers get EIO for that read, which EROFS retries page by page: those
-        retries are new events, which this instance fills. Writing an answer for a
-        number that is no pending event fails with ENOENT and changes nothing.
-        """
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        limit = min(soft if soft > 0 else ORPHAN_FD_LIMIT, ORPHAN_FD_LIMIT)
-        answered = 0
-        for fd in range(limit):
-            try:
-                os.write(self.group, uapi.response(fd, errno.EIO))
-                answered += 1
-            except OSError:
-                continue
-        self.counters.orphans = answered
-        log.info("fanotify_orphans_answered", events=answered, probed=limit)
 
     async def stop(self, timeout: float) -> None:
         """Unmount every mount (clean stop), answer what is pending, close the group.
@@ -318,42 +168,6 @@ class FanotifyFrontend:
         self.fdstore.close(clean=True)
         self._lease.close()
 
-    # -- files ----------------------------------------------------------------------
-
-    def _file(self, domain: str, blob: Blob) -> BlobFile:
-        """The blob's file in `domain`: known, or created sparse, opened, then marked."""
-        layout.check_domain(domain)
-        known = self.files.get((domain, blob.blob_id))
-        if known is not None:
-            return known
-        path = layout.blob_path(self.cache_dir, domain, blob.blob_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if self.adopted and path.exists():
-            # The previous instance's mark may still be on it (our group lives on):
-            # an fd opened now would raise events on our own writes. Start afresh.
-            path.unlink()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if os.fstat(fd).st_size != blob.size:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, blob.size)
-            syscalls.mark_fd(self.group, fd)  # after the open: this fd raises no events
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fdstore.store(fd, _fdstore_name(path))
-        return self._add_file(domain, blob, path, fd)
-
-    def _add_file(self, domain: str, blob: Blob, path: Path, fd: int) -> BlobFile:
-        st = os.fstat(fd)
-        if st.st_size != blob.size:
-            msg = f"{path} has {st.st_size} bytes, blob {blob.blob_id} has {blob.size}"
-            raise ValueError(msg)
-        file = BlobFile(domain, blob, path, fd, (st.st_dev, st.st_ino), filled_chunks(fd, blob))
-        self.files[(domain, blob.blob_id)] = file
-        self._by_ino[file.ino] = file
-        return file
-
     # -- events ---------------------------------------------------------------------
 
     def _on_readable(self) -> None:
@@ -383,7 +197,7 @@ class FanotifyFrontend:
         file: BlobFile | None = None
         with contextlib.suppress(OSError):
             st = os.fstat(event.fd)
-            file = self._by_ino.get((st.st_dev, st.st_ino))
+            file = self.blob_files.by_ino.get((st.st_dev, st.st_ino))
         pending = Pending(self._seq, event, file, time.perf_counter())
         if file is None or not event.range:
             self._answer(pending, errno.EIO, "unknown file" if file is None else "no range")
@@ -483,40 +297,16 @@ class FanotifyFrontend:
             MountError: the image, the domain or the mountpoint is not usable, or mount(2)
                 failed; the message says which and what to do.
         """
-        target_fd, target = self._open_mountpoint(mountpoint)
+        target_fd, target = open_mountpoint(mountpoint, self.keep_dirs)
         try:
             return await self._mount(image_name, target_fd, target, domain)
         finally:
             os.close(target_fd)
 
-    def _open_mountpoint(self, path: str) -> tuple[int, str]:
-        """The checked O_PATH fd of the directory `path`, and its canonical path."""
-        if not os.path.isabs(path):
-            msg = f"{path} is not an absolute path"
-            raise MountError(msg)
-        try:
-            fd = syscalls.open_dir_nofollow(path)
-        except OSError as exc:
-            reason = {errno.ELOOP: "it has a symlink in its path: give the real directory",
-                      errno.ENOTDIR: "not a directory: create it first",
-                      errno.ENOENT: "not a directory: create it first (no such directory)",
-                      errno.EXDEV: "it crosses a magic link"}.get(
-                          exc.errno or 0, exc.strerror or str(exc))
-            raise MountError(f"{path}: {reason}") from None
-        try:
-            target = syscalls.fd_path(fd)
-            refusal = layout.refuse_mountpoint(target, self.keep_dirs)
-            if refusal is not None:
-                raise MountError(refusal)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, target
-
     async def _mount(self, image_name: str, target_fd: int, target: str, domain: str | None
                      ) -> dict[str, Any]:
         start = time.perf_counter()
-        if target in self.mounts or _is_mount_root(target_fd):
+        if target in self.mounts or is_mount_root(target_fd):
             msg = f"{target} is already a mount point: umount it first or pick another directory"
             raise MountError(msg)
         try:
@@ -539,9 +329,9 @@ class FanotifyFrontend:
         # way or done, laid out or uses).
         new = {(domain, b.blob_id) for b in blobs} - set(self.files)
         laying = [layout.blob_path(self.cache_dir, domain, b.blob_id) for b in blobs]
-        self._laying_out += laying
+        self.blob_files.laying_out += laying
         try:
-            files = tuple(self._file(domain, b) for b in blobs)
+            files = tuple(self.blob_files.file(domain, b) for b in blobs)
         except OSError as exc:
             self._discard_new(new, laying)
             msg = f"cannot lay out the files of {image_name!r} in {layout.root(self.cache_dir)}: "
@@ -569,10 +359,10 @@ class FanotifyFrontend:
             raise MountError(f"mounting {image_name!r} on {target} failed: {hint}") from exc
         record = layout.MountRecord(target, image.name, domain, image.blob_ids)
         self.mounts[target] = Mount(record, files)
-        self._done_laying_out(laying)
+        self.blob_files.done_laying_out(laying)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
-                 domain=domain, blobs=len(files), options=_options(target),
+                 domain=domain, blobs=len(files), options=current_options(target),
                  nosuid=self.nosuid, duration_ms=ms_since(start),
                  **({} if self.nosuid else {"warning": "mount_nosuid = false: setuid files "
                                             "and device nodes of this image take effect"}))
@@ -603,106 +393,19 @@ class FanotifyFrontend:
     def _discard_new(self, new: set[tuple[str, str]], laying: list[Path]) -> None:
         """Take back what a failed mount laid out: the blob files it created (not those of
         other mounts), their fill fds (here and in the fd store), and their lease."""
-        self._done_laying_out(laying)
-        used = {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out)
-        for key in new:
-            file = self.files.get(key)
-            if file is not None and file.path not in used:
-                self._remove_file(file.path)
+        self.blob_files.discard_new(new, laying)
         self._update_lease()
 
-    def _done_laying_out(self, laying: list[Path]) -> None:
-        for path in laying:
-            self._laying_out.remove(path)
-
-    def _remove_file(self, path: Path) -> None:
-        """Close a blob file's fill fd (here and in the fd store) and delete the file."""
-        for key, file in list(self.files.items()):
-            if file.path == path:
-                del self.files[key]
-                self._by_ino.pop(file.ino, None)
-                for pending in list(file.pending):
-                    self._answer(pending, errno.EIO, "blob file removed")
-                self.fdstore.remove(_fdstore_name(file.path))
-                os.close(file.fd)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-    def _release_file(self, file: BlobFile) -> None:
-        """Forget a blob file no mount reads: unmark it, drop and close its fill fd.
-
-        The mark goes first: a later mount opens the file again, and an fd opened while
-        our mark is on it would raise events on our own writes. What is filled stays.
-        """
-        if file.pending or file.filling:
-            return  # still being served (a fill under way): the next umount or stop does it
-        with contextlib.suppress(OSError):
-            syscalls.mark_fd(self.group, file.fd, remove=True)
-        del self.files[(file.domain, file.blob.blob_id)]
-        self._by_ino.pop(file.ino, None)
-        self.fdstore.remove(_fdstore_name(file.path))
-        os.close(file.fd)
-
-    def _release_unused(self, file: BlobFile) -> bool:
-        """Release `file` unless a mount (done or under way) uses it again."""
-        if file.path in self._busy() or self.files.get(
-                (file.domain, file.blob.blob_id)) is not file:
-            return False
-        self._release_file(file)
-        return True
-
-    async def _release_when_filled(self, file: BlobFile) -> None:
-        while file.filling:
-            await asyncio.wait(list(file.filling.values()))
-        self._release_unused(file)
-
-    def _busy(self) -> set[Path]:
-        """Blob files that must stay: a mount's, a mount's under way, or being filled."""
-        return {f.path for m in self.mounts.values() for f in m.files} | set(self._laying_out) | {
-            f.path for f in self.files.values() if f.filling or f.pending}
-
     def cull(self, blob_ids: set[str] | None) -> list[CullResult]:
-        """Remove the blob files of `blob_ids` (all, for None) that no mount uses.
-
-        Returns one result per file: culled (removed, its allocated bytes freed) or in_use.
-        """
-        busy = self._busy()
-        results = []
-        root = layout.root(self.cache_dir)
-        for file in cachelimit.scan(root):
-            if blob_ids is not None and file.path.name not in blob_ids:
-                continue
-            if file.path in busy:
-                results.append(CullResult(file.path, file.path.name, "in_use", file.allocated))
-                continue
-            self._remove_file(file.path)
-            results.append(CullResult(file.path, file.path.name, "culled", file.allocated))
-            log.info("cache_file_removed", frontend="fanotify", path=str(file.path),
-                     bytes=file.allocated, reason="cull")
-        for domain in {r.path.parent for r in results if r.outcome == "culled"}:
-            with contextlib.suppress(OSError):  # not empty: another blob's file is there
-                domain.rmdir()
-        return results
+        """Remove the blob files of `blob_ids` (all, for None) that no mount uses."""
+        return self.blob_files.cull(blob_ids)
 
     def _make_room(self, need: int) -> None:
-        """Before a fill of `need` bytes: under cache_max, else blob files of no current mount
-        removed (least recently used first), else OSError(ENOSPC): its reader gets EIO."""
-        files = cachelimit.scan(layout.root(self.cache_dir))
-        used = sum(f.allocated for f in files) + self.filler.in_flight_bytes
-        if used + need <= self.cache_max:
-            return
-        busy = self._busy()
-        for victim in cachelimit.victims(files, busy, used + need - self.cache_max):
-            self._remove_file(victim.path)
-            used -= victim.allocated
-            log.info("cache_file_removed", frontend="fanotify", path=str(victim.path),
-                     bytes=victim.allocated, reason="cache_max")
-        if used + need > self.cache_max:
-            log.warning("cache_full", frontend="fanotify", used=used, need=need,
-                        cache_max=self.cache_max)
-            msg = (f"cache full: {used} bytes in use and {need} more needed, above cache_max "
-                   f"{self.cache_max}")
-            raise OSError(errno.ENOSPC, msg)
+        """Before a fill of `need` bytes: see `BlobFiles.make_room`."""
+        self.blob_files.make_room(need, self.cache_max, self.filler.in_flight_bytes)
+
+    def _mounted(self) -> set[Path]:
+        return {f.path for m in self.mounts.values() for f in m.files}
 
     async def umount(self, mountpoint: str, *, lazy: bool = False, wait: float = 2.0
                      ) -> dict[str, Any]:
@@ -711,7 +414,7 @@ class FanotifyFrontend:
         Raises:
             MountError: not a mount of this daemon, or still in use (pass lazy to detach).
         """
-        target = _mountpoint(mountpoint)
+        target = mount_table_name(mountpoint)
         mount = self.mounts.get(target)
         if mount is None:
             msg = f"{target} is not mounted by this daemon (see `ondemand-d status`)"
@@ -763,8 +466,8 @@ class FanotifyFrontend:
             # mount may still be read, so its files stay open and marked.
             for file in own:
                 if file.filling:  # a fill still writes through the fd (a stalled fetch)
-                    self._spawn(self._release_when_filled(file))
-                elif self._release_unused(file):
+                    self._spawn(self.blob_files.release_when_filled(file))
+                elif self.blob_files.release_unused(file):
                     released += 1
         self._update_lease()
         log.info("fanotify_unmounted", frontend="fanotify", image=mount.record.image,
@@ -775,7 +478,7 @@ class FanotifyFrontend:
     def mount_view(self, mount: Mount) -> dict[str, Any]:
         return {
             "mountpoint": mount.record.mountpoint, "image": mount.record.image,
-            "domain": mount.record.domain, "options": _options(mount.record.mountpoint),
+            "domain": mount.record.domain, "options": current_options(mount.record.mountpoint),
             "blobs": [{"blob": f.blob.blob_id, "role": "bootstrap" if i == 0 else "data",
                        "path": str(f.path), "size": f.blob.size, "filled_bytes": f.filled_bytes,
                        "pending": len(f.pending)}
@@ -799,51 +502,4 @@ class FanotifyFrontend:
 
     def _save(self) -> None:
         layout.save_mounts(self.cache_dir, [m.record for m in self.mounts.values()])
-
-
-def _fdstore_name(path: Path) -> str:
-    """The fd store name of a blob file's fill fd (FDNAME allows 255 characters)."""
-    return FDSTORE_FILE_PREFIX + hashlib.sha256(str(path).encode()).hexdigest()[:32]
-
-
-def _mountpoint(path: str) -> str:
-    """The mount table's name for `path` (umount: a lookup, the mount itself is by fd)."""
-    target = os.path.realpath(path)
-    if not os.path.isdir(target):
-        msg = f"{path} is not a directory: create it first"
-        raise MountError(msg)
-    return target
-
-
-def _check_gap(files: tuple[BlobFile, ...]) -> None:
-    """Refuse a mount whose group died with the previous instance while a hole was left.
-
-    Between that death and this start nobody answered its events: the kernel allowed
-    them, so a read of a hole returned zeros that may still sit in the page cache. A
-    mount whose files are whole had no hole to read (nothing fills a file while no
-    daemon runs), so it is safe to serve; any other is not.
-
-    Raises:
-        ValueError: which blob has holes, and why that matters.
-    """
-    for file in files:
-        if not all(file.filled):
-            msg = (f"blob {file.blob.blob_id[:12]} was not filled whole when the previous "
-                   "instance's fanotify group closed (no fd store or holder kept it): its "
-                   "holes may have been read as zeros")
-            raise ValueError(msg)
-
-
-def _is_mount_root(fd: int) -> bool:
-    """Whether the directory open as `fd` is the root of a mount (asked of the fd)."""
-    st, parent = os.fstat(fd), os.stat("..", dir_fd=fd)
-    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
-
-
-def _options(mountpoint: str) -> str:
-    """The mount's flags as the kernel has them ("ro,nosuid,nodev,relatime"), or ""."""
-    try:
-        return layout.current_flags(mountpoint)
-    except OSError:
-        return ""
 

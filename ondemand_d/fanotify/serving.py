@@ -14,7 +14,8 @@ import structlog
 
 from ondemand_d import systemd
 from ondemand_d.config import Config
-from ondemand_d.fanotify.frontend import FDSTORE_FILE_PREFIX, FDSTORE_GROUP, FanotifyFrontend
+from ondemand_d.fanotify.fdstore import FDSTORE_FILE_PREFIX, FDSTORE_GROUP
+from ondemand_d.fanotify.frontend import FanotifyFrontend
 from ondemand_d.fanotify.holder import HolderClient, attach
 from ondemand_d.fanotify.probe import Probe, probe
 from ondemand_d.store.fetch import ChunkFetcher
