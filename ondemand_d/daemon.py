@@ -261,14 +261,35 @@ def _fanotify_check(cfg: Config) -> Any:
     return serving.check(cfg)
 
 
+class NoErofsFscache(DeviceError):
+    """/dev/cachefiles exists, but this kernel's EROFS cannot mount by fsid."""
+
+
+def _check_erofs_fscache() -> None:
+    from ondemand_d.fanotify.syscalls import erofs_takes  # noqa: PLC0415 - ctypes, here only
+
+    if erofs_takes("fsid", "probe") is False:  # None (cannot ask): let the device decide
+        msg = ("/dev/cachefiles exists, but this kernel's EROFS cannot mount by fsid (no "
+               "CONFIG_EROFS_FS_ONDEMAND, or Linux 7.2+, which removed EROFS over fscache): "
+               "serve file-backed mounts with the fanotify front end (ondemand-d mount)")
+        raise NoErofsFscache(msg)
+
+
 def _open_device(cfg: Config, fan: Any) -> tuple[Any, bool]:
-    """open_device; without /dev/cachefiles, a stand-in when the fanotify front end works."""
+    """open_device; without /dev/cachefiles, a stand-in when the fanotify front end works.
+
+    /dev/cachefiles alone is not enough: EROFS must still mount by `fsid` (Linux 7.2 removed
+    EROFS over fscache and keeps the device), or the fscache front end serves nothing.
+    """
     try:
+        if cfg.device == DEFAULT_DEVICE and cfg.device.exists():
+            _check_erofs_fscache()
         return open_device(cfg)
     except DeviceError as exc:
         # Only the kernel's own devnode being absent means "no fscache here"; a --device
         # that is wrong, busy or not the device is a mistake to report.
-        if fan is None or cfg.device != DEFAULT_DEVICE or cfg.device.exists():
+        if fan is None or cfg.device != DEFAULT_DEVICE or (
+                cfg.device.exists() and not isinstance(exc, NoErofsFscache)):
             raise
         if not fan.probe.available:
             msg = f"{exc}; the fanotify front end is not available either: {fan.probe.reason}"

@@ -11,6 +11,7 @@ the errno, like `os`.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import stat
@@ -147,3 +148,42 @@ def umount(target: str, *, detach: bool = False) -> None:
     """umount2 without following a symlink in the last component."""
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if detach else 0)
     _check(_libc.umount2(target.encode(), flags), "umount", target)
+
+
+def erofs_takes(key: str, value: str | None = None) -> bool | None:
+    """Does this kernel's EROFS accept the mount parameter `key` (a string, or a flag when
+    `value` is None)? Asked of an fsopen context that is then dropped: nothing is mounted.
+
+    None when it cannot be asked (no new mount API, or no CAP_SYS_ADMIN): the caller
+    decides what not knowing means. EROFS itself missing is False.
+    """
+    try:
+        fs = _check(_syscall("fsopen", ctypes.c_char_p(b"erofs"), ctypes.c_uint(FSOPEN_CLOEXEC)),
+                    "fsopen erofs")
+    except OSError as exc:
+        return False if exc.errno == errno.ENODEV else None
+    try:
+        cmd = FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING
+        _check(_syscall("fsconfig", ctypes.c_int(fs), ctypes.c_uint(cmd),
+                        ctypes.c_char_p(key.encode()),
+                        ctypes.c_char_p(None if value is None else value.encode()),
+                        ctypes.c_int(0)), f"fsconfig {key}")
+        # A parameter known but compiled out can be accepted with only an error message
+        # in the context's log ("e erofs: fsid option not supported", 6.x without
+        # EROFS_FS_ONDEMAND): read the log too.
+        return not any(line.startswith(b"e ") for line in _context_log(fs))
+    except OSError as exc:
+        return False if exc.errno == errno.EINVAL else None  # EINVAL: unknown (7.2's fsid)
+    finally:
+        os.close(fs)
+
+
+def _context_log(fs: int) -> list[bytes]:
+    """The messages an fsopen context logged (read until ENODATA: one message a read)."""
+    lines = []
+    for _ in range(64):  # the kernel keeps at most 8; bounded all the same
+        try:
+            lines.append(os.read(fs, 4096))
+        except OSError:  # ENODATA: no more
+            break
+    return lines

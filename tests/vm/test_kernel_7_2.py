@@ -7,8 +7,8 @@ mounted by ``ondemand-d mount`` and every file reads back with its source's md5,
 demand by the daemon, then ``ondemand-d umount`` takes it away. The daemon's cache dir is on
 the guest's ext4 cache disk (pre-content marks need a real filesystem, not tmpfs or 9p).
 
-What ``serve`` says about the fscache front end on 7.2 is recorded, not judged: /dev/cachefiles
-still exists there, but EROFS can no longer mount by ``fsid`` (spec/kernel-7.2.md).
+/dev/cachefiles still exists on 7.2, but EROFS can no longer mount by ``fsid``
+(spec/kernel-7.2.md): ``serve`` offers only the fanotify front end there and says why.
 """
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def test_serve_offers_fanotify_on_7_2(checks: Any) -> None:
     data = checks.passed("check_serve_frontends")
     assert data["release"].startswith("7.2"), data["release"]
     assert "fanotify" in data["ready"]["frontends"], data["ready"]
+
+
+def test_serve_does_not_offer_fscache_on_7_2(checks: Any) -> None:
+    """/dev/cachefiles is still there on 7.2, but EROFS cannot mount by fsid: `serve` offers
+    only the fanotify front end and says why not fscache."""
+    data = checks.passed("check_serve_frontends")
+    assert data["cachefiles_devnode"] is True
+    assert data["ready"]["frontends"] == ["fanotify"], data["ready"]
+    (why,) = [e for e in data["unavailable"] if e.get("frontend") == "fscache"]
+    assert "cannot mount by fsid" in why["reason"], why
 
 
 def test_built_image_mounts_and_reads_byte_exact(checks: Any) -> None:
@@ -117,6 +127,7 @@ def check_serve_frontends(ctx: Any) -> None:
     ready = daemon.events("ready")
     assert ready, daemon.log_tail()
     ctx.data["release"] = os.uname().release
+    ctx.data["cachefiles_devnode"] = os.path.exists("/dev/cachefiles")
     ctx.data["ready"] = ready[0]
     ctx.data["unavailable"] = daemon.events("frontend_unavailable")
     ctx.data["warnings"] = [e for e in daemon.events() if e.get("level") in ("warning", "error")]
