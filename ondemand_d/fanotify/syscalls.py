@@ -11,9 +11,11 @@ the errno, like `os`.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import stat
+from collections.abc import Sequence
 
 from ondemand_d.fanotify import uapi
 
@@ -109,8 +111,51 @@ def fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def mount_erofs(source: str, target_fd: int, devices: list[str], *, nosuid: bool = True) -> None:
+def erofs_accepts(flag: str) -> bool:
+    """Whether this kernel's EROFS takes the mount flag `flag` (e.g. "inode_share").
+
+    An unknown parameter fails fsconfig with EINVAL (6.x); an option known but compiled
+    out (7.x without its CONFIG) is accepted and only logged on the fs context ("e erofs:
+    inode_share option not supported"), so that log is read back too. No mount is made.
+
+    Raises:
+        OSError: fsopen failed for another reason than a missing EROFS (ENODEV: False).
+    """
+    try:
+        fs = _check(_syscall("fsopen", ctypes.c_char_p(b"erofs"),
+                             ctypes.c_uint(FSOPEN_CLOEXEC)), "fsopen erofs")
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return False
+        raise
+    try:
+        ret = _syscall("fsconfig", ctypes.c_int(fs), ctypes.c_uint(FSCONFIG_SET_FLAG),
+                       ctypes.c_char_p(flag.encode()), ctypes.c_char_p(None), ctypes.c_int(0))
+        if ret < 0:
+            return False
+        return not any(b"not supported" in line for line in _fs_messages(fs))
+    finally:
+        os.close(fs)
+
+
+def _fs_messages(fs: int) -> list[bytes]:
+    """The messages an fs context logged (read(2) on the fsopen fd until ENODATA)."""
+    out = []
+    while True:
+        try:
+            out.append(os.read(fs, 4096))
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                return out
+            raise
+
+
+def mount_erofs(source: str, target_fd: int, devices: list[str], *, nosuid: bool = True,
+                options: Sequence[tuple[str, str | None]] = ()) -> None:
     """Mount a file-backed EROFS read-only on the directory open as `target_fd`.
+
+    `options` are extra superblock parameters: (name, None) for a flag
+    ("inode_share"), (name, value) for a string ("domain_id", "DOM").
 
     New mount API, never util-linux (it would use a loop device, which raises no events):
     the superblock takes `source` and one `device` per data blob; the mount gets
@@ -128,6 +173,9 @@ def mount_erofs(source: str, target_fd: int, devices: list[str], *, nosuid: bool
         config(FSCONFIG_SET_STRING, b"source", source.encode())
         for device in devices:
             config(FSCONFIG_SET_STRING, b"device", device.encode())
+        for name, value in options:
+            config(FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING, name.encode(),
+                   None if value is None else value.encode())
         config(FSCONFIG_CMD_CREATE, None, None)
         attrs = MOUNT_ATTR_RDONLY | (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV if nosuid else 0)
         mnt = _check(_syscall("fsmount", ctypes.c_int(fs), ctypes.c_uint(FSMOUNT_CLOEXEC),
