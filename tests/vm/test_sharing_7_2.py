@@ -68,6 +68,14 @@ def test_second_reader_adds_little_page_cache(checks: Any) -> None:
     assert data["cached_added_off"] >= unchanged, data
 
 
+def test_directio_reads_right_and_fills(checks: Any) -> None:
+    """With `directio` every md5 is right and the fill events still arrive (the page-cache
+    figures are recorded in checks.json for the README)."""
+    data = checks.passed("check_directio")
+    for label in ("plain", "directio"):
+        assert data[label]["mismatched"] == [] and data[label]["fills"] > 0, data
+
+
 def test_forger_is_refused_and_never_changes_what_the_victim_reads(checks: Any) -> None:
     """The forged image mounts with sharing off (and says why); in both read orders the victim
     reads its bytes and the forger its own; by hand with inode_share it would read the victim's."""
@@ -189,6 +197,7 @@ def check_shared_pair(ctx: Any) -> None:
     daemon = _daemon(ctx)
     src1, src2 = ctx.tmp / "v1", ctx.tmp / "v2"
     unchanged, unchanged_bytes = _versions(src1, src2)
+    _state["v2_src"] = src2
     store = ["--store", str(daemon.store)]
     for name, src in (("v1", src1), ("v2", src2)):
         _cli(*store, "build", str(src), "--name", name, "--chunk-size", "64K", "--fingerprint")
@@ -233,6 +242,46 @@ def check_shared_pair(ctx: Any) -> None:
     for rnd in ctx.data["rounds"]:
         assert all(not v for v in rnd["mismatched"].values()), rnd
         assert rnd["sharing"] == ["on", "on"], rnd
+
+
+@guard(300)
+def check_directio(ctx: Any) -> None:
+    """Measure `directio` (recorded, not required): v2's blob files of a fresh domain mounted
+    by hand with and without it; every md5, the fill events, the page cache a full read adds."""
+    from ondemand_d.fanotify import syscalls
+
+    daemon = _daemon(ctx)
+    src = _state["v2_src"]  # check_shared_pair's (it runs first)
+    want = _md5s(src)
+    for label, extra in (("plain", ()), ("directio", (("directio", None),))):
+        _drop_caches()
+        view = _mount("v2", ctx.tmp / f"m-dio-{label}", f"dio-{label}")  # lays out fresh files
+        paths = [b["path"] for b in view["blobs"]]
+        hand = ctx.tmp / f"m-hand-{label}"
+        hand.mkdir()
+        fd = os.open(hand, os.O_PATH | os.O_DIRECTORY)
+        try:
+            syscalls.mount_erofs(paths[0], fd, paths[1:], options=extra)
+        finally:
+            os.close(fd)
+        daemon.mark()
+        before = _cached()
+        got = _md5s(hand)  # cold: filled by the daemon as it is read
+        cold = _cached() - before
+        _drop_caches()
+        before = _cached()
+        again = _md5s(hand)  # warm: the blob files are whole, the page cache is empty
+        ctx.data[label] = {
+            "cached_added_cold": cold, "cached_added_warm": _cached() - before,
+            "fills": len(daemon.events("read_completed")),
+            "mismatched": sorted(k for k in want.keys() | got.keys() | again.keys()
+                                 if not want.get(k) == got.get(k) == again.get(k)),
+            "bytes": sum((src / k).stat().st_size for k in want)}
+        syscalls.umount(str(hand))
+        _umount(ctx.tmp / f"m-dio-{label}")
+    for label in ("plain", "directio"):
+        assert ctx.data[label]["mismatched"] == [], ctx.data
+        assert ctx.data[label]["fills"] > 0, ctx.data
 
 
 def _forge(store_dir: Path, victim: str, forger: str) -> None:
