@@ -211,6 +211,8 @@ class _Walk:
 
     def _shared_xattrs(self, at: int) -> None:
         count = self._get(at + 4, 1)[0]  # h_shared_count (spec §8.1)
+        if not count:
+            return  # no 0-byte read: the daemon's chunk reader refuses those
         ids = self._get(at + _XATTR_HEADER, 4 * count)
         for (xid,) in struct.iter_unpack("<I", ids):
             pos = self.xattrs + xid * 4

@@ -120,7 +120,8 @@ def run_status(args: argparse.Namespace, ctx: Context) -> int:
             filled = sum(b["filled_bytes"] for b in m["blobs"])
             out.append(f"  {m['mountpoint']}  {m['image']} (domain {m['domain']}), "
                        f"{size(size_all)}, filled {size(filled)}"
-                       + (f", {m['options']}" if m.get("options") else ""))
+                       + (f", {m['options']}" if m.get("options") else "")
+                       + (f", sharing {m['sharing']}" if m.get("sharing") else ""))
         if fan.get("nosuid") is False:
             out.append("  (mount_nosuid = false: setuid files and device nodes of images "
                        "take effect)")

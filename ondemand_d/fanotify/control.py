@@ -90,7 +90,9 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="the image's name (as `ls` shows it)")
     parser.add_argument("mountpoint", help="an existing directory")
     parser.add_argument("--domain", help="share domain: images mounted in one domain share "
-                        "the files of their common blobs (default: the image's own)")
+                        "the files of their common blobs and, on Linux 7.0+ with verified fingerprints "
+                        "(build --fingerprint), their page cache (default: the image's own; "
+                        "no page-cache sharing)")
     add_socket_argument(parser)
 
 
@@ -100,7 +102,7 @@ def run_mount(args: argparse.Namespace, ctx: Context) -> int:
     done = client(args, ctx.cfg).post("/fanotify/mount", body)
     blobs = done["blobs"]
     print(f"mounted {done['image']} on {done['mountpoint']} (domain {done['domain']}, "
-          f"{len(blobs) - 1} data blob(s))")
+          f"{len(blobs) - 1} data blob(s), sharing {done.get('sharing', '?')})")
     return 0
 
 

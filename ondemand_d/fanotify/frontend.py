@@ -32,7 +32,7 @@ import structlog
 from ondemand_d.cachedir import CullResult
 from ondemand_d.log import ms_since
 from ondemand_d.errors import MountError, StoreError, UnknownName
-from ondemand_d.fanotify import adoption, layout, syscalls, uapi
+from ondemand_d.fanotify import adoption, layout, sharing, syscalls, uapi
 from ondemand_d.fanotify.blobfile import BlobFile, Pending
 from ondemand_d.fanotify.counters import ALREADY_FILLED, EventCounters
 from ondemand_d.fanotify.fdstore import FDSTORE_GROUP, FdStore, SystemdFdStore
@@ -55,6 +55,7 @@ READ_SIZE = 1 << 16  # events are 48 bytes: up to 1365 per read()
 class Mount:
     record: layout.MountRecord
     files: tuple[BlobFile, ...]
+    sharing: str = sharing.UNKNOWN  # "on" or "off: <reason>" (sharing.py)
 
 
 class FanotifyFrontend:
@@ -309,6 +310,7 @@ class FanotifyFrontend:
         if target in self.mounts or is_mount_root(target_fd):
             msg = f"{target} is already a mount point: umount it first or pick another directory"
             raise MountError(msg)
+        asked = domain  # page-cache sharing only where a domain was named
         try:
             domain = layout.check_domain(domain or image_name)
         except ValueError as exc:
@@ -346,10 +348,12 @@ class FanotifyFrontend:
             msg = f"the bootstrap of {image_name!r} could not be filled: {exc}"
             raise MountError(msg) from exc
         layout.mount_options([f.path for f in files[1:]])  # the same paths mountinfo can show
+        share = await sharing.decide(self.fetcher, files[0].blob, [f.blob for f in files[1:]],
+                                     domain if asked else None)
         try:
             await loop.run_in_executor(self._executor, functools.partial(
                 syscalls.mount_erofs, str(files[0].path), target_fd,
-                [str(f.path) for f in files[1:]], nosuid=self.nosuid))
+                [str(f.path) for f in files[1:]], nosuid=self.nosuid, options=share.options))
         except OSError as exc:
             self._discard_new(new, laying)
             hint = {errno.EINVAL: "the image is not a valid EROFS image for this kernel "
@@ -358,11 +362,12 @@ class FanotifyFrontend:
                         exc.errno or 0, exc.strerror or "")
             raise MountError(f"mounting {image_name!r} on {target} failed: {hint}") from exc
         record = layout.MountRecord(target, image.name, domain, image.blob_ids)
-        self.mounts[target] = Mount(record, files)
+        self.mounts[target] = Mount(record, files, sharing.confirm(share, target).status)
         self.blob_files.done_laying_out(laying)
         self._save()
         log.info("fanotify_mounted", frontend="fanotify", image=image.name, mountpoint=target,
                  domain=domain, blobs=len(files), options=current_options(target),
+                 sharing=self.mounts[target].sharing,
                  nosuid=self.nosuid, duration_ms=ms_since(start),
                  **({} if self.nosuid else {"warning": "mount_nosuid = false: setuid files "
                                             "and device nodes of this image take effect"}))
@@ -479,6 +484,7 @@ class FanotifyFrontend:
         return {
             "mountpoint": mount.record.mountpoint, "image": mount.record.image,
             "domain": mount.record.domain, "options": current_options(mount.record.mountpoint),
+            "sharing": mount.sharing,
             "blobs": [{"blob": f.blob.blob_id, "role": "bootstrap" if i == 0 else "data",
                        "path": str(f.path), "size": f.blob.size, "filled_bytes": f.filled_bytes,
                        "pending": len(f.pending)}

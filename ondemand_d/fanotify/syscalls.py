@@ -15,6 +15,7 @@ import errno
 import os
 import platform
 import stat
+from collections.abc import Sequence
 
 from ondemand_d.fanotify import uapi
 
@@ -110,8 +111,12 @@ def fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def mount_erofs(source: str, target_fd: int, devices: list[str], *, nosuid: bool = True) -> None:
+def mount_erofs(source: str, target_fd: int, devices: list[str], *, nosuid: bool = True,
+                options: Sequence[tuple[str, str | None]] = ()) -> None:
     """Mount a file-backed EROFS read-only on the directory open as `target_fd`.
+
+    `options` are extra superblock parameters: (name, None) for a flag
+    ("inode_share"), (name, value) for a string ("domain_id", "DOM").
 
     New mount API, never util-linux (it would use a loop device, which raises no events):
     the superblock takes `source` and one `device` per data blob; the mount gets
@@ -129,6 +134,9 @@ def mount_erofs(source: str, target_fd: int, devices: list[str], *, nosuid: bool
         config(FSCONFIG_SET_STRING, b"source", source.encode())
         for device in devices:
             config(FSCONFIG_SET_STRING, b"device", device.encode())
+        for name, value in options:
+            config(FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING, name.encode(),
+                   None if value is None else value.encode())
         config(FSCONFIG_CMD_CREATE, None, None)
         attrs = MOUNT_ATTR_RDONLY | (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV if nosuid else 0)
         mnt = _check(_syscall("fsmount", ctypes.c_int(fs), ctypes.c_uint(FSMOUNT_CLOEXEC),

@@ -16,12 +16,13 @@ from ondemand_d.errors import ImageError, StoreError, UnknownName
 from ondemand_d.image.blobwriter import BlobWriter, put_bytes, store_chunk_for
 from ondemand_d.image.chunking import DEFAULT_BASE_CHUNK, ChunkPlanner, FileChunks, check_base_chunk
 from ondemand_d.image.dedup import NEW_BLOB, ChunkDictionary
+from ondemand_d.image.fingerprint import value as fingerprint_value
 from ondemand_d.image.format import BLOCK
 from ondemand_d.image.layout import Device, build_bootstrap
 from ondemand_d.image.report import BuildReport
 from ondemand_d.image.tree import Node, validate, walk
 from ondemand_d.image.xattrs import FingerprintPrefix
-from ondemand_d.store import Image, LocalStore
+from ondemand_d.store import Blob, Image, LocalStore
 from ondemand_d.store.locations import local_only
 from ondemand_d.store.model import check_name
 
@@ -102,7 +103,6 @@ def _build(
     writer = BlobWriter(store, store_chunk_for(options.base_chunk))
     planner = ChunkPlanner(
         ChunkDictionary.from_store(store), writer, options.base_chunk, on_bytes,
-        whole_digests=options.fingerprint is not None,
     )
     placements: dict[int, FileChunks | bytes] = {}
     for node in files:
@@ -123,6 +123,9 @@ def _build(
     if new_blob is not None:
         device_of[NEW_BLOB] = device_of[new_blob.blob_id]
     devices = [Device(b, store.get_blob(b).size // BLOCK) for b in order]
+    fingerprints = (
+        _fingerprints(store, files, placements, new_blob) if options.fingerprint is not None else None
+    )
     bootstrap, stats = build_bootstrap(
         root,
         placements=placements,
@@ -130,6 +133,7 @@ def _build(
         device_of=device_of,
         epoch=options.epoch or default_epoch(root),
         fingerprint=options.fingerprint,
+        fingerprints=fingerprints,
     )
     boot = put_bytes(store, bootstrap, {"kind": "erofs-bootstrap"})
     # tag = blob id; local_only: a blob `add` recorded first is never fetched from its registry
@@ -149,6 +153,31 @@ def _build(
     report.bytes_new, report.bytes_saved = s.bytes_new, s.bytes_saved
     report.bootstrap_bytes = stats.bootstrap_bytes
     report.xattrs_dropped = stats.xattrs_dropped
+
+
+def _fingerprints(
+    store: LocalStore,
+    files: list[Node],
+    placements: dict[int, FileChunks | bytes],
+    new_blob: Blob | None,
+) -> dict[int, bytes]:
+    """Each chunk-based file's fingerprint (fingerprint.py), from the blobs' chunk tables."""
+    blobs: dict[str, Blob] = {}
+    if new_blob is not None:
+        blobs[NEW_BLOB] = new_blob
+
+    def blob(blob_id: str) -> Blob:
+        if blob_id not in blobs:
+            blobs[blob_id] = store.get_blob(blob_id)
+        return blobs[blob_id]
+
+    out: dict[int, bytes] = {}
+    for node in files:
+        placed = placements.get(id(node))
+        if isinstance(placed, FileChunks):
+            pieces = [None if r is None else (blob(r.blob_id), r.offset) for r in placed.refs]
+            out[id(node)] = fingerprint_value(node.size, placed.chunkbits, pieces)
+    return out
 
 
 def _device_order(placements: dict[int, FileChunks | bytes], new_id: str | None) -> list[str]:

@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fingerprint", action="store_true",
-        help="add per-file sha256 fingerprint xattrs for page-cache sharing "
-        "(Linux 7.0 -o inode_share,domain_id=; needs erofs-utils >= 1.7 to fsck)",
+        help="add per-file fingerprint xattrs (odfp2: size + store chunk digests) for "
+        "page-cache sharing (Linux 7.0 -o inode_share,domain_id=; needs erofs-utils >= 1.7 to fsck)",
     )
     parser.add_argument(
         "--fingerprint-name", default=DEFAULT_FINGERPRINT_NAME.decode(), metavar="XATTR",

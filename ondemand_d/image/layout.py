@@ -75,6 +75,7 @@ def build_bootstrap(
     device_of: dict[str, int],
     epoch: tuple[int, int],
     fingerprint: FingerprintPrefix | None = None,
+    fingerprints: dict[int, bytes] | None = None,
 ) -> tuple[bytes, LayoutStats]:
     """Serialize the primary device for `root`.
 
@@ -86,13 +87,16 @@ def build_bootstrap(
         device_of: blob id -> device_id, for the chunk indexes.
         epoch: (seconds, nanoseconds) shown by every compact inode.
         fingerprint: write per-file fingerprint xattrs under this prefix.
+        fingerprints: their values (fingerprint.py), keyed by id(node); a file
+            without one gets none.
     """
     stats = LayoutStats()
     inodes = _collect(root)
     stats.inodes = len(inodes)
     prefix_table = fingerprint.record() if fingerprint else b""
     for ino in inodes:
-        _describe(ino, placements, epoch, fingerprint, stats)
+        value = (fingerprints or {}).get(id(ino.node)) if fingerprint else None
+        _describe(ino, placements, epoch, value, stats)
     # Fixed header: SB at 1024, device table at slot 9, prefix table after it.
     devt_end = f.DEVT_SLOTOFF * f.DEVICE_SLOT_SIZE + f.DEVICE_SLOT_SIZE * len(devices)
     prefix_start = f.align(devt_end, 4)
@@ -173,14 +177,13 @@ def _describe(
     ino: _Inode,
     placements: dict[int, FileChunks | bytes],
     epoch: tuple[int, int],
-    fingerprint: FingerprintPrefix | None,
+    value: bytes | None,
     stats: LayoutStats,
 ) -> None:
     """Choose layout, size and xattrs of one inode; nothing is placed yet."""
     node = ino.node
     i_u = 0
     layout = f.LAYOUT_FLAT_PLAIN
-    digest: bytes | None = None
     if node.fmt == stat.S_IFDIR:
         ino.flat = encode_directory(_dirents(ino, placeholder=True))
     elif node.fmt == stat.S_IFLNK:
@@ -195,12 +198,9 @@ def _describe(
         placed = placements[id(node)]
         if isinstance(placed, bytes):
             ino.flat = placed
-            digest = hashlib.sha256(placed).digest()
         else:
             ino.chunks = placed
-            digest = placed.sha256
             layout, i_u = f.LAYOUT_CHUNK_BASED, f.chunk_format(placed.chunkbits)
-    value = fingerprint.value(digest) if fingerprint and digest is not None else None
     xattrs = node.xattrs
     if node.fmt not in (stat.S_IFREG, stat.S_IFDIR):
         # The VFS never returns user.* xattrs of other inode types (ENODATA), and

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ondemand_d import cli
+from ondemand_d.fanotify import sharing
 from ondemand_d.store.local import LocalStore
 
 from .conftest import Daemon, build, tree
@@ -181,7 +182,8 @@ def test_cli_mount_and_umount(daemon: Daemon, workdir: Path) -> None:
     out = subprocess.run([*cli_, "mount", "app", str(mnt), "--domain", "d", *sock],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == f"mounted app on {mnt} (domain d, 1 data blob(s))\n"
+    assert out.stdout == (f"mounted app on {mnt} (domain d, 1 data blob(s), sharing off: "
+                          f"{sharing.kernel_lacks() or 'image without fingerprints'})\n")
     assert tree(mnt) == tree(src)
     again = subprocess.run([*cli_, "mount", "app", str(mnt), *sock], capture_output=True,
                            text=True, check=False)

@@ -142,3 +142,23 @@ def test_compressed_images_are_walked_not_prefilled_whole(tmp_path, opts):
     blob = random.Random(2).randbytes(300_000)
     at = data.find(blob[4096:8192])
     assert at > 0 and not [r for r in ranges if r[0] <= at < r[1]]
+
+
+def test_inline_xattrs_need_no_empty_read(tmp_path: Path) -> None:
+    """An inode with inline xattrs and no shared ones is walked without a 0-byte read: the
+    daemon's chunk reader (fill.metadata_of) refuses those, so a fingerprinted or
+    xattr-carrying image could not be mounted through the fanotify front end."""
+    from ondemand_d.image.tree import directory, regular
+
+    root = directory(mtime_ns=10**18, xattrs={b"user.a": b"1"})
+    root.children[b"f"] = regular(b"x" * 9000, mtime_ns=10**18, xattrs={b"user.b": b"2"})
+    store = LocalStore(tmp_path / "store")
+    build_image(root, store, "x")
+    boot = store.get_blob(store.get_image("x").bootstrap)
+    primary = b"".join(store.read_chunk(c) for c in boot.chunks)
+
+    def read(off: int, length: int) -> bytes:
+        assert length > 0, f"empty read at {off}"
+        return primary[off : off + length]
+
+    assert metadata_ranges(read, len(primary))
