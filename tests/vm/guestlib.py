@@ -224,6 +224,15 @@ def tree_digests(root: Path) -> dict[str, str]:
     return out
 
 
+def run_cli(*args: str, timeout: float = 300) -> str:
+    """`ondemand-d ARGS` in the guest; its stdout, or an assertion with its output."""
+    proc = subprocess.run([*ondemand_d_argv(), *args], capture_output=True, text=True,
+                          check=False, timeout=timeout)
+    assert proc.returncode == 0, f"ondemand-d {' '.join(args)}: {proc.returncode}\n" \
+        f"{proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
 def errname(code: int | None) -> str:
     return "hung" if code is None else ("ok" if code == 0 else errno.errorcode.get(code, str(code)))
 

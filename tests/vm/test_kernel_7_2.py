@@ -12,16 +12,14 @@ the guest's ext4 cache disk (pre-content marks need a real filesystem, not tmpfs
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guestlib import Daemon, guard, ondemand_d_argv
+from guestlib import Daemon, guard, run_cli, tree_digests
 
 pytestmark = [pytest.mark.vm, pytest.mark.kernel("7.2")]
 
@@ -76,22 +74,6 @@ def _tree(root: Path) -> None:
     (root / "link").symlink_to("big.bin")
 
 
-def _md5s(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath) / name
-            if not path.is_symlink():
-                out[str(path.relative_to(root))] = hashlib.md5(path.read_bytes()).hexdigest()
-    return out
-
-
-def _cli(*args: str) -> str:
-    proc = subprocess.run([*ondemand_d_argv(), *args], capture_output=True, text=True,
-                          check=False, timeout=120)
-    assert proc.returncode == 0, f"ondemand-d {' '.join(args)}: {proc.returncode}\n" \
-        f"{proc.stdout}{proc.stderr}"
-    return proc.stdout
 
 
 _state: dict[str, Any] = {}
@@ -131,7 +113,7 @@ def check_serve_frontends(ctx: Any) -> None:
     ctx.data["ready"] = ready[0]
     ctx.data["unavailable"] = daemon.events("frontend_unavailable")
     ctx.data["warnings"] = [e for e in daemon.events() if e.get("level") in ("warning", "error")]
-    ctx.data["status"] = json.loads(_cli("status", "--socket", str(_state["socket"]), "--json"))
+    ctx.data["status"] = json.loads(run_cli("status", "--socket", str(_state["socket"]), "--json"))
     assert "fanotify" in ready[0]["frontends"], ready[0]
 
 
@@ -142,20 +124,20 @@ def check_mount_read_umount(ctx: Any) -> None:
     src = ctx.tmp / "src"
     _tree(src)
     store = ["--store", str(daemon.store)]
-    _cli(*store, "build", str(src), "--name", "small", "--chunk-size", "64K")
+    run_cli(*store, "build", str(src), "--name", "small", "--chunk-size", "64K")
     mnt = ctx.tmp / "mnt"
     mnt.mkdir()
     daemon.mark()
-    _cli(*store, "mount", "small", str(mnt), "--socket", str(_state["socket"]))
+    run_cli(*store, "mount", "small", str(mnt), "--socket", str(_state["socket"]))
     assert os.path.ismount(mnt)
-    want, got = _md5s(src), _md5s(mnt)
+    want, got = tree_digests(src), tree_digests(mnt)
     ctx.data["files"] = len(want)
     ctx.data["mismatched"] = sorted(k for k in want.keys() | got.keys()
                                     if want.get(k) != got.get(k))
     ctx.data["link"] = os.readlink(mnt / "link")
     reads = daemon.events("read_completed")
     ctx.data["fanotify_reads"] = sum(1 for r in reads if r.get("frontend") == "fanotify")
-    _cli(*store, "umount", str(mnt), "--socket", str(_state["socket"]))
+    run_cli(*store, "umount", str(mnt), "--socket", str(_state["socket"]))
     ctx.data["mounted_after_umount"] = os.path.ismount(mnt)
     assert ctx.data["mismatched"] == [], ctx.data["mismatched"][:10]
     assert ctx.data["link"] == "big.bin"

@@ -19,13 +19,12 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guestlib import Daemon, guard, ondemand_d_argv
+from guestlib import Daemon, guard, run_cli, tree_digests
 
 pytestmark = [pytest.mark.vm, pytest.mark.kernel("7.2")]
 
@@ -91,22 +90,6 @@ def test_forger_is_refused_and_never_changes_what_the_victim_reads(checks: Any) 
 # ------------------------------------------------------------------ guest side
 
 
-def _md5s(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for name in sorted(files):
-            path = Path(dirpath) / name
-            if not path.is_symlink():
-                out[str(path.relative_to(root))] = hashlib.md5(path.read_bytes()).hexdigest()
-    return out
-
-
-def _cli(*args: str) -> str:
-    proc = subprocess.run([*ondemand_d_argv(), *args], capture_output=True, text=True,
-                          check=False, timeout=300)
-    assert proc.returncode == 0, f"ondemand-d {' '.join(args)}: {proc.returncode}\n" \
-        f"{proc.stdout}{proc.stderr}"
-    return proc.stdout
 
 
 _state: dict[str, Any] = {}
@@ -126,16 +109,16 @@ def _daemon(ctx: Any) -> Daemon:
 
 def _mount(image: str, mnt: Path, domain: str | None) -> dict[str, Any]:
     mnt.mkdir(parents=True, exist_ok=True)
-    _cli("mount", image, str(mnt), "--socket", str(_state["socket"]),
+    run_cli("mount", image, str(mnt), "--socket", str(_state["socket"]),
          *(["--domain", domain] if domain else []))
-    status = json.loads(_cli("status", "--socket", str(_state["socket"]), "--json"))
+    status = json.loads(run_cli("status", "--socket", str(_state["socket"]), "--json"))
     (mount,) = [m for m in status["frontends"]["fanotify"]["mounts"]
                 if m["mountpoint"] == str(mnt)]
     return mount  # type: ignore[no-any-return]
 
 
 def _umount(mnt: Path) -> None:
-    _cli("umount", str(mnt), "--socket", str(_state["socket"]))
+    run_cli("umount", str(mnt), "--socket", str(_state["socket"]))
 
 
 def _drop_caches() -> None:
@@ -200,8 +183,8 @@ def check_shared_pair(ctx: Any) -> None:
     _state["v2_src"] = src2
     store = ["--store", str(daemon.store)]
     for name, src in (("v1", src1), ("v2", src2)):
-        _cli(*store, "build", str(src), "--name", name, "--chunk-size", "64K", "--fingerprint")
-    want = {"v1": _md5s(src1), "v2": _md5s(src2)}
+        run_cli(*store, "build", str(src), "--name", name, "--chunk-size", "64K", "--fingerprint")
+    want = {"v1": tree_digests(src1), "v2": tree_digests(src2)}
     ctx.data.update(files_v1=len(want["v1"]), files_v2=len(want["v2"]), rounds=[],
                     unchanged_bytes=unchanged_bytes)
     daemon.mark()
@@ -216,7 +199,7 @@ def check_shared_pair(ctx: Any) -> None:
                 for rel in unchanged:
                     (mnts[name] / rel).read_bytes()
                 ctx.data[f"cached_added_on_{domain}"] = _cached() - before
-            got[name] = _md5s(mnts[name])
+            got[name] = tree_digests(mnts[name])
         ctx.data["rounds"].append({
             "domain": domain, "order": list(order),
             "sharing": [views[n]["sharing"] for n in ("v1", "v2")],
@@ -231,7 +214,7 @@ def check_shared_pair(ctx: Any) -> None:
     off = {name: ctx.tmp / f"m-off-{name}" for name in ("v1", "v2")}
     views = {name: _mount(name, off[name], None) for name in ("v1", "v2")}
     ctx.data["off_sharing"] = [views[n]["sharing"] for n in ("v1", "v2")]
-    _md5s(off["v1"])
+    tree_digests(off["v1"])
     before = _cached()
     for rel in unchanged:
         (off["v2"] / rel).read_bytes()
@@ -252,7 +235,7 @@ def check_directio(ctx: Any) -> None:
 
     daemon = _daemon(ctx)
     src = _state["v2_src"]  # check_shared_pair's (it runs first)
-    want = _md5s(src)
+    want = tree_digests(src)
     for label, extra in (("plain", ()), ("directio", (("directio", None),))):
         _drop_caches()
         view = _mount("v2", ctx.tmp / f"m-dio-{label}", f"dio-{label}")  # lays out fresh files
@@ -266,11 +249,11 @@ def check_directio(ctx: Any) -> None:
             os.close(fd)
         daemon.mark()
         before = _cached()
-        got = _md5s(hand)  # cold: filled by the daemon as it is read
+        got = tree_digests(hand)  # cold: filled by the daemon as it is read
         cold = _cached() - before
         _drop_caches()
         before = _cached()
-        again = _md5s(hand)  # warm: the blob files are whole, the page cache is empty
+        again = tree_digests(hand)  # warm: the blob files are whole, the page cache is empty
         ctx.data[label] = {
             "cached_added_cold": cold, "cached_added_warm": _cached() - before,
             "fills": len(daemon.events("read_completed")),
@@ -321,7 +304,7 @@ def check_forged_pair(ctx: Any) -> None:
         src = ctx.tmp / f"src-{name}"
         src.mkdir()
         (src / "lib.so").write_bytes(body)
-        _cli(*store, "build", str(src), "--name", name, "--chunk-size", "64K", "--fingerprint",
+        run_cli(*store, "build", str(src), "--name", name, "--chunk-size", "64K", "--fingerprint",
              "--fingerprint-name", "trusted.erofs.fingerprint")
     _forge(daemon.store, "victim", "forger")
     which = {hashlib.md5(b).hexdigest(): n for n, b in data.items()}
