@@ -45,3 +45,29 @@ def _stores_stay_clean(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
             continue  # removed by the test, or never became a store
         report = fsck(LocalStore(root, create=False))
         assert not report.problems, f"store {root} is damaged after the test: {report.problems}"
+
+
+FANOTIFY_OPT_OUT = "ONDEMAND_D_FANOTIFY_TESTS"
+
+
+@pytest.fixture(scope="session")
+def fanotify_works() -> None:
+    """Tests that need fanotify pre-content events (root, Linux 6.14+) fail where they are
+    missing, naming what is missing, unless ONDEMAND_D_FANOTIFY_TESTS=skip opts out (CI
+    does not): a missing requirement is never silently a pass."""
+    import tempfile  # noqa: PLC0415 - only for these tests
+
+    from ondemand_d.fanotify.probe import probe  # noqa: PLC0415
+
+    if os.geteuid() != 0:
+        missing: str | None = "fanotify pre-content groups and mount(2) need root"
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = probe(Path(tmp))
+        missing = None if found.available else found.reason
+    if missing is None:
+        return
+    if os.environ.get(FANOTIFY_OPT_OUT) == "skip":
+        pytest.skip(f"{FANOTIFY_OPT_OUT}=skip: {missing}")
+    pytest.fail(f"the fanotify front end cannot run here: {missing} (set {FANOTIFY_OPT_OUT}="
+                "skip to opt out of these tests on such a kernel)", pytrace=False)

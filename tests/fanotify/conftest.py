@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +25,8 @@ import pytest
 from ondemand_d import cli
 from ondemand_d.control.client import ControlClient
 from ondemand_d.fanotify import holder, layout
-from ondemand_d.fanotify.probe import probe
 from ondemand_d.store.local import LocalStore
 
-OPT_OUT = "ONDEMAND_D_FANOTIFY_TESTS"
 START_TIMEOUT_S = 60.0
 
 
@@ -39,27 +36,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.fanotify)
 
 
-def _requirement() -> str | None:
-    if os.geteuid() != 0:
-        return "tests/fanotify needs root (fanotify pre-content groups and mount(2))"
-    with tempfile.TemporaryDirectory() as tmp:
-        found = probe(Path(tmp))
-    return None if found.available else found.reason
-
-
-@pytest.fixture(scope="session")
-def _fanotify_works() -> None:
-    missing = _requirement()
-    if missing is None:
-        return
-    if os.environ.get(OPT_OUT) == "skip":
-        pytest.skip(f"{OPT_OUT}=skip: {missing}")
-    pytest.fail(f"the fanotify front end cannot run here: {missing} (set {OPT_OUT}=skip to "
-                "opt out of these tests on such a kernel)", pytrace=False)
-
-
 @pytest.fixture(autouse=True)
-def _need_fanotify(_fanotify_works: None) -> None:
+def _need_fanotify(fanotify_works: None) -> None:
     """Every test here needs the requirement met (a failure, not a skip, by default)."""
 
 

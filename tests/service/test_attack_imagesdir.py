@@ -139,7 +139,7 @@ async def test_a_1_tib_sparse_file_costs_no_chunk_table(tmp_path, monkeypatch):
     assert fits.copen_result == 4096
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify pre-content mark needs root")
+@pytest.mark.usefixtures("fanotify_works")  # the hung read is a pre-content mark
 async def test_an_image_file_on_a_hung_filesystem_fails_the_read_at_the_deadline(
         tmp_path, monkeypatch):
     """Reads of the image file block in the kernel (an unanswered pre-content event, as on

@@ -107,7 +107,7 @@ async def _logged(events: list[dict], name: str) -> dict:
     raise AssertionError(f"{name} never logged")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify pre-content mark needs root")
+@pytest.mark.usefixtures("fanotify_works")  # the hung read is a pre-content mark
 async def test_chunk_read_on_a_hung_filesystem_fails_at_the_deadline(tmp_path):
     """A chunk file whose read blocks in the kernel (a hung NFS or FUSE store): its READ fails
     at local_read_timeout (absent to the fake kernel: EIO to the reader) and the log names
@@ -151,7 +151,7 @@ async def test_chunk_read_on_a_hung_filesystem_fails_at_the_deadline(tmp_path):
     assert "is still stuck" in failed[1], failed
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify pre-content mark needs root")
+@pytest.mark.usefixtures("fanotify_works")  # the hung read is a pre-content mark
 async def test_reads_queued_behind_a_hung_chunk_read_are_served(tmp_path):
     """A burst of READs shares I/O jobs (two here): the READ queued behind the hung one in
     its job moves to another job at the deadline and is served while the thread is stuck."""
@@ -170,7 +170,7 @@ async def test_reads_queued_behind_a_hung_chunk_read_are_served(tmp_path):
             held.release()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify pre-content mark needs root")
+@pytest.mark.usefixtures("fanotify_works")  # the hung read is a pre-content mark
 async def test_serve_stops_while_a_chunk_read_is_still_stuck(tmp_path):
     """A stop while an I/O thread is stuck in a chunk read (past the deadline): serve ends
     without waiting for it, the log says how many threads are stuck; the thread ends once
